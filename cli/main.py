@@ -1,0 +1,49 @@
+"""Entry point of the ``raptorz`` console script."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from raptorz import __version__
+from raptorz.errors import RaptorzError
+
+#: Verb modules in ``raptorz.cli``, in the order ``raptorz --help`` lists them.
+VERBS: tuple[str, ...] = ()
+
+#: Exit codes: 0 all good, 1 some volumes failed, 2 the input or the options were refused.
+EXIT_OK, EXIT_FAILURES, EXIT_REFUSED = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the full ``raptorz`` parser (also used by the tests to check README commands)."""
+    parser = argparse.ArgumentParser(
+        prog="raptorz",
+        description="Train-free Raptor embeddings of 3D medical volumes: "
+        "convert -> embed -> fit.",
+    )
+    parser.add_argument("--version", action="version", version=f"raptorz {__version__}")
+    subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for name in VERBS:
+        importlib.import_module(f"raptorz.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``raptorz`` with ``argv`` and return the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except RaptorzError as error:
+        print(f"raptorz {args.verb}: error: {error}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        print(f"raptorz {args.verb}: interrupted; rerun the same command to resume.",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

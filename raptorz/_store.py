@@ -1,0 +1,186 @@
+"""The resumable-store mechanics shared by ``volumes.zarr`` and ``embeddings.zarr``.
+
+Both stores are Zarr v3 groups opened as xarray Datasets, chunked along ``id``, with a
+per-volume ``status`` (pending / ok / failed) and ``error`` text. They are written the
+same way:
+
+1. :func:`create_store` writes a template (lazy arrays of the final shape, every
+   coordinate and attribute) without computing any data;
+2. each task writes one whole id-chunk with :func:`write_chunk`: first the data, then,
+   in a second write, the chunk's status and error. A task killed in between leaves its
+   volumes *pending*, so a chunk is never counted as done before all of it is on disk;
+3. a rerun reads the statuses and recomputes only the chunks that hold a volume that is
+   not ``ok`` (:func:`chunks_to_do`).
+
+Writes touch whole chunks only, so several processes may write disjoint chunks of one
+store at once. Metadata is not consolidated (a live store must be read with
+``consolidated=False``); there is no need, since the groups are small.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from collections.abc import Iterable, Mapping
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from raptorz.errors import InputError
+
+PENDING: Final = 0
+OK: Final = 1
+FAILED: Final = 2
+STATUS_NAMES: Final = ("pending", "ok", "failed")
+#: CF-style attributes that make the integer status self-describing in the store.
+STATUS_ATTRS: Final = {"flag_values": [PENDING, OK, FAILED], "flag_meanings": "pending ok failed"}
+
+#: Attribute naming the kind of raptorz store a group is (``volumes`` or ``embeddings``).
+KIND_ATTR: Final = "raptorz_store"
+
+STRING_DTYPE: Final = np.dtypes.StringDType()
+
+
+def as_strings(values: Iterable[str]) -> np.ndarray:
+    """Return ``values`` as variable-length strings, which Zarr v3 stores natively."""
+    return np.asarray(list(values), dtype=STRING_DTYPE)
+
+
+def status_variables(n: int, chunk: int) -> dict[str, xr.DataArray]:
+    """The ``status`` and ``error`` variables of a fresh store of ``n`` pending volumes."""
+    status = xr.DataArray(np.full(n, PENDING, np.int8), dims="id", attrs=STATUS_ATTRS)
+    error = xr.DataArray(as_strings([""] * n), dims="id")
+    return {"status": status.chunk({"id": chunk}), "error": error.chunk({"id": chunk})}
+
+
+def provenance() -> dict[str, Any]:
+    """Software versions and the current time, for a store's attributes."""
+    packages = ("raptorz", "numpy", "torch", "timm", "zarr", "xarray", "dask", "nibabel")
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    versions["python"] = platform.python_version()
+    return {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions,
+    }
+
+
+def store_kind(path: str | Path) -> str | None:
+    """The kind of raptorz store at ``path``; ``None`` where there is nothing there.
+
+    Raises
+    ------
+    InputError
+        Where ``path`` holds something that is not a raptorz store.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    if path.is_dir() and not any(path.iterdir()):
+        return None
+    try:
+        group = zarr.open_group(path, mode="r")
+    except Exception as error:  # zarr raises several types for "not a group"
+        raise InputError(path, f"exists and is not a Zarr store ({error})") from None
+    kind = group.attrs.get(KIND_ATTR)
+    if kind is None:
+        raise InputError(path, "exists and is a Zarr store that raptorz did not write")
+    return str(kind)
+
+
+def require_kind(path: str | Path, kind: str) -> None:
+    """Raise :class:`InputError` unless ``path`` is a raptorz store of ``kind``."""
+    found = store_kind(path)
+    if found is None:
+        raise InputError(path, f"no {kind} store here")
+    if found != kind:
+        raise InputError(path, f"is a raptorz {found} store; expected a {kind} store")
+
+
+def create_store(path: str | Path, template: xr.Dataset, kind: str) -> None:
+    """Write ``template``'s metadata and coordinates to a new store at ``path``.
+
+    Data variables are written lazily (nothing is computed); ``encoding`` on each
+    variable is honoured. The store is marked with its ``kind``.
+    """
+    template = template.copy()
+    template.attrs[KIND_ATTR] = kind
+    template.to_zarr(path, mode="w-", compute=False, consolidated=False, zarr_format=3)
+
+
+def open_store(path: str | Path, kind: str) -> xr.Dataset:
+    """Open a raptorz store of ``kind`` lazily (safe while other processes write it)."""
+    require_kind(path, kind)
+    return xr.open_zarr(path, consolidated=False)
+
+
+def read_status(path: str | Path) -> np.ndarray:
+    """The per-volume status codes of the store at ``path``, read fresh from disk."""
+    return np.asarray(zarr.open_array(Path(path) / "status", mode="r")[:])
+
+
+def chunk_slices(n: int, chunk: int) -> list[slice]:
+    """The id-slices of the chunks of an ``n``-volume store chunked by ``chunk``."""
+    return [slice(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+
+
+def chunks_to_do(status: np.ndarray, chunk: int, within: slice | None = None) -> list[slice]:
+    """The chunks holding a volume that is not ``ok``, optionally only those in ``within``.
+
+    Where ``within`` does not start or end on a chunk boundary, the chunks it cuts are
+    included whole: a task always writes whole chunks.
+    """
+    slices = chunk_slices(len(status), chunk)
+    if within is not None:
+        start, stop, _ = within.indices(len(status))
+        slices = [s for s in slices if s.start < stop and s.stop > start]
+    return [s for s in slices if np.any(status[s] != OK)]
+
+
+def write_chunk(
+    path: str | Path,
+    data: Mapping[str, xr.DataArray],
+    region: slice,
+    status: np.ndarray,
+    errors: Iterable[str],
+) -> None:
+    """Write one whole id-chunk: its data first, then its status and error text.
+
+    Parameters
+    ----------
+    path
+        The store.
+    data
+        The chunk's data variables, each with ``id`` as its first dimension; variables
+        may be omitted (they keep their fill value), e.g. for a chunk that failed whole.
+    region
+        The chunk's ``id`` slice; it must be a whole chunk of the store.
+    status, errors
+        Per volume of the chunk: the status code and the error text ("" when ok).
+    """
+    if data:
+        xr.Dataset(dict(data)).to_zarr(path, region={"id": region}, consolidated=False)
+    marks = xr.Dataset({
+        "status": ("id", np.asarray(status, np.int8)),
+        "error": ("id", as_strings(errors)),
+    })
+    marks.to_zarr(path, region={"id": region}, consolidated=False)
+
+
+def status_counts(status: np.ndarray) -> dict[str, int]:
+    """How many volumes are pending, ok and failed."""
+    return {name: int(np.sum(status == code)) for code, name in enumerate(STATUS_NAMES)}
+
+
+def json_attr(value: Any) -> Any:
+    """``value`` made JSON-safe for a Zarr attribute (tuples to lists, paths to str)."""
+    return json.loads(json.dumps(value, default=str))
