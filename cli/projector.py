@@ -1,0 +1,44 @@
+"""``raptorz projector``: write a random projection matrix exactly as the original does."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from raptorz.projection import DEFAULT_K, make_projector
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``projector`` verb."""
+    parser = subparsers.add_parser(
+        "projector",
+        help="write a (dim, k) random projection matrix (.npy)",
+        description="Write np.random.seed(SEED); np.random.randn(DIM, K) as a float64 .npy, "
+        "bit-identical to the original Raptor tool's projector.",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="legacy NumPy seed (default 0)")
+    parser.add_argument("--dim", type=int, default=1024,
+                        help="token width of the encoder (default 1024, ViT-L)")
+    parser.add_argument("--k", type=int, default=DEFAULT_K,
+                        help=f"projections per token (default {DEFAULT_K})")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="the .npy to write")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the projector; refuse nonsensical sizes or seeds."""
+    from raptorz.errors import RaptorzError
+
+    if args.dim < 1 or args.k < 1:
+        raise RaptorzError(f"--dim and --k must be positive, got {args.dim} and {args.k}")
+    if not 0 <= args.seed < 2**32:
+        raise RaptorzError(f"--seed must be in [0, 2**32), got {args.seed}")
+    output: Path = args.output
+    if output.suffix != ".npy":
+        raise RaptorzError(f"{output}: the projector is written as .npy; name it *.npy")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    np.save(output, make_projector(args.seed, args.dim, args.k))
+    print(f"wrote {output}: ({args.dim}, {args.k}) float64, seed {args.seed}")
+    return 0

@@ -1,0 +1,152 @@
+"""Random projection matrices: made exactly as the original tool makes them, or loaded.
+
+The original draws ``R = np.random.randn(d, k)`` after ``np.random.seed(seed)`` (NumPy's
+legacy Mersenne Twister) and saves it as a ``(d, k)`` float64 ``.npy``. raptorz draws
+the same numbers without touching NumPy's global generator, so a projector made here is
+bit-identical to one made by the original, and either can be loaded by both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from raptorz.errors import InputError
+
+#: Projection width of the Raptor paper.
+DEFAULT_K = 100
+
+
+def make_projector(seed: int, dim: int, k: int) -> np.ndarray:
+    """The original's projection matrix: ``np.random.seed(seed); np.random.randn(dim, k)``.
+
+    A private ``RandomState`` seeded alike draws the same stream, leaving the global
+    generator alone.
+
+    Parameters
+    ----------
+    seed
+        Seed of the legacy generator (0 <= seed < 2**32).
+    dim
+        Rows: the encoder's token width (1024 for ViT-L).
+    k
+        Columns: the number of projections per token.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(dim, k)`` float64 of standard normal entries.
+
+    Examples
+    --------
+    >>> make_projector(0, 1024, 100).shape
+    (1024, 100)
+    """
+    return np.random.RandomState(seed).randn(dim, k)
+
+
+@dataclass(frozen=True, eq=False)
+class Projector:
+    """A named ``(dim, k)`` float64 projection matrix.
+
+    Parameters
+    ----------
+    name
+        How stores and folders call it (a loaded file's stem).
+    matrix
+        ``(dim, k)`` float64; kept as a read-only copy.
+    seed
+        The legacy-generator seed it was made from, when known.
+    """
+
+    name: str
+    matrix: np.ndarray
+    seed: int | None = None
+    checksum: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        matrix = np.array(self.matrix, dtype=np.float64, order="C", copy=True)
+        matrix.setflags(write=False)
+        object.__setattr__(self, "matrix", matrix)
+        # sha256 of the float64 bytes: the same projector gives the same hex anywhere
+        object.__setattr__(self, "checksum", hashlib.sha256(matrix.tobytes()).hexdigest())
+
+    @property
+    def dim(self) -> int:
+        """Token width the projector expects (rows)."""
+        return int(self.matrix.shape[0])
+
+    @property
+    def k(self) -> int:
+        """Number of projections (columns)."""
+        return int(self.matrix.shape[1])
+
+    def provenance(self) -> dict[str, object]:
+        """Name, seed, shape and checksum, for store attributes."""
+        return {"name": self.name, "seed": self.seed, "dim": self.dim, "k": self.k,
+                "checksum": self.checksum}
+
+    def __repr__(self) -> str:
+        return f"Projector({self.name!r}, dim={self.dim}, k={self.k}, seed={self.seed})"
+
+
+def create_projector(seed: int, dim: int, k: int = DEFAULT_K,
+                     name: str | None = None) -> Projector:
+    """A :class:`Projector` of :func:`make_projector`; named ``seed{S}_d{D}_k{K}`` by default."""
+    return Projector(name or f"seed{seed}_d{dim}_k{k}", make_projector(seed, dim, k), seed)
+
+
+def load_projector(path: str | Path) -> Projector:
+    """Load a ``(d, k)`` ``.npy`` projector (one saved by the original tool included).
+
+    Parameters
+    ----------
+    path
+        The ``.npy`` file; its stem becomes the projector's name.
+
+    Raises
+    ------
+    InputError
+        When the file is missing, pickled, not 2-D, not floating point or not finite.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "projector file not found")
+    try:
+        matrix = np.load(path, allow_pickle=False)
+    except ValueError as error:  # pickled objects are refused: they can run code
+        raise InputError(path, f"not a plain numeric .npy array ({error})") from error
+    except OSError as error:
+        raise InputError(path, f"cannot read projector ({error})") from error
+    if not isinstance(matrix, np.ndarray):
+        raise InputError(path, "holds several arrays (.npz); a projector is one (d, k) .npy")
+    if matrix.ndim != 2:
+        raise InputError(path, f"projector must be 2-D (d, k), got shape {matrix.shape}")
+    if matrix.dtype.kind != "f":
+        raise InputError(path, f"projector must be floating point, got {matrix.dtype}")
+    if not np.isfinite(matrix).all():
+        raise InputError(path, "projector holds NaN or infinite values")
+    return Projector(path.stem, matrix, None)
+
+
+def check_projectors(projectors: list[Projector] | tuple[Projector, ...], dim: int,
+                     encoder: str) -> None:
+    """Refuse projectors whose row count is not the encoder's token width, or duplicate names.
+
+    Raises
+    ------
+    InputError
+        Naming the projector and giving both numbers.
+    """
+    names = [p.name for p in projectors]
+    if not projectors:
+        raise InputError("projectors", "at least one projector is needed")
+    if len(set(names)) != len(names):
+        raise InputError("projectors", f"names must be distinct, got {names}")
+    for projector in projectors:
+        if projector.dim != dim:
+            raise InputError(projector.name, f"projector has d = {projector.dim} rows but "
+                             f"encoder {encoder} gives tokens of width {dim}")
