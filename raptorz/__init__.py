@@ -2,7 +2,10 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from raptorz.encoders import DEFAULT_ENCODER, Encoder, create_encoder
 from raptorz.errors import InputError, RaptorzError, RaptorzWarning
+from raptorz.kernel import PLANE_NAMES, BlockEmbedding, KernelSettings, embed_block, embed_volume
+from raptorz.projection import Projector, create_projector, load_projector, make_projector
 
 try:
     __version__ = version("raptorz")
@@ -10,6 +13,18 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
 __all__ = [
+    "DEFAULT_ENCODER",
+    "PLANE_NAMES",
+    "BlockEmbedding",
+    "Encoder",
+    "KernelSettings",
+    "Projector",
+    "create_encoder",
+    "create_projector",
+    "embed_block",
+    "embed_volume",
+    "load_projector",
+    "make_projector",
     "InputError",
     "RaptorzError",
     "RaptorzWarning",
