@@ -1,0 +1,82 @@
+"""``raptorz convert``: volumes (NIfTI, UK Biobank zip, MedMNIST npz, DICOM) to a store."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from raptorz.errors import RaptorzError
+from raptorz.readers import DEFAULT_MEMBER
+from raptorz.volumes import DEFAULT_INTENSITY, convert
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        x, y, z = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected X,Y,Z (three integers), got {text!r}") from None
+    if min(x, y, z) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return x, y, z
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``convert`` verb."""
+    defaults = ", ".join(f"{k} {v}" for k, v in DEFAULT_INTENSITY.items())
+    parser = subparsers.add_parser(
+        "convert", help="convert volumes into a volumes.zarr store",
+        description="Read NIfTI files, UK Biobank zips, MedMNIST npz files or DICOM series, "
+        "orient and scale them and write one chunked, compressed volumes.zarr. Rerun the "
+        "same command to resume an interrupted or partly failed conversion.")
+    parser.add_argument("sources", nargs="*", metavar="SOURCE",
+                        help="files, folders (of volumes, or one DICOM series) or globs")
+    parser.add_argument("-o", "--output", required=True, type=Path, help="the store to write")
+    parser.add_argument("--folder", type=Path,
+                        help="folder of the manifest's names (or an .npz whose ids they are)")
+    parser.add_argument("--manifest", type=Path, help="text file, one volume name a line")
+    parser.add_argument("--start", type=int, default=0, help="first volume to convert")
+    parser.add_argument("--many", type=int, help="how many volumes to convert (default all)")
+    parser.add_argument("--member", default=DEFAULT_MEMBER,
+                        help=f"the volume inside UK Biobank zips (default {DEFAULT_MEMBER})")
+    parser.add_argument("--max-member-mb", type=int, default=2048,
+                        help="cap on a zip member's decompressed size (default 2048)")
+    parser.add_argument("--intensity", help="minmax | percentile[:LO,HI] | range:LO,HI | "
+                        f"divide:N | ct:PRESET (default per reader: {defaults})")
+    parser.add_argument("--orientation", choices=("ras", "native"), default="ras",
+                        help="reorient to RAS (default) or keep the stored array order")
+    parser.add_argument("--shape", type=_shape, help="target shape X,Y,Z for all volumes")
+    parser.add_argument("--fit", choices=("resample", "pad"), default="resample",
+                        help="how --shape is reached: resample, or pad / crop (centred)")
+    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    parser.add_argument("--chunk", type=int, help="volumes per chunk (default: ~64 MB)")
+    parser.add_argument("--workers", type=int,
+                        help="local Dask worker processes (default: one per CPU)")
+    parser.add_argument("--labels-out", type=Path,
+                        help="labels CSV of MedMNIST sources (default STORE.labels.csv)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Convert, show progress and a summary; 1 when any volume failed."""
+    if not args.sources and args.manifest is None:
+        raise RaptorzError("give at least one SOURCE or --manifest")
+    with tqdm(desc="convert", unit="vol", disable=None) as bar:
+        summary = convert(
+            args.sources, args.output, folder=args.folder, manifest=args.manifest,
+            start=args.start, many=args.many, member=args.member,
+            max_member_bytes=args.max_member_mb * 2**20, intensity=args.intensity,
+            orientation=args.orientation, shape=args.shape, fit=args.fit, dtype=args.dtype,
+            chunk=args.chunk, workers=args.workers, labels_out=args.labels_out,
+            progress=bar.update,
+        )
+    for error in summary.failures.values():
+        print(f"failed: {error}", file=sys.stderr)
+    print(f"{summary.store}: {summary.converted} converted, {summary.failed} failed, "
+          f"{summary.skipped} already done")
+    if summary.labels:
+        print(f"labels: {summary.labels}")
+    return 0 if summary.ok else 1

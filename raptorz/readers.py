@@ -1,0 +1,248 @@
+"""Readers: one 3D volume from a NIfTI, a UK Biobank zip, a MedMNIST npz or DICOM.
+
+Every reader yields the volume's voxels as stored and its voxel-to-world affine (RAS
+millimetres, as NIfTI defines it); :func:`read_volume` then checks the shape, refuses
+non-finite voxels and, by default, reorients the array to the closest canonical (RAS)
+order so that axis 0 runs left to right, axis 1 posterior to anterior and axis 2 inferior
+to superior whatever the scanner wrote.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import io
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Final, Literal, cast
+
+import nibabel as nib
+import numpy as np
+
+from raptorz.errors import InputError
+
+SourceKind = Literal["nifti", "zip", "npz", "dicom"]
+Orientation = Literal["ras", "native"]
+
+#: The UK Biobank zip member the original tool reads.
+DEFAULT_MEMBER: Final = "T1/T1_brain.nii.gz"
+#: The MedMNIST splits, in the order their volumes are listed.
+NPZ_SPLITS: Final = ("train", "val", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One volume to read.
+
+    Parameters
+    ----------
+    id
+        The volume's name in the store (file name without extensions, or ``train_0``...).
+    path
+        The file or folder.
+    kind
+        Which reader reads it.
+    entry
+        ``npz``: the images array (``train_images``...); unused otherwise.
+    index
+        ``npz``: the volume's row in ``entry``.
+    """
+
+    id: str
+    path: str
+    kind: SourceKind
+    entry: str = ""
+    index: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.path}::{self.id}" if self.kind == "npz" else self.path
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadOptions:
+    """How sources are read.
+
+    Parameters
+    ----------
+    member
+        The volume inside a UK Biobank zip.
+    max_member_bytes
+        Largest decompressed size accepted for a zip member (a guard against zip bombs).
+    orientation
+        ``ras`` reorients to the closest canonical (RAS) array order; ``native`` keeps
+        the order as stored (what the original tool does).
+    """
+
+    member: str = DEFAULT_MEMBER
+    max_member_bytes: int = 2**31
+    orientation: Orientation = "ras"
+
+
+@dataclasses.dataclass(frozen=True)
+class Volume:
+    """A volume as read: raw values (float32) in the chosen orientation, spacing in mm."""
+
+    data: np.ndarray
+    spacing: tuple[float, float, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Image:
+    """A volume's header: stored shape and affine, and how to load its voxels."""
+
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    load: Callable[[], np.ndarray]
+
+
+def _open_nifti(source: Source, options: ReadOptions) -> _Image:
+    image = nib.load(source.path)
+    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+        raise InputError(source.path, f"is a {type(image).__name__}, not a NIfTI volume")
+    return _Image(
+        tuple(image.shape), image.affine,
+        lambda: image.get_fdata(dtype=np.float32, caching="unchanged"),
+    )
+
+
+def _member_image(source: Source, options: ReadOptions, with_data: bool) -> _Image:
+    """The NIfTI member of a zip, read in memory through ``gzip`` and a ``FileHolder``."""
+    with zipfile.ZipFile(source.path) as archive:
+        try:
+            info = archive.getinfo(options.member)
+        except KeyError:
+            raise InputError(source.path, f"has no member {options.member!r} (choose "
+                             "another with --member)") from None
+        cap = options.max_member_bytes
+        if info.file_size > cap:
+            raise InputError(source.path, f"member {options.member} is {info.file_size} "
+                             f"bytes, over the cap of {cap}")
+        with archive.open(info) as stream:
+            fileobj: IO[bytes] | gzip.GzipFile = (gzip.GzipFile(fileobj=stream)
+                                  if info.filename.endswith(".gz") else stream)
+            holder = nib.FileHolder(f"{source.path}::{info.filename}", cast(io.IOBase, fileobj))
+            image = nib.Nifti1Image.from_file_map({"header": holder, "image": holder})
+            # The header says how many bytes the voxels take; refuse before inflating them.
+            needed = int(image.header.get_data_offset()) + int(
+                np.prod(image.shape) * image.get_data_dtype().itemsize)
+            if needed > cap:
+                raise InputError(source.path, f"member {options.member} would decompress "
+                                 f"to {needed} bytes, over the cap of {cap}")
+            data = image.get_fdata(dtype=np.float32) if with_data else np.empty(0, np.float32)
+    return _Image(tuple(image.shape), image.affine, lambda: data)
+
+
+def _open_zip(source: Source, options: ReadOptions) -> _Image:
+    header = _member_image(source, options, with_data=False)
+    return dataclasses.replace(
+        header, load=lambda: _member_image(source, options, with_data=True).load())
+
+
+def npz_images(path: str, entry: str) -> tuple[int, ...]:
+    """The shape of array ``entry`` of an ``.npz`` file, read from its header only."""
+    with zipfile.ZipFile(path) as archive, archive.open(f"{entry}.npy") as stream:
+        version = np.lib.format.read_magic(stream)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(stream)
+    if dtype.hasobject:
+        raise InputError(path, f"array {entry} holds Python objects; not a volume array")
+    return tuple(shape)
+
+
+@functools.lru_cache(maxsize=2)
+def _npz_array(path: str, entry: str) -> np.ndarray:
+    # A worker converts many volumes of one array in a row: decompress it once.
+    with np.load(path, allow_pickle=False) as archive:
+        return np.asarray(archive[entry])
+
+
+def _open_npz(source: Source, options: ReadOptions) -> _Image:
+    if not source.entry:
+        raise InputError(source.path, "is not a MedMNIST-style npz: it has none of the "
+                         "arrays " + ", ".join(f"{s}_images" for s in NPZ_SPLITS))
+    shape = npz_images(source.path, source.entry)[1:]
+    return _Image(shape, np.eye(4),
+                  lambda: _npz_array(source.path, source.entry)[source.index].astype(np.float32))
+
+
+def _open_dicom(source: Source, options: ReadOptions) -> _Image:
+    from raptorz._dicom import open_dicom  # pydicom is only imported where needed
+
+    shape, affine, load = open_dicom(source.path)
+    return _Image(shape, affine, load)
+
+
+_OPENERS: Final[dict[SourceKind, Callable[[Source, ReadOptions], _Image]]] = {
+    "nifti": _open_nifti, "zip": _open_zip, "npz": _open_npz, "dicom": _open_dicom,
+}
+
+
+def _open(source: Source, options: ReadOptions) -> tuple[_Image, tuple[int, int, int]]:
+    """Open ``source``; return its header and its 3D shape as stored."""
+    if not Path(source.path).exists():
+        raise InputError(source.path, "no such file or folder")
+    try:
+        image = _OPENERS[source.kind](source, options)
+    except InputError:
+        raise
+    except Exception as error:  # every library raises its own types for a bad file
+        raise InputError(source.path, f"cannot be read as {source.kind} "
+                         f"({type(error).__name__}: {error})") from None
+    shape = image.shape
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) == 4:
+        raise InputError(source.path, f"is a 4D series of {shape[3]} frames (shape {shape}); "
+                         "pick one frame first, e.g. nibabel's img.slicer[..., i] or "
+                         "`fslroi in.nii.gz out.nii.gz i 1`")
+    if len(shape) != 3 or min(shape) < 1:
+        raise InputError(source.path, f"is not a 3D volume (shape {shape})")
+    return image, (shape[0], shape[1], shape[2])
+
+
+def _orientation(image: _Image, options: ReadOptions) -> np.ndarray:
+    if options.orientation == "native":
+        return np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+    return nib.io_orientation(image.affine)
+
+
+def _permute(values: tuple, ornt: np.ndarray) -> tuple:
+    out = list(values)
+    for axis, (target, _) in enumerate(ornt):
+        out[int(target)] = values[axis]
+    return tuple(out)
+
+
+def probe_shape(source: Source, options: ReadOptions) -> tuple[int, int, int]:
+    """The shape ``source`` will have once read, from its header only."""
+    image, shape = _open(source, options)
+    return _permute(shape, _orientation(image, options))
+
+
+def read_volume(source: Source, options: ReadOptions) -> Volume:
+    """Read ``source``: raw float32 voxels in the chosen orientation and their spacing.
+
+    Raises
+    ------
+    InputError
+        Naming the file and the problem: missing, unreadable, not 3D, a 4D series,
+        or voxels that are NaN or infinite (such volumes are refused, not repaired).
+    """
+    image, shape = _open(source, options)
+    try:
+        data = np.asarray(image.load(), dtype=np.float32).reshape(shape)
+    except InputError:
+        raise
+    except Exception as error:
+        raise InputError(source.path, f"cannot read the voxels, truncated or corrupt? "
+                         f"({type(error).__name__}: {error})") from None
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise InputError(source.path, f"{bad} of {data.size} voxels are NaN or infinite; "
+                         "raptorz refuses such volumes (fix or mask them first)")
+    ornt = _orientation(image, options)
+    spacing = _permute(tuple(float(v) for v in nib.affines.voxel_sizes(image.affine)), ornt)
+    return Volume(nib.apply_orientation(data, ornt), spacing)

@@ -1,0 +1,325 @@
+"""``volumes.zarr``: read, orient, scale and shape volumes into one resumable store.
+
+The store is a Zarr v3 xarray Dataset: ``volume(id, x, y, z)`` in [0, 1] (float16 by
+default), chunked along ``id`` only, a few whole volumes per chunk, Blosc-zstd
+compressed; per volume ``source``, ``spacing`` (mm), ``original_shape`` (as read, after
+reorientation), ``note`` (e.g. a constant volume), ``status`` and ``error``. Each task
+converts one whole chunk and writes it through :mod:`raptorz._store` (data, then
+status), so a killed run leaves unfinished volumes pending and a rerun redoes only them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Final, Literal
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+from zarr.codecs import BloscCodec, BloscShuffle
+
+from raptorz import _store
+from raptorz._info import store_info
+from raptorz._shape import Fit, fit_shape
+from raptorz._sources import resolve_sources, write_labels
+from raptorz.errors import InputError, RaptorzError, RaptorzWarning
+from raptorz.intensity import Intensity, parse_intensity, scale_intensity
+from raptorz.readers import (
+    DEFAULT_MEMBER,
+    Orientation,
+    ReadOptions,
+    Source,
+    SourceKind,
+    probe_shape,
+    read_volume,
+)
+
+KIND: Final = "volumes"
+Dtype = Literal["float16", "float32"]
+#: Uncompressed bytes aimed at per chunk: a few whole volumes, at least one.
+CHUNK_BYTES: Final = 64 * 2**20
+#: The scaling used for each reader where the run chooses none.
+DEFAULT_INTENSITY: Final[dict[SourceKind, str]] = {
+    "nifti": "percentile:0.5,99.5", "dicom": "percentile:0.5,99.5",
+    "zip": "range:0,1280", "npz": "divide:256",
+}
+AXES: Final = ("x", "y", "z")
+
+__all__ = ["ConvertSummary", "convert", "open_volumes", "store_info"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """Everything a task needs besides its sources; recorded in the store's attrs."""
+
+    read: ReadOptions
+    intensity: Intensity | None
+    shape: tuple[int, int, int]
+    fit: Fit | None
+    dtype: Dtype
+
+    def scaling(self, kind: SourceKind) -> Intensity:
+        return self.intensity or parse_intensity(DEFAULT_INTENSITY[kind])
+
+    def record(self) -> dict[str, object]:
+        return _store.json_attr({
+            "reader": {"member": self.read.member,
+                       "max_member_bytes": self.read.max_member_bytes},
+            "intensity": str(self.intensity) if self.intensity else "auto",
+            "intensity_defaults": DEFAULT_INTENSITY if self.intensity is None else {},
+            "orientation": self.read.orientation,
+            "shape_policy": {"shape": self.shape, "fit": self.fit or "none"},
+            "dtype": self.dtype,
+        })
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkResult:
+    """What a task reports: per volume of its chunk, the status, error and note."""
+
+    ids: list[str]
+    status: list[int]
+    errors: list[str]
+    notes: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertSummary:
+    """The outcome of :func:`convert`.
+
+    ``converted`` and ``failed`` count this run's volumes; ``skipped`` those already
+    done by an earlier run; ``failures`` and ``notes`` map ids to their text.
+    """
+
+    store: Path
+    converted: int
+    failed: int
+    skipped: int
+    failures: dict[str, str]
+    notes: dict[str, str]
+    labels: Path | None
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0
+
+
+def _convert_chunk(path: str, region: slice, sources: Sequence[Source],
+                   settings: _Settings) -> ChunkResult:
+    """Read, scale and shape one chunk's volumes and write the whole chunk."""
+    n = len(sources)
+    volume = np.full((n, *settings.shape), np.nan, settings.dtype)
+    spacing = np.full((n, 3), np.nan)
+    original = np.zeros((n, 3), np.int32)
+    status, errors, notes = [_store.FAILED] * n, [""] * n, [""] * n
+    for j, source in enumerate(sources):
+        try:
+            read = read_volume(source, settings.read)
+            low, high = float(read.data.min()), float(read.data.max())
+            if low == high:
+                notes[j] = f"constant volume (every voxel is {low:g})"
+            scaled = scale_intensity(read.data, settings.scaling(source.kind))
+            volume[j], spacing[j] = fit_shape(scaled, read.spacing, settings.shape,
+                                              settings.fit, str(source))
+            original[j] = read.data.shape
+            status[j] = _store.OK
+        except InputError as error:
+            errors[j] = str(error)
+        except Exception as error:  # record it: one bad volume never stops the others
+            errors[j] = f"{source}: {type(error).__name__}: {error}"
+    data = {
+        "volume": xr.DataArray(volume, dims=("id", *AXES)),
+        "spacing": xr.DataArray(spacing, dims=("id", "axis")),
+        "original_shape": xr.DataArray(original, dims=("id", "axis")),
+        "note": xr.DataArray(_store.as_strings(notes), dims="id"),
+    }
+    _store.write_chunk(path, data, region, np.asarray(status), errors)
+    return ChunkResult([s.id for s in sources], status, errors, notes)
+
+
+def _native_shape(sources: Sequence[Source], read: ReadOptions) -> tuple[int, int, int]:
+    """The one shape all readable sources share; refuse where they disagree."""
+    shapes: dict[tuple[int, int, int], list[str]] = defaultdict(list)
+    problems = []
+    for source in sources:
+        try:
+            shapes[probe_shape(source, read)].append(source.id)
+        except InputError as error:  # the task records it as this volume's failure
+            problems.append(str(error))
+    if len(shapes) > 1:
+        listing = "; ".join(f"{shape}: {', '.join(ids[:3])}{' ...' * (len(ids) > 3)}"
+                            for shape, ids in shapes.items())
+        raise RaptorzError(f"the volumes have {len(shapes)} shapes ({listing}); a store "
+                           "holds one shape: pass --shape X,Y,Z (and --fit resample|pad)")
+    if not shapes:
+        raise RaptorzError(f"none of the {len(sources)} volumes can be read: "
+                           + "; ".join(problems[:3]))
+    return next(iter(shapes))
+
+
+def _template(sources: Sequence[Source], settings: _Settings, chunk: int) -> xr.Dataset:
+    n, shape = len(sources), settings.shape
+
+    def lazy(*tail: int, dtype: str) -> da.Array:
+        return da.zeros((n, *tail), chunks=(chunk, *tail), dtype=dtype)
+
+    strings = {"chunks": (chunk,)}
+    ds = xr.Dataset(
+        {
+            "volume": (("id", *AXES), lazy(*shape, dtype=settings.dtype),
+                       {"long_name": "intensity scaled to [0, 1]"}),
+            "source": ("id", _store.as_strings(map(str, sources))),
+            "spacing": (("id", "axis"), lazy(3, dtype="float64"), {"units": "mm"}),
+            "original_shape": (("id", "axis"), lazy(3, dtype="int32"),
+                               {"long_name": "shape as read, after reorientation"}),
+            "note": ("id", _store.as_strings([""] * n)),
+            **_store.status_variables(n, chunk),
+        },
+        coords={"id": _store.as_strings(s.id for s in sources),
+                "axis": _store.as_strings(AXES)},
+        attrs={**_store.provenance(), "convert": settings.record()},
+    )
+    ds.volume.encoding["compressors"] = [BloscCodec(
+        cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)]
+    ds.source.encoding.update(strings)
+    ds.note.encoding.update(strings)
+    return ds
+
+
+def _check_rerun(path: Path, sources: Sequence[Source], settings: _Settings) -> int:
+    """Refuse a rerun that differs from the store's run; return the store's chunk size."""
+    ds = open_volumes(path)
+    before = [str(s) for s in ds.source.values]
+    if before != [str(s) for s in sources]:
+        raise InputError(path, f"already holds {len(before)} volumes from other sources "
+                         f"(this run names {len(sources)}); rerun with the same sources to "
+                         "resume, or choose another output")
+    recorded, wanted = ds.attrs.get("convert", {}), settings.record()
+    changed = [k for k in wanted if recorded.get(k) != wanted[k]]
+    if changed:
+        raise InputError(path, "was converted with other options (" + ", ".join(
+            f"{k}: {recorded.get(k)} vs {wanted[k]}" for k in changed) + "); rerun with the "
+            "same options to resume, or choose another output")
+    return int(ds.volume.encoding["chunks"][0])
+
+
+def open_volumes(path: str | Path) -> xr.Dataset:
+    """Open a ``volumes.zarr`` lazily (safe while a conversion is writing it)."""
+    return _store.open_store(path, KIND)
+
+
+def convert(
+    sources: Sequence[str | Path] = (),
+    output: str | Path = "volumes.zarr",
+    *,
+    folder: str | Path | None = None,
+    manifest: str | Path | None = None,
+    start: int = 0,
+    many: int | None = None,
+    member: str = DEFAULT_MEMBER,
+    max_member_bytes: int = 2**31,
+    intensity: str | Intensity | None = None,
+    orientation: Orientation = "ras",
+    shape: tuple[int, int, int] | None = None,
+    fit: Fit = "resample",
+    dtype: Dtype = "float16",
+    chunk: int | None = None,
+    workers: int | None = None,
+    labels_out: str | Path | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ConvertSummary:
+    """Convert volumes into the store ``output``, or resume an unfinished conversion.
+
+    Parameters
+    ----------
+    sources, folder, manifest, start, many
+        What to read (see :func:`raptorz._sources.resolve_sources`).
+    member, max_member_bytes
+        The NIfTI member of UK Biobank zips, and the cap on its decompressed size.
+    intensity
+        A preset (``minmax``, ``percentile[:LO,HI]``, ``range:LO,HI``, ``divide:N``,
+        ``ct:PRESET``); ``None`` picks per reader: percentile for NIfTI and DICOM,
+        ``range:0,1280`` for UK Biobank zips, ``divide:256`` for MedMNIST.
+    orientation
+        ``ras`` (closest canonical) or ``native`` (array order as stored).
+    shape, fit
+        A target shape, reached by ``resample`` or ``pad`` (pad / crop); without it
+        all volumes must share one shape.
+    dtype
+        Stored precision of ``volume``.
+    chunk
+        Volumes per chunk (default: as many as fit in 64 MB, at least one).
+    workers
+        Processes of the local Dask cluster (default: the CPU count, at most one per
+        chunk); with 1, or one chunk to do, the work runs in this process.
+    labels_out
+        Where MedMNIST labels go (default: ``output`` with ``.zarr`` replaced by
+        ``.labels.csv``).
+    progress
+        Called with the number of volumes each finished chunk held.
+
+    Returns
+    -------
+    ConvertSummary
+        Counts, failures (id: error) and notes; constant volumes also raise a
+        :class:`~raptorz.errors.RaptorzWarning`.
+    """
+    output = Path(output)
+    selected = resolve_sources(sources, folder=folder, manifest=manifest, start=start,
+                               many=many)
+    read = ReadOptions(member, max_member_bytes, orientation)
+    scaling = parse_intensity(intensity) if isinstance(intensity, str) else intensity
+    kind = _store.store_kind(output)
+    if kind not in (None, KIND):
+        raise InputError(output, f"holds a raptorz {kind} store; refusing to overwrite it")
+    if kind == KIND:  # resume: the shape policy is the store's unless given again
+        policy = open_volumes(output).attrs["convert"]["shape_policy"]
+        recorded_fit = None if policy["fit"] == "none" else policy["fit"]
+        settings = _Settings(read, scaling, shape or tuple(policy["shape"]),
+                             fit if shape else recorded_fit, dtype)
+        chunk = _check_rerun(output, selected, settings)
+    else:
+        target = shape or _native_shape(selected, read)
+        settings = _Settings(read, scaling, target, fit if shape else None, dtype)
+        item_bytes = int(np.prod(target)) * np.dtype(dtype).itemsize
+        chunk = chunk or max(1, min(len(selected), CHUNK_BYTES // item_bytes))
+        _store.create_store(output, _template(selected, settings, chunk), KIND)
+    labels = write_labels(selected, labels_out or output.with_name(
+        output.name.removesuffix(".zarr") + ".labels.csv"))
+    status = _store.read_status(output)
+    todo = _store.chunks_to_do(status, chunk)
+    tasks = [(str(output), region, selected[region], settings) for region in todo]
+    results: list[ChunkResult] = []
+
+    def done(result: ChunkResult) -> None:
+        results.append(result)
+        if progress:
+            progress(len(result.ids))
+
+    count = workers or min(os.cpu_count() or 1, len(tasks))
+    if count <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            done(_convert_chunk(*task))
+    else:
+        from distributed import Client, LocalCluster, as_completed
+
+        with LocalCluster(n_workers=count, threads_per_worker=1, processes=True,
+                          dashboard_address=None) as cluster, Client(cluster) as client:
+            futures = [client.submit(_convert_chunk, *task, pure=False) for task in tasks]
+            for future in as_completed(futures):
+                done(future.result())
+    failures = {i: e for r in results for i, s, e in zip(r.ids, r.status, r.errors,
+                                                          strict=True) if s != _store.OK}
+    notes = {i: n for r in results for i, n in zip(r.ids, r.notes, strict=True) if n}
+    for volume_id, note in notes.items():
+        warnings.warn(f"{volume_id}: {note}; converted", RaptorzWarning, stacklevel=2)
+    return ConvertSummary(
+        store=output, converted=sum(len(r.ids) for r in results) - len(failures),
+        failed=len(failures), skipped=len(selected) - sum(len(r.ids) for r in results),
+        failures=failures, notes=notes, labels=labels,
+    )
