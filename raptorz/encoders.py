@@ -330,12 +330,14 @@ def _load_from_hub(name: str, architecture: str,
     except Exception as error:  # offline, not cached, no network, no such weights
         repo = TRANSFORMERS_REPOS.get(architecture.split(".")[0])
         also = f" or transformers' {repo}" if repo else ""
+        hub_id = timm.models.get_pretrained_cfg(architecture)
+        hub_id = getattr(hub_id, "hf_hub_id", None) or f"timm/{architecture}"
         raise RaptorzError(
             f"no weights for encoder {name!r}: looked in the Hugging Face cache "
             f"({constants.HF_HUB_CACHE}) for timm's copy{also}, then the hub "
             f"(HF_HUB_OFFLINE={'1' if constants.HF_HUB_OFFLINE else '0'}), "
-            f"which failed with {type(error).__name__}: {error}. Provide a weights file "
-            "with --weights FILE (weights=FILE), or download the weights on a machine "
-            "online (e.g. `hf download timm/<model>`) and point HF_HOME at that cache."
+            f"which failed with {type(error).__name__}: {str(error).rstrip('.')}. Provide a "
+            "weights file with --weights FILE (weights=FILE), or download the weights on a "
+            f"machine online (`hf download {hub_id}`) and point HF_HOME at that cache."
         ) from error
     return model, f"hf-hub:{(model.pretrained_cfg or {}).get('hf_hub_id', architecture)}"

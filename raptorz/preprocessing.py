@@ -40,8 +40,8 @@ def slice_indices(length: int, subsample: int = 1) -> np.ndarray:
 
     Examples
     --------
-    >>> slice_indices(10, 3).tolist()
-    [1, 4, 7]
+    >>> slice_indices(12, 3).tolist()
+    [1, 4, 7, 10]
     """
     if subsample < 1:
         raise ValueError(f"subsample must be >= 1, got {subsample}")

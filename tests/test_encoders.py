@@ -1,0 +1,185 @@
+"""Encoders: tiny DINOv2-style ViTs with random weights saved in every supported layout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from timm.layers import resample_abs_pos_embed
+from vit_fixtures import TINY_ENCODER, tiny_vit_state_dict
+
+from raptorz.encoders import SMALL_ENCODERS, create_encoder, weights_checksum
+from raptorz.errors import InputError, RaptorzError
+
+ARCH, ARCH_KWARGS = SMALL_ENCODERS[TINY_ENCODER]
+
+
+def to_original_layout(timm_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A timm DINOv2 state dict as Meta's DINOv2 checkpoints store it (with a mask token)."""
+    return {**timm_sd, "mask_token": torch.zeros(1, timm_sd["cls_token"].shape[-1])}
+
+
+def to_transformers_layout(timm_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same weights as transformers' ``Dinov2Model`` names them (q, k, v split)."""
+    out = {
+        "embeddings.cls_token": timm_sd["cls_token"],
+        "embeddings.mask_token": torch.zeros(1, timm_sd["cls_token"].shape[-1]),
+        "embeddings.position_embeddings": timm_sd["pos_embed"],
+        "embeddings.patch_embeddings.projection.weight": timm_sd["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": timm_sd["patch_embed.proj.bias"],
+        "layernorm.weight": timm_sd["norm.weight"],
+        "layernorm.bias": timm_sd["norm.bias"],
+    }
+    depth = ARCH_KWARGS["depth"]
+    for n in range(depth):
+        src, dst = f"blocks.{n}.", f"encoder.layer.{n}."
+        for kind in ("weight", "bias"):
+            q, k, v = timm_sd[f"{src}attn.qkv.{kind}"].chunk(3, dim=0)
+            out[f"{dst}attention.attention.query.{kind}"] = q
+            out[f"{dst}attention.attention.key.{kind}"] = k
+            out[f"{dst}attention.attention.value.{kind}"] = v
+            out[f"{dst}attention.output.dense.{kind}"] = timm_sd[f"{src}attn.proj.{kind}"]
+            for module in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
+                out[f"{dst}{module}.{kind}"] = timm_sd[f"{src}{module}.{kind}"]
+        out[f"{dst}layer_scale1.lambda1"] = timm_sd[f"{src}ls1.gamma"]
+        out[f"{dst}layer_scale2.lambda1"] = timm_sd[f"{src}ls2.gamma"]
+    out["pooler.dense.weight"] = torch.zeros(2, 2)  # extra keys of some exports are ignored
+    return {key: value.contiguous() for key, value in out.items()}
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One set of 518-px random weights in the original and transformers layouts, plus the
+    timm layout at 224 px made by timm's own pretrained-file route (the reference)."""
+    folder = tmp_path_factory.mktemp("layouts")
+    at_518 = tiny_vit_state_dict(seed=1, img_size=518)
+    original = folder / "dinov2_original.pth"
+    torch.save(to_original_layout(at_518), original)
+    transformers = folder / "model.safetensors"
+    save_file(to_transformers_layout(at_518), str(transformers))
+    reference = timm.create_model(ARCH, pretrained=True, num_classes=0, img_size=224,
+                                  pretrained_cfg_overlay={"file": str(original)}, **ARCH_KWARGS)
+    timm_file = folder / "timm_224.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(timm_file))
+    return {"original": original, "transformers": transformers, "timm": timm_file}
+
+
+def test_tiny_encoder_from_fixture(tiny_vit_weights: tuple[str, Path]) -> None:
+    name, path = tiny_vit_weights
+    encoder = create_encoder(name, weights=path)
+    assert (encoder.embed_dim, encoder.num_prefix_tokens, encoder.num_tokens) == (64, 1, 257)
+    assert encoder.device == torch.device("cpu") and encoder.precision == "fp32"
+    assert encoder.checksum == weights_checksum(load_file(str(path)))
+    assert not any(p.requires_grad for p in encoder.model.parameters())
+    assert not encoder.model.training
+    provenance = encoder.provenance()
+    assert provenance["weights_checksum"] == encoder.checksum
+    assert provenance["weights_source"] == str(path) and provenance["encoder"] == name
+    tokens = encoder.encode(torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0)))
+    assert tokens.shape == (2, 257, 64) and tokens.dtype == torch.float32
+    assert not tokens.requires_grad
+
+
+def test_all_layouts_load_to_identical_weights(layouts: dict[str, Path]) -> None:
+    encoders = {layout: create_encoder(TINY_ENCODER, weights=path)
+                for layout, path in layouts.items()}
+    checksums = {enc.checksum for enc in encoders.values()}
+    assert len(checksums) == 1
+    images = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    outputs = [enc.encode(images) for enc in encoders.values()]
+    for output in outputs[1:]:
+        assert torch.equal(output, outputs[0])
+    # the 37 x 37 grid was resampled to 16 x 16 the way timm does it
+    original = torch.load(layouts["original"], weights_only=True)["pos_embed"]
+    expected = resample_abs_pos_embed(original, new_size=[16, 16], num_prefix_tokens=1,
+                                      interpolation="bicubic", antialias=True)
+    assert torch.equal(encoders["transformers"].model.pos_embed.data, expected)
+
+
+def test_wrapped_torch_checkpoint_is_unwrapped(tmp_path: Path,
+                                               tiny_vit_weights: tuple[str, Path]) -> None:
+    name, path = tiny_vit_weights
+    wrapped = tmp_path / "ckpt.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in load_file(str(path)).items()}}, wrapped)
+    assert create_encoder(name, weights=wrapped).checksum == create_encoder(
+        name, weights=path).checksum
+
+
+class NotATensor:
+    """A pickled object that ``weights_only=True`` must refuse to unpickle."""
+
+
+def test_bad_weights_files_are_refused_with_their_path(tmp_path: Path) -> None:
+    pickled = tmp_path / "evil.pth"
+    torch.save({"x": NotATensor()}, pickled)
+    with pytest.raises(InputError, match="cannot read weights") as error:
+        create_encoder(TINY_ENCODER, weights=pickled)
+    assert str(pickled) in str(error.value)
+    with pytest.raises(InputError, match="not found"):
+        create_encoder(TINY_ENCODER, weights=tmp_path / "missing.safetensors")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    with pytest.raises(InputError, match="cannot read weights"):
+        create_encoder(TINY_ENCODER, weights=garbage)
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path: Path,
+                                                     tiny_vit_weights: tuple[str, Path]) -> None:
+    _, path = tiny_vit_weights
+    with pytest.raises(InputError, match="do not fit"):
+        create_encoder(TINY_ENCODER, weights=path, embed_dim=32)
+
+
+def test_bf16_is_close_to_fp32(tiny_vit_weights: tuple[str, Path]) -> None:
+    name, path = tiny_vit_weights
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    fp32 = create_encoder(name, weights=path).encode(images)
+    bf16 = create_encoder(name, weights=path, precision="bf16").encode(images)
+    assert bf16.dtype == torch.float32
+    # bf16 keeps 8 mantissa bits: a few percent relative error after two blocks
+    assert (bf16 - fp32).norm() / fp32.norm() < 0.05
+    with pytest.raises(RaptorzError, match="precision"):
+        create_encoder(name, weights=path, precision="fp8")  # type: ignore[arg-type]
+
+
+def test_small_encoder_without_weights_is_refused() -> None:
+    with pytest.raises(RaptorzError, match="no published weights"):
+        create_encoder(TINY_ENCODER)
+
+
+@pytest.mark.slow
+def test_offline_cache_and_missing_weights(tmp_path: Path) -> None:
+    """Offline: a transformers copy in the HF cache is found; without it, a helpful error."""
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--facebook--dinov2-small" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (cache / "models--facebook--dinov2-small" / "refs").mkdir()
+    (cache / "models--facebook--dinov2-small" / "refs" / "main").write_text("0123abc")
+    at_518 = tiny_vit_state_dict(seed=4, img_size=518)
+    save_file(to_transformers_layout(at_518), str(snapshot / "model.safetensors"))
+    script = textwrap.dedent(f"""
+        from raptorz.encoders import create_encoder
+        from raptorz.errors import RaptorzError
+        enc = create_encoder("vit_small_patch14_dinov2.lvd142m", depth=2, embed_dim=64,
+                             num_heads=2)
+        print("SOURCE", enc.weights_source)
+        try:
+            create_encoder("vit_base_patch14_dinov2.lvd142m")
+        except RaptorzError as error:
+            print("ERROR", error)
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
+           "HF_HOME": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, check=True)
+    assert f"SOURCE {snapshot / 'model.safetensors'}" in result.stdout
+    error = result.stdout.split("ERROR", 1)[1]
+    assert str(cache) in error and "HF_HUB_OFFLINE=1" in error
+    assert "--weights FILE" in error and "facebook/dinov2-base" in error
