@@ -1,0 +1,173 @@
+"""Downstream fitting: a head on ``embeddings.zarr`` and a labels CSV, scored on test.
+
+:func:`fit` runs the paper's protocol end to end: it opens the store lazily, matches the
+labels to the embeddings, standardizes the features with train statistics (one
+streaming pass), fits a head (:mod:`raptorz.heads`), predicts the test split, scores it
+with bootstrap intervals (:mod:`raptorz.metrics`) and writes ``results/``:
+
+``predictions.csv``
+    The test split in the original's layout: the id column, then one column per target
+    (one per class, ``<target>_<class>``, with probabilities, for classification).
+``metrics.json``
+    Scores per target and averaged with 95% intervals, the task and why, the splits'
+    sizes, the volumes left out and the fit's record.
+``roc.png`` or ``predicted_vs_true.png``
+    ROC curves (classification, multi-label) or predicted against true (regression).
+``model/``
+    The fitted model (:func:`raptorz.model.load_model`, ``raptorz predict``).
+
+Features are held in memory when they fit the memory budget and streamed from the store
+in batches otherwise; both paths compute the same numbers (see :mod:`raptorz.features`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from raptorz import _store
+from raptorz.embeddings import open_embeddings
+from raptorz.features import Features, feature_variable, memory_budget, statistics
+from raptorz.heads import HeadSettings, Scaling, fit_head
+from raptorz.labels import (
+    SPLITS,
+    Task,
+    encode_targets,
+    match_embeddings,
+    read_labels,
+    store_ids,
+)
+from raptorz.metrics import evaluate, plot, table
+from raptorz.model import FittedModel
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """What to fit and how to score it.
+
+    Attributes
+    ----------
+    projector
+        The feature variable: a projector's name, ``avgpool`` or ``tokens``; by default
+        the store's only projector.
+    task
+        ``auto`` (inferred from the targets and reported), ``classification``,
+        ``multilabel`` or ``regression``.
+    targets
+        The target columns to fit (default: every column after ``split``).
+    head
+        The head and its training settings.
+    memory_budget
+        Bytes (or a size such as ``"4GB"``) the features may take in memory; above it they
+        are streamed from the store. Default: half of the memory available at the start.
+    bootstrap
+        Bootstrap resamples of the test split for the 95% intervals (0: none).
+    strict
+        Refuse labelled volumes that have no ok embedding instead of leaving them out.
+    """
+
+    projector: str | None = None
+    task: Task = "auto"
+    targets: tuple[str, ...] = ()
+    head: HeadSettings = field(default_factory=HeadSettings)
+    memory_budget: str | int | None = None
+    bootstrap: int = 1000
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What :func:`fit` produced: the model, the test predictions and the scores."""
+
+    model: FittedModel
+    predictions: pd.DataFrame
+    metrics: dict[str, Any]
+    output: Path
+
+
+def fit(store: str | Path, labels: str | Path, output: str | Path,
+        settings: FitSettings | None = None, *,
+        log: Callable[[str], None] = lambda message: None) -> FitResult:
+    """Fit a head on an embeddings store, score it on the test split and write ``output``.
+
+    Parameters
+    ----------
+    store
+        ``embeddings.zarr``.
+    labels
+        A labels CSV: volume id first, a ``split`` column (train/val/test), then targets.
+    output
+        The results folder (created; files in it are replaced).
+    settings
+        What to fit; :class:`FitSettings` defaults when omitted.
+    log
+        Called with one line per step (the CLI prints them).
+
+    Raises
+    ------
+    InputError
+        For every problem with the store or the labels, naming the file.
+
+    Warns
+    -----
+    MissingEmbeddingsWarning
+        Where labelled volumes without an ok embedding are left out (not ``strict``).
+
+    Examples
+    --------
+    >>> result = fit("embeddings.zarr", "labels.csv", "results")  # doctest: +SKIP
+    >>> result.metrics["mean"]["auroc"]["value"]  # doctest: +SKIP
+    """
+    settings = settings or FitSettings()
+    ds = open_embeddings(store)
+    variable = feature_variable(ds, store, settings.projector)
+    table_ = read_labels(labels, settings.targets or None)
+    kept, positions = match_embeddings(table_, store_ids(ds),
+                                       _store.read_status(store), store, strict=settings.strict)
+    targets, reason = encode_targets(kept, settings.task)
+    log(f"task: {targets.task} ({reason}); targets: {', '.join(targets.names)}")
+    features = Features.open(variable, positions, memory_budget(settings.memory_budget))
+    log(f"features '{variable.name}': {features.describe()}")
+    rows = {name: np.flatnonzero(kept.split == name) for name in SPLITS}
+    log("rows: " + ", ".join(f"{name} {len(r)}" for name, r in rows.items()))
+
+    mean, std = statistics(features, rows["train"])
+    train_truth = targets.values[rows["train"]]
+    regression = targets.task == "regression"
+    n_targets = len(targets.names)
+    scaling = Scaling(mean, std,
+                      np.nanmean(train_truth, axis=0) if regression else np.zeros(n_targets),
+                      np.nanstd(train_truth, axis=0) if regression else np.ones(n_targets))
+    head, record = fit_head(targets.task, targets.values, len(targets.classes), features,
+                            rows["train"], rows["val"], scaling, settings.head, log)
+    summary = {"task_reason": reason, "store": str(store), "labels": str(labels), **record}
+    model = FittedModel(targets.task, targets.names, targets.classes, str(variable.name),
+                        features.n_features, settings.head, scaling, head, summary)
+
+    test = rows["test"]
+    prediction = model.predict(features, test)
+    truth = targets.values[test]
+    metrics = evaluate(targets.task, targets.names, truth, prediction,
+                       resamples=settings.bootstrap, seed=settings.head.seed)
+    log("test scores (95% bootstrap intervals):\n" + table(metrics))
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(prediction, columns=model.columns())
+    frame.insert(0, kept.id_column, kept.ids[test])
+    frame.to_csv(output / "predictions.csv", index=False)
+    left_out = sorted(set(table_.ids) - set(kept.ids))
+    report = {"task": targets.task, "task_reason": reason, "head": settings.head.head,
+              "feature": str(variable.name), "n": {k: len(r) for k, r in rows.items()},
+              "left_out": left_out, **metrics, "fit": record}
+    (output / "metrics.json").write_text(json.dumps(_store.json_attr(report), indent=2))
+    plot_name = "predicted_vs_true.png" if regression else "roc.png"
+    plot(targets.task, targets.names, targets.classes, truth, prediction, output / plot_name)
+    model.save(output / "model")
+    return FitResult(model, frame, report, output)
