@@ -23,7 +23,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
@@ -87,14 +87,15 @@ class Encoder:
     def __init__(self, name: str, model: torch.nn.Module, *, device: torch.device,
                  precision: Precision, img_size: int, weights_source: str) -> None:
         self.name = name
-        self.model = model
+        # a timm VisionTransformer; typed loosely as torch types its submodules as unions
+        self.model: Any = cast(Any, model)
         self.device = device
         self.precision: Precision = precision
         self.img_size = img_size
         self.weights_source = weights_source
-        self.embed_dim = int(model.embed_dim)
-        self.num_prefix_tokens = int(model.num_prefix_tokens)
-        grid = model.patch_embed.grid_size
+        self.embed_dim = int(self.model.embed_dim)
+        self.num_prefix_tokens = int(self.model.num_prefix_tokens)
+        grid = self.model.patch_embed.grid_size
         self.num_tokens = self.num_prefix_tokens + int(grid[0]) * int(grid[1])
         self.checksum = weights_checksum(model.state_dict())
 
@@ -163,7 +164,8 @@ def create_encoder(name: str = DEFAULT_ENCODER, *, weights: str | Path | None = 
 
     Examples
     --------
-    >>> enc = create_encoder("vit_small_patch14_dinov2", weights="dinov2_vits14.pth")  # doctest: +SKIP
+    >>> enc = create_encoder("vit_small_patch14_dinov2",
+    ...                      weights="dinov2_vits14.pth")  # doctest: +SKIP
     """
     import timm
 
@@ -330,8 +332,8 @@ def _load_from_hub(name: str, architecture: str,
     except Exception as error:  # offline, not cached, no network, no such weights
         repo = TRANSFORMERS_REPOS.get(architecture.split(".")[0])
         also = f" or transformers' {repo}" if repo else ""
-        hub_id = timm.models.get_pretrained_cfg(architecture)
-        hub_id = getattr(hub_id, "hf_hub_id", None) or f"timm/{architecture}"
+        cfg = timm.models.get_pretrained_cfg(architecture)
+        hub_id = getattr(cfg, "hf_hub_id", None) or f"timm/{architecture}"
         raise RaptorzError(
             f"no weights for encoder {name!r}: looked in the Hugging Face cache "
             f"({constants.HF_HUB_CACHE}) for timm's copy{also}, then the hub "
@@ -340,4 +342,5 @@ def _load_from_hub(name: str, architecture: str,
             "weights file with --weights FILE (weights=FILE), or download the weights on a "
             f"machine online (`hf download {hub_id}`) and point HF_HOME at that cache."
         ) from error
-    return model, f"hf-hub:{(model.pretrained_cfg or {}).get('hf_hub_id', architecture)}"
+    hub_id = getattr(model, "pretrained_cfg", None) or {}
+    return model, f"hf-hub:{hub_id.get('hf_hub_id', architecture)}"

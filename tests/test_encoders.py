@@ -164,7 +164,7 @@ def test_offline_cache_and_missing_weights(tmp_path: Path) -> None:
     (cache / "models--facebook--dinov2-small" / "refs" / "main").write_text("0123abc")
     at_518 = tiny_vit_state_dict(seed=4, img_size=518)
     save_file(to_transformers_layout(at_518), str(snapshot / "model.safetensors"))
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         from raptorz.encoders import create_encoder
         from raptorz.errors import RaptorzError
         enc = create_encoder("vit_small_patch14_dinov2.lvd142m", depth=2, embed_dim=64,
