@@ -274,8 +274,9 @@ def _validation(task: FittedTask, truth: np.ndarray, y: np.ndarray, z: np.ndarra
         r2 = score(task, truth, to_output(task, z, scaling))[:, 1]
         return [(float(np.nan_to_num(r, nan=-np.inf)), 0.0) for r in r2]
     auroc = np.nan_to_num(score(task, truth, to_output(task, z, scaling))[:, 0], nan=-np.inf)
-    return [(float(auroc[j]), -_loss(task, z[:, cols], y[:, cols])[0])
-            for j, cols in enumerate(groups)]
+    if task == "classification":  # one target, all outputs
+        return [(float(auroc[0]), -_loss(task, z, y)[0])]
+    return [(float(auroc[j]), -_loss(task, z[:, [j]], y[:, [j]])[0]) for j in range(len(groups))]
 
 
 def _torch_loss(task: FittedTask, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:

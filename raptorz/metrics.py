@@ -9,6 +9,7 @@ metric is given per target and averaged over targets, each with a percentile boo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -112,9 +113,10 @@ def evaluate(task: FittedTask, names: Sequence[str], truth: np.ndarray,
         low, high = np.percentile(samples, [2.5, 97.5]) if len(samples) else (None, None)
         return {"value": _number(value), "low": _number(low), "high": _number(high)}
 
-    with np.errstate(all="ignore"):
-        mean_point = np.nanmean(point, axis=0) if not np.isnan(point).all() else point[0]
-        mean_draws = np.nanmean(draws, axis=1) if resamples else draws[:, 0]
+    with warnings.catch_warnings():  # an all-NaN mean (one class on test) is NaN: expected
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean_point = np.nanmean(point, axis=0)
+        mean_draws = np.nanmean(draws, axis=1)
     targets = list(names) if task != "classification" else list(names[:1])
     return {
         "targets": {name: {m: summary(point[j, i], draws[:, j, i]) for i, m in enumerate(metrics)}
@@ -180,7 +182,8 @@ def plot(task: FittedTask, names: Sequence[str], classes: Sequence[str], truth: 
         ax.plot([0, 1], [0, 1], "k--", lw=1)
         ax.set(xlabel="false positive rate", ylabel="true positive rate",
                title=names[0] if task == "classification" else names[j])
-        ax.legend(loc="lower right", fontsize="small")
+        if ax.get_legend_handles_labels()[0]:  # none where test has a single class
+            ax.legend(loc="lower right", fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
