@@ -189,8 +189,8 @@ def _open(source: Source, options: ReadOptions) -> tuple[_Image, tuple[int, int,
     except InputError:
         raise
     except Exception as error:  # every library raises its own types for a bad file
-        raise InputError(source.path, f"cannot be read as {source.kind} "
-                         f"({type(error).__name__}: {error})") from None
+        raise InputError(source.path, f"cannot be read as {source.kind}: corrupt, truncated "
+                         f"or another format ({type(error).__name__}: {error})") from None
     shape = image.shape
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
