@@ -4,8 +4,10 @@ from importlib.metadata import PackageNotFoundError, version
 
 from raptorz.encoders import DEFAULT_ENCODER, Encoder, create_encoder
 from raptorz.errors import InputError, RaptorzError, RaptorzWarning
+from raptorz.intensity import Intensity, parse_intensity
 from raptorz.kernel import PLANE_NAMES, BlockEmbedding, KernelSettings, embed_block, embed_volume
 from raptorz.projection import Projector, create_projector, load_projector, make_projector
+from raptorz.volumes import ConvertSummary, convert, open_volumes, store_info
 
 try:
     __version__ = version("raptorz")
@@ -25,6 +27,12 @@ __all__ = [
     "embed_volume",
     "load_projector",
     "make_projector",
+    "ConvertSummary",
+    "Intensity",
+    "convert",
+    "open_volumes",
+    "parse_intensity",
+    "store_info",
     "InputError",
     "RaptorzError",
     "RaptorzWarning",

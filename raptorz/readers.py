@@ -140,6 +140,7 @@ def _open_zip(source: Source, options: ReadOptions) -> _Image:
         header, load=lambda: _member_image(source, options, with_data=True).load())
 
 
+@functools.lru_cache(maxsize=64)
 def npz_images(path: str, entry: str) -> tuple[int, ...]:
     """The shape of array ``entry`` of an ``.npz`` file, read from its header only."""
     with zipfile.ZipFile(path) as archive, archive.open(f"{entry}.npy") as stream:
