@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
 from scipy import ndimage
 
-from raptorz.errors import InputError
+from raptorz.errors import InputError, RaptorzError
+from raptorz.readers import ReadOptions, Source, probe_shape
 
 Fit = Literal["resample", "pad"]
 
@@ -44,3 +47,23 @@ def fit_shape(
         target_index.append(slice(b, b + keep))
     out[tuple(target_index)] = data[tuple(source_index)]
     return out, spacing
+
+
+def native_shape(sources: Sequence[Source], read: ReadOptions) -> tuple[int, int, int]:
+    """The one shape all readable sources share; refuse where they disagree."""
+    shapes: dict[tuple[int, int, int], list[str]] = defaultdict(list)
+    problems = []
+    for source in sources:
+        try:
+            shapes[probe_shape(source, read)].append(source.id)
+        except InputError as error:  # the task records it as this volume's failure
+            problems.append(str(error))
+    if len(shapes) > 1:
+        listing = "; ".join(f"{shape}: {', '.join(ids[:3])}{' ...' * (len(ids) > 3)}"
+                            for shape, ids in shapes.items())
+        raise RaptorzError(f"the volumes have {len(shapes)} shapes ({listing}); a store "
+                           "holds one shape: pass --shape X,Y,Z (and --fit resample|pad)")
+    if not shapes:
+        raise RaptorzError(f"none of the {len(sources)} volumes can be read: "
+                           + "; ".join(problems[:3]))
+    return next(iter(shapes))

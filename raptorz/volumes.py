@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final, Literal
@@ -25,9 +24,9 @@ from zarr.codecs import BloscCodec, BloscShuffle
 
 from raptorz import _store
 from raptorz._info import store_info
-from raptorz._shape import Fit, fit_shape
+from raptorz._shape import Fit, fit_shape, native_shape
 from raptorz._sources import resolve_sources, write_labels
-from raptorz.errors import InputError, RaptorzError, RaptorzWarning
+from raptorz.errors import InputError, RaptorzWarning
 from raptorz.intensity import Intensity, parse_intensity, scale_intensity
 from raptorz.readers import (
     DEFAULT_MEMBER,
@@ -35,7 +34,6 @@ from raptorz.readers import (
     ReadOptions,
     Source,
     SourceKind,
-    probe_shape,
     read_volume,
 )
 
@@ -49,6 +47,8 @@ DEFAULT_INTENSITY: Final[dict[SourceKind, str]] = {
     "zip": "range:0,1280", "npz": "divide:256",
 }
 AXES: Final = ("x", "y", "z")
+#: Fewest voxel bytes to write for which ``workers=None`` starts a local cluster.
+CLUSTER_BYTES: Final = 2 * 2**30
 
 __all__ = ["ConvertSummary", "convert", "open_volumes", "store_info"]
 
@@ -109,6 +109,11 @@ class ConvertSummary:
         return self.failed == 0
 
 
+def item_bytes(settings: _Settings) -> int:
+    """Uncompressed bytes of one stored volume."""
+    return int(np.prod(settings.shape)) * np.dtype(settings.dtype).itemsize
+
+
 def _convert_chunk(path: str, region: slice, sources: Sequence[Source],
                    settings: _Settings) -> ChunkResult:
     """Read, scale and shape one chunk's volumes and write the whole chunk."""
@@ -140,26 +145,6 @@ def _convert_chunk(path: str, region: slice, sources: Sequence[Source],
     }
     _store.write_chunk(path, data, region, np.asarray(status), errors)
     return ChunkResult([s.id for s in sources], status, errors, notes)
-
-
-def _native_shape(sources: Sequence[Source], read: ReadOptions) -> tuple[int, int, int]:
-    """The one shape all readable sources share; refuse where they disagree."""
-    shapes: dict[tuple[int, int, int], list[str]] = defaultdict(list)
-    problems = []
-    for source in sources:
-        try:
-            shapes[probe_shape(source, read)].append(source.id)
-        except InputError as error:  # the task records it as this volume's failure
-            problems.append(str(error))
-    if len(shapes) > 1:
-        listing = "; ".join(f"{shape}: {', '.join(ids[:3])}{' ...' * (len(ids) > 3)}"
-                            for shape, ids in shapes.items())
-        raise RaptorzError(f"the volumes have {len(shapes)} shapes ({listing}); a store "
-                           "holds one shape: pass --shape X,Y,Z (and --fit resample|pad)")
-    if not shapes:
-        raise RaptorzError(f"none of the {len(sources)} volumes can be read: "
-                           + "; ".join(problems[:3]))
-    return next(iter(shapes))
 
 
 def _template(sources: Sequence[Source], settings: _Settings, chunk: int) -> xr.Dataset:
@@ -255,8 +240,9 @@ def convert(
     chunk
         Volumes per chunk (default: as many as fit in 64 MB, at least one).
     workers
-        Processes of the local Dask cluster (default: the CPU count, at most one per
-        chunk); with 1, or one chunk to do, the work runs in this process.
+        Processes of the local Dask cluster (default: one per CPU, at most one per
+        chunk, where over 2 GiB of voxels are to be written); with 1, with one chunk to
+        do, or by default for smaller conversions, the work runs in this process.
     labels_out
         Where MedMNIST labels go (default: ``output`` with ``.zarr`` replaced by
         ``.labels.csv``).
@@ -284,10 +270,9 @@ def convert(
                              fit if shape else recorded_fit, dtype)
         chunk = _check_rerun(output, selected, settings)
     else:
-        target = shape or _native_shape(selected, read)
+        target = shape or native_shape(selected, read)
         settings = _Settings(read, scaling, target, fit if shape else None, dtype)
-        item_bytes = int(np.prod(target)) * np.dtype(dtype).itemsize
-        chunk = chunk or max(1, min(len(selected), CHUNK_BYTES // item_bytes))
+        chunk = chunk or max(1, min(len(selected), CHUNK_BYTES // item_bytes(settings)))
         _store.create_store(output, _template(selected, settings, chunk), KIND)
     labels = write_labels(selected, labels_out or output.with_name(
         output.name.removesuffix(".zarr") + ".labels.csv"))
@@ -301,7 +286,11 @@ def convert(
         if progress:
             progress(len(result.ids))
 
-    count = workers or min(os.cpu_count() or 1, len(tasks))
+    # Starting worker processes costs seconds each (imports): by default only worth it
+    # for large conversions.
+    todo_bytes = sum(r.stop - r.start for r in todo) * item_bytes(settings)
+    count = workers or (min(os.cpu_count() or 1, len(tasks)) if todo_bytes >= CLUSTER_BYTES
+                        else 1)
     if count <= 1 or len(tasks) <= 1:
         for task in tasks:
             done(_convert_chunk(*task))
