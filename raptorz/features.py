@@ -62,6 +62,16 @@ def feature_variable(ds: xr.Dataset, store: str | Path, name: str | None) -> xr.
     return ds[name]
 
 
+def open_variable(ds: xr.Dataset, store: str | Path, name: str | None) -> xr.DataArray:
+    """The chosen feature variable (:func:`feature_variable`), opened lazily without dask.
+
+    Batches of rows are then read straight from Zarr: with one volume per chunk, building
+    a dask graph for every batch costs about four times the read itself.
+    """
+    chosen = feature_variable(ds, store, name)
+    return xr.open_zarr(store, consolidated=False, chunks=None)[chosen.name]
+
+
 def memory_budget(size: str | int | None) -> int:
     """The memory budget in bytes: ``size`` ("4GB", "512MiB", bytes), by default half of
     the memory available now."""

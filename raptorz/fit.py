@@ -33,7 +33,7 @@ import pandas as pd
 
 from raptorz import _store
 from raptorz.embeddings import open_embeddings
-from raptorz.features import Features, feature_variable, memory_budget, statistics
+from raptorz.features import Features, memory_budget, open_variable, statistics
 from raptorz.heads import HeadSettings, Scaling, fit_head
 from raptorz.labels import (
     SPLITS,
@@ -126,7 +126,7 @@ def fit(store: str | Path, labels: str | Path, output: str | Path,
     """
     settings = settings or FitSettings()
     ds = open_embeddings(store)
-    variable = feature_variable(ds, store, settings.projector)
+    variable = open_variable(ds, store, settings.projector)
     table_ = read_labels(labels, settings.targets or None)
     kept, positions = match_embeddings(table_, store_ids(ds),
                                        _store.read_status(store), store, strict=settings.strict)

@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 from raptorz import _store
 from raptorz.embeddings import open_embeddings
 from raptorz.errors import InputError
-from raptorz.features import Features, feature_variable, memory_budget
+from raptorz.features import Features, memory_budget, open_variable
 from raptorz.heads import (
     Head,
     HeadSettings,
@@ -145,7 +145,7 @@ def predict(store: str | Path, model: str | Path | FittedModel, *,
     """
     fitted = model if isinstance(model, FittedModel) else load_model(model)
     ds = open_embeddings(store)
-    variable = feature_variable(ds, store, fitted.feature)
+    variable = open_variable(ds, store, fitted.feature)
     positions = _usable_positions(ds, store, ids)
     features = Features.open(variable, positions, memory_budget(memory_budget_size))
     if features.n_features != fitted.n_features:
