@@ -276,3 +276,15 @@ def test_skull_stripped_brain_has_105_constant_slices(shared_data: Path, encoder
     off = embed_volume(volume, encoder, projectors, KernelSettings(batch_size=64, dedup=False))
     assert (on.slices, on.constant_slices) == (582, 105)
     assert_close(on.projections["small"], off.projections["small"])
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_kernel_matches_cpu(tiny_vit_weights: tuple[str, Path], encoder: Encoder,
+                                 odd_volume: np.ndarray, projectors: list[Projector]) -> None:
+    name, path = tiny_vit_weights
+    for precision, tolerance in (("fp32", 1e-3), ("bf16", 0.05)):
+        cuda = create_encoder(name, weights=path, device="cuda", precision=precision)
+        on_gpu = embed_volume(odd_volume, cuda, projectors).projections["small"]
+        on_cpu = embed_volume(odd_volume, encoder, projectors).projections["small"]
+        assert np.linalg.norm(on_gpu - on_cpu) / np.linalg.norm(on_cpu) < tolerance
