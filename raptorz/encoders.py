@@ -288,7 +288,8 @@ def _find_cached(name: str, architecture: str) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
     repo = TRANSFORMERS_REPOS.get(architecture.split(".")[0])
-    if repo is None or name in SMALL_ENCODERS or "." in name and not name.endswith(".lvd142m"):
+    # only the plain DINOv2 weights (tag lvd142m) have a transformers copy
+    if repo is None or name in SMALL_ENCODERS or ("." in name and not name.endswith(".lvd142m")):
         return None
     if _timm_cached(architecture):
         return None  # timm's own copy wins; timm loads it offline by itself

@@ -25,9 +25,9 @@ from raptorz.preprocessing import (
     PreprocessMode,
     ResizeMode,
     canvas_size,
+    iter_slices,
     prepare_images,
     slice_indices,
-    take_slices,
 )
 from raptorz.projection import Projector, check_projectors
 
@@ -191,10 +191,15 @@ def pool_tokens(volumes: np.ndarray, encoder: Encoder,
     constants: dict[tuple[float, tuple[int, ...]], tuple[np.ndarray, np.ndarray]] = {}
     canvas = canvas_size(volumes.shape[1:], settings.resize)
 
-    def encode_into(batch: list[np.ndarray], weights: torch.Tensor) -> None:
-        """Add ``weights.T @ tokens`` of a batch of slices to the sums."""
+    def encode_into(batch: list[np.ndarray], rows: list[int], owners: list[int],
+                    weights: list[float] | None = None) -> None:
+        """Add the tokens of ``batch[rows]`` (times ``weights``) to the sums of ``owners``."""
         tokens = encoder.encode(_images(batch, encoder, settings, canvas)).double()
-        sums.add_(torch.einsum("ng,ntd->gtd", weights.to(sums.device), tokens))
+        picked = tokens[torch.as_tensor(rows, device=tokens.device)]
+        if weights is not None:
+            picked *= torch.as_tensor(weights, dtype=torch.float64,
+                                      device=tokens.device)[:, None, None]
+        sums.index_add_(0, torch.as_tensor(owners, device=sums.device), picked)
 
     batch: list[np.ndarray] = []
     owners: list[int] = []
@@ -209,15 +214,18 @@ def pool_tokens(volumes: np.ndarray, encoder: Encoder,
         batch.append(image)
         owners.append(group)
         if len(batch) == settings.batch_size:
-            encode_into(batch, _one_hot(owners, groups))
+            encode_into(batch, list(range(len(batch))), owners)
             batch, owners = [], []
     if batch:
-        encode_into(batch, _one_hot(owners, groups))
+        encode_into(batch, list(range(len(batch))), owners)
     reps = list(constants.values())
     for start in range(0, len(reps), settings.batch_size):
         chunk = reps[start:start + settings.batch_size]
-        counts = torch.from_numpy(np.stack([c for _, c in chunk])).to(torch.float64)
-        encode_into([image for image, _ in chunk], counts)
+        # each representative is encoded once and added to every group with its count
+        uses = [(row, int(g), float(counts[g])) for row, (_, counts) in enumerate(chunk)
+                for g in np.flatnonzero(counts)]
+        encode_into([image for image, _ in chunk], [u[0] for u in uses],
+                    [u[1] for u in uses], [u[2] for u in uses])
     means = sums.cpu().numpy() / slices_per_group[:, None, None]
     n_constant = int(sum(int(c.sum()) for _, c in reps))
     return (means.reshape(count, len(planes), *means.shape[1:]),
@@ -229,15 +237,8 @@ def _stream(volumes: np.ndarray, settings: KernelSettings) -> Iterator[tuple[int
     for b, volume in enumerate(volumes):
         for position, axis in enumerate(settings.planes):
             indices = slice_indices(volume.shape[axis], settings.subsample)
-            for image in take_slices(volume, axis, indices):
+            for image in iter_slices(volume, axis, indices):
                 yield b * len(settings.planes) + position, image
-
-
-def _one_hot(owners: list[int], groups: int) -> torch.Tensor:
-    """``(n, groups)`` float64 indicator of which group each slice belongs to."""
-    weights = torch.zeros(len(owners), groups, dtype=torch.float64)
-    weights[torch.arange(len(owners)), torch.as_tensor(owners)] = 1.0
-    return weights
 
 
 def _images(batch: list[np.ndarray], encoder: Encoder, settings: KernelSettings,

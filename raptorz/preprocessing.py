@@ -18,6 +18,7 @@ padded to one square, the volume's largest side, so all planes share one scale).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
@@ -49,9 +50,12 @@ def slice_indices(length: int, subsample: int = 1) -> np.ndarray:
     return np.arange(start, length, subsample)
 
 
-def take_slices(volume: np.ndarray, axis: int, indices: np.ndarray) -> np.ndarray:
-    """Slices ``volume[i, :, :]`` (axis 0), ``[:, i, :]`` (1) or ``[:, :, i]`` (2) stacked."""
-    return np.moveaxis(volume, axis, 0)[indices]
+def iter_slices(volume: np.ndarray, axis: int,
+                indices: np.ndarray) -> Iterator[np.ndarray]:
+    """Views ``volume[i, :, :]`` (axis 0), ``[:, i, :]`` (1) or ``[:, :, i]`` (2), no copies."""
+    moved = np.moveaxis(volume, axis, 0)
+    for index in indices:
+        yield moved[index]
 
 
 def canvas_size(shape: tuple[int, ...], resize: ResizeMode) -> int | None:

@@ -10,9 +10,9 @@ from raptorz.preprocessing import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     canvas_size,
+    iter_slices,
     prepare_images,
     slice_indices,
-    take_slices,
 )
 
 
@@ -65,11 +65,13 @@ def test_slice_indices_are_centered_and_equidistant() -> None:
         slice_indices(4, 0)
 
 
-def test_take_slices_follows_the_axes(rng: np.random.Generator) -> None:
+def test_iter_slices_follows_the_axes_without_copies(rng: np.random.Generator) -> None:
     volume = rng.random((4, 5, 6))
-    assert np.array_equal(take_slices(volume, 0, np.array([2])), volume[2:3])
-    assert np.array_equal(take_slices(volume, 1, np.array([3]))[0], volume[:, 3, :])
-    assert np.array_equal(take_slices(volume, 2, np.array([1, 5]))[1], volume[:, :, 5])
+    assert np.array_equal(next(iter_slices(volume, 0, np.array([2]))), volume[2])
+    assert np.array_equal(next(iter_slices(volume, 1, np.array([3]))), volume[:, 3, :])
+    slices = list(iter_slices(volume, 2, np.array([1, 5])))
+    assert np.array_equal(slices[1], volume[:, :, 5])
+    assert all(np.shares_memory(s, volume) for s in slices)
     assert canvas_size((4, 5, 6), "pad_shared") == 6 and canvas_size((4, 5, 6), "pad") is None
 
 
