@@ -65,13 +65,18 @@ def run(args: argparse.Namespace) -> int:
     if not args.sources and args.manifest is None:
         raise RaptorzError("give at least one SOURCE or --manifest")
     with tqdm(desc="convert", unit="vol", disable=None) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done)
+
         summary = convert(
             args.sources, args.output, folder=args.folder, manifest=args.manifest,
             start=args.start, many=args.many, member=args.member,
             max_member_bytes=args.max_member_mb * 2**20, intensity=args.intensity,
             orientation=args.orientation, shape=args.shape, fit=args.fit, dtype=args.dtype,
             chunk=args.chunk, workers=args.workers, labels_out=args.labels_out,
-            progress=bar.update,
+            progress=progress,
         )
     for error in summary.failures.values():
         print(f"failed: {error}", file=sys.stderr)

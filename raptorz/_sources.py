@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import os
 import zipfile
 from collections import defaultdict
 from collections.abc import Sequence
@@ -52,7 +53,10 @@ def _expand(path: Path) -> list[Source]:
     if suffix == ".npz" and path.is_file():
         return _npz_sources(path)
     if path.is_dir():
-        inside = sorted(p for p in path.iterdir() if _suffix(p) and not p.name.startswith("."))
+        entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+        inside = [p for p in entries if _suffix(p)]
+        if not inside and not any(p.is_file() for p in entries):  # a folder of series
+            inside = [p for p in entries if p.is_dir()]
         if inside:
             return [source for p in inside for source in _expand(p)]
         return [Source(path.name, str(path), "dicom")]
@@ -121,7 +125,8 @@ def resolve_sources(
         ``folder``, or two volumes with the same id.
     """
     resolved: list[Source] = []
-    for text in map(str, sources):
+    # Absolute paths: the store records them, and a rerun from elsewhere compares equal.
+    for text in (os.path.abspath(source) for source in sources):
         if not Path(text).exists() and _GLOB_CHARS & set(text):
             matches = sorted(glob.glob(text))
             if not matches:
@@ -131,7 +136,8 @@ def resolve_sources(
             resolved += _expand(Path(text))
     if manifest is not None:
         manifest = Path(manifest)
-        resolved += _from_manifest(manifest, Path(folder) if folder else manifest.parent)
+        root = Path(os.path.abspath(folder if folder else manifest.parent))
+        resolved += _from_manifest(manifest, root)
     if start < 0 or (many is not None and many < 1):
         raise RaptorzError(f"--start must be >= 0 and --many >= 1 (got {start}, {many})")
     selected = resolved[start: None if many is None else start + many]

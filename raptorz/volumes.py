@@ -216,7 +216,7 @@ def convert(
     chunk: int | None = None,
     workers: int | None = None,
     labels_out: str | Path | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ConvertSummary:
     """Convert volumes into the store ``output``, or resume an unfinished conversion.
 
@@ -247,7 +247,9 @@ def convert(
         Where MedMNIST labels go (default: ``output`` with ``.zarr`` replaced by
         ``.labels.csv``).
     progress
-        Called with the number of volumes each finished chunk held.
+        Called as ``progress(done, total)`` once at the start with ``done=0``, then
+        after each chunk with the number of volumes it held; ``total`` is the number
+        of volumes this run converts.
 
     Returns
     -------
@@ -281,14 +283,19 @@ def convert(
     tasks = [(str(output), region, selected[region], settings) for region in todo]
     results: list[ChunkResult] = []
 
+    total = sum(r.stop - r.start for r in todo)
+
     def done(result: ChunkResult) -> None:
         results.append(result)
         if progress:
-            progress(len(result.ids))
+            progress(len(result.ids), total)
+
+    if progress:
+        progress(0, total)
 
     # Starting worker processes costs seconds each (imports): by default only worth it
     # for large conversions.
-    todo_bytes = sum(r.stop - r.start for r in todo) * item_bytes(settings)
+    todo_bytes = total * item_bytes(settings)
     count = workers or (min(os.cpu_count() or 1, len(tasks)) if todo_bytes >= CLUSTER_BYTES
                         else 1)
     if count <= 1 or len(tasks) <= 1:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from volume_files import volume, write_nifti, write_npz
+from volume_files import volume, write_dicom_series, write_nifti, write_npz
 
 from raptorz._sources import resolve_sources, write_labels
 from raptorz.errors import InputError, RaptorzError
@@ -79,3 +79,17 @@ def test_npz_manifest_and_labels_csv(tmp_path: Path) -> None:
     assert write_labels(resolve_sources([write_nifti(tmp_path / "x.nii", volume())]),
                         tmp_path / "none.csv") is None
     assert not np.any([p.name == "none.csv" for p in tmp_path.iterdir()])
+
+
+def test_relative_paths_become_absolute(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(folder)
+    assert [s.path for s in resolve_sources(["a.nii.gz", "./b.nii"])] == [
+        str(folder / "a.nii.gz"), str(folder / "b.nii")]
+
+
+def test_folder_of_dicom_series(tmp_path: Path) -> None:
+    data = volume((4, 4, 3)).astype(np.float32)
+    write_dicom_series(tmp_path / "dicom" / "s1", data)
+    write_dicom_series(tmp_path / "dicom" / "s2", data)
+    chosen = resolve_sources([tmp_path / "dicom"])
+    assert [(s.id, s.kind) for s in chosen] == [("s1", "dicom"), ("s2", "dicom")]

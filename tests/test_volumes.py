@@ -45,8 +45,11 @@ def niftis(tmp_path: Path) -> dict[str, np.ndarray]:
 
 def test_store_layout_values_and_provenance(tmp_path: Path, niftis: dict) -> None:
     store = tmp_path / "volumes.zarr"
-    summary = convert([tmp_path / "in"], store, intensity="range:0,200", chunk=2, workers=1)
+    calls: list[tuple[int, int]] = []
+    summary = convert([tmp_path / "in"], store, intensity="range:0,200", chunk=2, workers=1,
+                      progress=lambda done, total: calls.append((done, total)))
     assert (summary.converted, summary.failed, summary.skipped) == (5, 0, 0)
+    assert calls == [(0, 5), (2, 5), (2, 5), (1, 5)]
     ds = open_volumes(store)
     assert ds.volume.dims == ("id", "x", "y", "z")
     assert ds.volume.shape == (5, 5, 6, 7) and ds.volume.dtype == np.float16
