@@ -187,7 +187,7 @@ def pool_tokens(volumes: np.ndarray, encoder: Encoder,
     sums = torch.zeros(groups, encoder.num_tokens, encoder.embed_dim, dtype=torch.float64,
                        device=encoder.device)
     slices_per_group = np.zeros(groups, dtype=np.int64)
-    # (value, shape) -> index of its representative slice, and its count per group
+    # (value, shape) -> a representative slice (a view), and its count in each group
     constants: dict[tuple[float, tuple[int, ...]], tuple[np.ndarray, np.ndarray]] = {}
     canvas = canvas_size(volumes.shape[1:], settings.resize)
 

@@ -154,6 +154,13 @@ def test_small_encoder_without_weights_is_refused() -> None:
         create_encoder(TINY_ENCODER)
 
 
+def test_unknown_encoder_names_are_refused(tiny_vit_weights: tuple[str, Path]) -> None:
+    with pytest.raises(RaptorzError, match="not a timm model name"):
+        create_encoder("no_such_vit")
+    with pytest.raises(RaptorzError, match="no_such_vit"):
+        create_encoder("no_such_vit", weights=tiny_vit_weights[1])
+
+
 @pytest.mark.slow
 def test_offline_cache_and_missing_weights(tmp_path: Path) -> None:
     """Offline: a transformers copy in the HF cache is found; without it, a helpful error."""
