@@ -296,9 +296,9 @@ def convert(
     # Starting worker processes costs seconds each (imports): by default only worth it
     # for large conversions.
     todo_bytes = total * item_bytes(settings)
-    count = workers or (min(os.cpu_count() or 1, len(tasks)) if todo_bytes >= CLUSTER_BYTES
-                        else 1)
-    if count <= 1 or len(tasks) <= 1:
+    default = (os.cpu_count() or 1) if todo_bytes >= CLUSTER_BYTES else 1
+    count = min(workers or default, len(tasks))
+    if count <= 1:
         for task in tasks:
             done(_convert_chunk(*task))
     else:
