@@ -13,6 +13,7 @@ from volume_files import (
     to_ras,
     volume,
     write_dicom_series,
+    write_multiframe,
     write_nifti,
     write_npz,
     write_ukb_zip,
@@ -147,6 +148,20 @@ def test_dicom_folder_mixing_series_is_refused(tmp_path: Path) -> None:
     write_dicom_series(tmp_path / "mixed", data, names="b")
     with pytest.raises(InputError, match="mixed: mixes 2 DICOM series"):
         read_volume(Source("mixed", str(tmp_path / "mixed"), "dicom"), RAS)
+
+
+def test_multiframe_dicom_with_functional_groups(tmp_path: Path) -> None:
+    data = volume((5, 4, 6), seed=2).astype(np.float32) * 0.5 + 3
+    (source,) = resolve_sources([write_multiframe(tmp_path / "mf.dcm", data)])
+    assert (source.id, source.kind) == ("mf", "dicom")
+    native = read_volume(source, NATIVE)
+    # frames are stacked along the normal, row x column = patient right (LPS -x): the
+    # frame at the largest x (most left) comes first
+    np.testing.assert_array_equal(native.data, data[:, :, ::-1])
+    np.testing.assert_allclose(native.spacing, (0.9, 0.7, 1.5))
+    # axis 0 runs posterior, axis 1 inferior, axis 2 right: RAS is (2, 0 flipped, 1 flipped)
+    np.testing.assert_array_equal(read_volume(source, RAS).data,
+                                  np.transpose(data, (2, 0, 1))[::-1, ::-1, ::-1])
 
 
 @pytest.mark.requires_data

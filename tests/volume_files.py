@@ -115,3 +115,44 @@ def zip_bomb(path: Path, size: int) -> Path:
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("T1/T1_brain.nii.gz", buffer.getvalue())
     return path
+
+
+def write_multiframe(path: Path, data: np.ndarray, *, step: float = 1.5, seed: int = 0) -> Path:
+    """An enhanced multi-frame DICOM of ``data`` (columns, rows, frames), frames shuffled.
+
+    Geometry and rescaling live in the functional groups: orientation, pixel spacing
+    (0.7 x 0.9 mm) and rescale (slope 0.5, intercept 3) shared, positions per frame
+    along a sagittal normal (patient x).
+    """
+    order = np.random.default_rng(seed).permutation(data.shape[2])
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.SeriesInstanceUID, ds.Modality = generate_uid(), "MR"
+    ds.NumberOfFrames, ds.Rows, ds.Columns = data.shape[2], data.shape[1], data.shape[0]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    orientation, measures, transform = Dataset(), Dataset(), Dataset()
+    orientation.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    measures.PixelSpacing, measures.SliceThickness = [0.7, 0.9], step
+    transform.RescaleSlope, transform.RescaleIntercept, transform.RescaleType = 0.5, 3, "US"
+    shared = Dataset()
+    shared.PlaneOrientationSequence = [orientation]
+    shared.PixelMeasuresSequence = [measures]
+    shared.PixelValueTransformationSequence = [transform]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames = []
+    for k in order:
+        position, frame = Dataset(), Dataset()
+        position.ImagePositionPatient = [float(k) * step, -50.0, 60.0]
+        frame.PlanePositionSequence = [position]
+        frames.append(frame)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    stored = np.round((data - 3) / 0.5).astype(np.uint16)
+    ds.PixelData = np.ascontiguousarray(np.stack([stored[:, :, k].T for k in order])).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
