@@ -1,0 +1,294 @@
+"""The ``embeddings.zarr`` store: Raptor embeddings labelled by id, plane, k and token.
+
+Layout (an xarray Dataset in a Zarr v3 group written through :mod:`raptorz._store`):
+
+``<projector>(id, plane, k_<projector>, token)`` float32
+    One variable per projector, named after it. Projectors may differ in ``K``, so each
+    has its own ``k_<projector>`` dimension.
+``matrix_<projector>(dim, k_<projector>)`` float64
+    The projection matrix itself, so the store says exactly how it was projected and
+    workers read the matrices from the store rather than through the task graph.
+``tokens(id, plane, token, dim)`` float32, only with ``keep_tokens``
+    The pooled, unprojected tokens: enough for new projections without the encoder
+    (:func:`add_projections`).
+``avgpool(id, dim)`` float32
+    The original's "avgpool" baseline: the tokens' mean over slices, tokens and planes.
+``status(id)``, ``error(id)``
+    Per volume: pending / ok / failed and the error text.
+
+Coordinates: ``id`` (the volume ids of ``volumes.zarr``), ``plane`` (``A``, ``C``, ``S``
+of the chosen planes), ``token`` (index) with ``token_kind(token)`` = ``cls``,
+``register`` or ``patch``. Attributes: ``projectors`` (name -> seed, dim, k, checksum),
+``encoder``, ``settings``, ``source`` (the volumes store's path and attributes),
+``identity`` (what a rerun must match), versions and time.
+
+The id-chunk is one volume (an embedding is ~300 KB at K = 100), so that any split of
+the ids (``--start`` / ``--many``) gives writers disjoint chunks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+
+from raptorz import _store
+from raptorz.errors import InputError
+from raptorz.projection import Projector
+
+KIND: Final = "embeddings"
+#: Volumes per id-chunk: one, so any split of the ids gives disjoint chunks to writers.
+ID_CHUNK: Final = 1
+MATRIX_PREFIX: Final = "matrix_"
+RESERVED: Final = frozenset({"tokens", "avgpool", "status", "error", "id", "plane", "token",
+                             "token_kind", "dim"})
+
+
+def k_dim(name: str) -> str:
+    """The name of projector ``name``'s ``k`` dimension."""
+    return f"k_{name}"
+
+
+def token_kinds(num_tokens: int, num_prefix_tokens: int, *, keep_prefix: bool) -> np.ndarray:
+    """``cls`` / ``register`` / ``patch`` per stored token (prefix tokens first)."""
+    prefix = ["cls"] + ["register"] * (num_prefix_tokens - 1) if num_prefix_tokens else []
+    kinds = [*prefix, *["patch"] * (num_tokens - num_prefix_tokens)]
+    return _store.as_strings(kinds if keep_prefix else kinds[num_prefix_tokens:])
+
+
+def embeddings_template(
+    ids: Sequence[str],
+    *,
+    plane_names: Sequence[str],
+    projectors: Sequence[Projector],
+    token_kind: np.ndarray,
+    embed_dim: int,
+    keep_tokens: bool,
+    attrs: Mapping[str, Any],
+) -> xr.Dataset:
+    """The lazy template of an embeddings store (nothing computed)."""
+    n, p, t = len(ids), len(plane_names), len(token_kind)
+    for projector in projectors:
+        if projector.name in RESERVED or projector.name.startswith(MATRIX_PREFIX):
+            raise InputError(projector.name, "this projector name is reserved in the store; "
+                             "rename the projector file")
+    variables: dict[str, xr.DataArray] = {}
+    for projector in projectors:
+        variables[projector.name] = _lazy((n, p, projector.k, t),
+                                          ("id", "plane", k_dim(projector.name), "token"))
+        variables[MATRIX_PREFIX + projector.name] = xr.DataArray(
+            projector.matrix, dims=("dim", k_dim(projector.name)))
+    if keep_tokens:
+        variables["tokens"] = _lazy((n, p, t, embed_dim), ("id", "plane", "token", "dim"))
+    variables["avgpool"] = _lazy((n, embed_dim), ("id", "dim"))
+    variables.update(_store.status_variables(n, ID_CHUNK))
+    coords = {
+        "id": _store.as_strings(ids),
+        "plane": _store.as_strings(plane_names),
+        "token": np.arange(t),
+        "token_kind": ("token", token_kind),
+    }
+    return xr.Dataset(variables, coords=coords, attrs=_store.json_attr(dict(attrs)))
+
+
+def _lazy(shape: tuple[int, ...], dims: tuple[str, ...]) -> xr.DataArray:
+    chunks = (ID_CHUNK, *shape[1:])
+    return xr.DataArray(da.zeros(shape, chunks=chunks, dtype=np.float32), dims=dims)
+
+
+def create_embeddings(path: str | Path, template: xr.Dataset) -> bool:
+    """Create the store at ``path`` from ``template``, or check the one already there.
+
+    Creation is race-safe for processes that start at once: each writes its template
+    beside ``path`` and renames it into place (atomic on a POSIX file system); a loser
+    discards its copy and checks the winner's store like any existing one.
+
+    Returns
+    -------
+    bool
+        Whether this call created the store.
+
+    Raises
+    ------
+    InputError
+        Where an existing store was made for other ids, source, encoder, settings or
+        projectors (:func:`check_identity`).
+    """
+    path = Path(path)
+    if _store.store_kind(path) is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        _store.create_store(scratch, template, KIND)
+        try:
+            if path.exists() and not any(path.iterdir()):
+                path.rmdir()  # an empty folder is no store: take its place
+            os.rename(scratch, path)
+            return True
+        except OSError:  # another process renamed its template first
+            shutil.rmtree(scratch, ignore_errors=True)
+    check_identity(path, template["id"].values, template.attrs["identity"],
+                   list(template.attrs["projectors"].values()))
+    return False
+
+
+def check_identity(path: str | Path, ids: Sequence[str] | np.ndarray,
+                   identity: Mapping[str, Any], projectors: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse an existing store made for other ids, settings or projectors.
+
+    Parameters
+    ----------
+    path
+        The existing embeddings store.
+    ids
+        The volume ids of the source store.
+    identity
+        Entries that must equal those of the store's ``identity`` attribute (only the
+        keys given are compared, so a check can run before the encoder is known).
+    projectors
+        Provenance of the projectors asked for: each must be in the store, the same.
+    """
+    existing = open_embeddings(path)
+    if list(existing["id"].values.tolist()) != [str(i) for i in ids]:
+        raise InputError(path, "was made for other volume ids than this volumes store; "
+                         "write to a new output")
+    theirs = _store.json_attr(existing.attrs.get("identity", {}))
+    mine = _store.json_attr(dict(identity))
+    differ = sorted(key for key in mine if mine[key] != theirs.get(key))
+    if differ:
+        details = "; ".join(f"{key}: store {theirs.get(key)!r}, now {mine[key]!r}"
+                            for key in differ)
+        raise InputError(path, f"was made with other settings ({details}); rerun with the "
+                         "same ones or write to a new output")
+    stored = existing.attrs.get("projectors", {})
+    for projector in projectors:
+        name = projector["name"]
+        if name not in stored:
+            raise InputError(path, f"has no projector {name!r}; add it from stored tokens "
+                             "with `raptorz reproject`, or write to a new output")
+        if stored[name]["checksum"] != projector["checksum"]:
+            raise InputError(path, f"holds another projector named {name!r} (checksum "
+                             f"{stored[name]['checksum'][:12]}...); write to a new output")
+
+
+def open_embeddings(path: str | Path) -> xr.Dataset:
+    """Open an embeddings store lazily (safe while a run is still writing it).
+
+    Examples
+    --------
+    >>> ds = open_embeddings("embeddings.zarr")  # doctest: +SKIP
+    >>> ds[projector_names(ds)[0]].sel(plane="A")  # doctest: +SKIP
+    """
+    return _store.open_store(path, KIND)
+
+
+def projector_names(ds: xr.Dataset) -> list[str]:
+    """The names of the projector variables of an embeddings Dataset."""
+    return list(ds.attrs.get("projectors", {}))
+
+
+def stored_projectors(ds: xr.Dataset) -> list[Projector]:
+    """The projectors of an embeddings Dataset, with their matrices read from the store."""
+    info = ds.attrs.get("projectors", {})
+    return [Projector(name, ds[MATRIX_PREFIX + name].values, info[name].get("seed"))
+            for name in info]
+
+
+def export_npy(path: str | Path, directory: str | Path,
+               projectors: Sequence[str] | None = None) -> int:
+    """Write the original tool's layout: ``DIRECTORY/<projector>/<id>.npy``.
+
+    Each file is the volume's ``(plane, k, token)`` embedding as a flat float32 vector in
+    row-major order (index ``((plane * K) + k) * T + t``), as the original saves it.
+    Only volumes whose status is ok are written.
+
+    Returns
+    -------
+    int
+        The number of files written.
+    """
+    ds = open_embeddings(path)
+    names = list(projectors) if projectors is not None else projector_names(ds)
+    for name in names:
+        if name not in projector_names(ds):
+            raise InputError(path, f"has no projector {name!r} (it has "
+                             f"{', '.join(projector_names(ds))})")
+    done = np.flatnonzero(_store.read_status(path) == _store.OK)
+    ids = ds["id"].values.tolist()
+    written = 0
+    for name in names:
+        folder = Path(directory) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in done:
+            vector = np.asarray(ds[name][index].values, dtype=np.float32).reshape(-1)
+            np.save(folder / f"{ids[index]}.npy", vector)
+            written += 1
+    return written
+
+
+def add_projections(path: str | Path, projectors: Sequence[Projector],
+                    *, block: int = 64) -> list[str]:
+    """Project the stored pooled tokens with new ``projectors``, without any encoder.
+
+    Needs a store written with ``keep_tokens``. Each new projector becomes a variable
+    (and its matrix) like those of the embedding run; later ``raptorz embed`` resumes of
+    the same store compute it too. A projector already in the store with the same
+    checksum is skipped.
+
+    Returns
+    -------
+    list of str
+        The names of the projectors added.
+    """
+    from raptorz.kernel import project_tokens
+
+    ds = open_embeddings(path)
+    if "tokens" not in ds:
+        raise InputError(path, "holds no pooled tokens (embed with --keep-tokens to allow "
+                         "new projections without the encoder)")
+    stored = ds.attrs.get("projectors", {})
+    new = [p for p in projectors if p.name not in stored]
+    for projector in projectors:
+        if projector.name in stored and stored[projector.name]["checksum"] != projector.checksum:
+            raise InputError(path, f"already holds another projector named {projector.name!r}")
+        if projector.dim != ds.sizes["dim"]:
+            raise InputError(projector.name, f"has {projector.dim} rows; the stored tokens "
+                             f"have width {ds.sizes['dim']}")
+    if not new:
+        return []
+    template = embeddings_template(
+        list(ds["id"].values), plane_names=list(ds["plane"].values), projectors=new,
+        token_kind=ds["token_kind"].values, embed_dim=ds.sizes["dim"], keep_tokens=False,
+        attrs={})
+    added = template[[name for p in new for name in (p.name, MATRIX_PREFIX + p.name)]]
+    added.drop_vars(["id", "plane", "token", "token_kind"]).to_zarr(
+        path, mode="a", compute=False, consolidated=False)
+    status = _store.read_status(path)
+    done = np.flatnonzero(status == _store.OK)
+    for start in range(0, len(done), block):
+        for run in contiguous_runs(done[start:start + block]):
+            tokens = ds["tokens"][run].values
+            projected = project_tokens(tokens, new)
+            xr.Dataset({name: (("id", "plane", k_dim(name), "token"), value)
+                        for name, value in projected.items()}).to_zarr(
+                path, region={"id": run}, consolidated=False)
+    group = zarr.open_group(path, mode="r+")
+    group.attrs["projectors"] = {**stored, **{p.name: _store.json_attr(p.provenance())
+                                              for p in new}}
+    return [p.name for p in new]
+
+
+def contiguous_runs(indices: np.ndarray) -> list[slice]:
+    """Sorted integer ``indices`` as the fewest contiguous slices."""
+    if len(indices) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    return [slice(int(run[0]), int(run[-1]) + 1) for run in np.split(indices, breaks)]
+
