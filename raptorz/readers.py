@@ -140,12 +140,22 @@ def _open_zip(source: Source, options: ReadOptions) -> _Image:
         header, load=lambda: _member_image(source, options, with_data=True).load())
 
 
-@functools.lru_cache(maxsize=64)
+def _version(path: str) -> tuple[int, int]:
+    """What identifies a file's content in the caches below: its mtime and size."""
+    stat = Path(path).stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
 def npz_images(path: str, entry: str) -> tuple[int, ...]:
     """The shape of array ``entry`` of an ``.npz`` file, read from its header only."""
+    return _npz_shape(path, entry, _version(path))
+
+
+@functools.lru_cache(maxsize=64)
+def _npz_shape(path: str, entry: str, version: tuple[int, int]) -> tuple[int, ...]:
     with zipfile.ZipFile(path) as archive, archive.open(f"{entry}.npy") as stream:
-        version = np.lib.format.read_magic(stream)
-        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+        read_header = (np.lib.format.read_array_header_1_0
+                       if np.lib.format.read_magic(stream) == (1, 0)
                        else np.lib.format.read_array_header_2_0)
         shape, _, dtype = read_header(stream)
     if dtype.hasobject:
@@ -154,7 +164,7 @@ def npz_images(path: str, entry: str) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=2)
-def _npz_array(path: str, entry: str) -> np.ndarray:
+def _npz_array(path: str, entry: str, version: tuple[int, int]) -> np.ndarray:
     # A worker converts many volumes of one array in a row: decompress it once.
     with np.load(path, allow_pickle=False) as archive:
         return np.asarray(archive[entry])
@@ -166,7 +176,8 @@ def _open_npz(source: Source, options: ReadOptions) -> _Image:
                          "arrays " + ", ".join(f"{s}_images" for s in NPZ_SPLITS))
     shape = npz_images(source.path, source.entry)[1:]
     return _Image(shape, np.eye(4),
-                  lambda: _npz_array(source.path, source.entry)[source.index].astype(np.float32))
+                  lambda: _npz_array(source.path, source.entry, _version(source.path))[
+                      source.index].astype(np.float32))
 
 
 def _open_dicom(source: Source, options: ReadOptions) -> _Image:

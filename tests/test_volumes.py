@@ -198,6 +198,11 @@ def test_npz_default_scaling_and_labels(tmp_path: Path) -> None:
     assert list(ds.id.values) == ["train_2", "val_0", "val_1"]
     np.testing.assert_allclose(ds.volume[1].values, arrays["val_images"][0] / 256,
                                atol=F16 / 2)
+    # a file rewritten in place is read afresh, not from this process's cache
+    arrays = write_npz(tmp_path / "m.npz", {"train": 3, "val": 2, "test": 2}, seed=1)
+    convert([tmp_path / "m.npz"], tmp_path / "again.zarr", start=2, many=3, workers=1)
+    np.testing.assert_allclose(open_volumes(tmp_path / "again.zarr").volume[1].values,
+                               arrays["val_images"][0] / 256, atol=F16 / 2)
 
 
 @pytest.mark.slow
