@@ -55,6 +55,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--chunk", type=int, help="volumes per chunk (default: ~64 MB)")
     parser.add_argument("--workers", type=int,
                         help="local Dask worker processes (default: one per CPU)")
+    parser.add_argument("--cluster", metavar="tcp://HOST:PORT",
+                        help="a running Dask scheduler to convert on (instead of --workers)")
     parser.add_argument("--labels-out", type=Path,
                         help="labels CSV of MedMNIST sources (default STORE.labels.csv)")
     parser.set_defaults(func=run)
@@ -75,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
             start=args.start, many=args.many, member=args.member,
             max_member_bytes=args.max_member_mb * 2**20, intensity=args.intensity,
             orientation=args.orientation, shape=args.shape, fit=args.fit, dtype=args.dtype,
-            chunk=args.chunk, workers=args.workers, labels_out=args.labels_out,
+            chunk=args.chunk, workers=args.workers, cluster=args.cluster,
+            labels_out=args.labels_out,
             progress=progress,
         )
     for error in summary.failures.values():

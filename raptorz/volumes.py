@@ -10,82 +10,50 @@ status), so a killed run leaves unfinished volumes pending and a rerun redoes on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
 import dask.array as da
-import numpy as np
 import xarray as xr
+from distributed import Client, as_completed
+from distributed.deploy import Cluster
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from raptorz import _store
 from raptorz._info import store_info
-from raptorz._shape import Fit, fit_shape, native_shape
+from raptorz._ingest import (
+    AXES,
+    DEFAULT_INTENSITY,
+    ChunkResult,
+    Dtype,
+    Settings,
+    convert_chunk,
+    item_bytes,
+)
+from raptorz._shape import Fit, native_shape
 from raptorz._sources import resolve_sources, write_labels
+from raptorz.cluster import connect, create_cluster
 from raptorz.errors import InputError, RaptorzWarning
-from raptorz.intensity import Intensity, parse_intensity, scale_intensity
+from raptorz.intensity import Intensity, parse_intensity
 from raptorz.readers import (
     DEFAULT_MEMBER,
     Orientation,
     ReadOptions,
     Source,
-    SourceKind,
-    read_volume,
 )
 
 KIND: Final = "volumes"
-Dtype = Literal["float16", "float32"]
 #: Uncompressed bytes aimed at per chunk: a few whole volumes, at least one.
 CHUNK_BYTES: Final = 64 * 2**20
-#: The scaling used for each reader where the run chooses none.
-DEFAULT_INTENSITY: Final[dict[SourceKind, str]] = {
-    "nifti": "percentile:0.5,99.5", "dicom": "percentile:0.5,99.5",
-    "zip": "range:0,1280", "npz": "divide:256",
-}
-AXES: Final = ("x", "y", "z")
 #: Fewest voxel bytes to write for which ``workers=None`` starts a local cluster.
 CLUSTER_BYTES: Final = 2 * 2**30
 
-__all__ = ["ConvertSummary", "convert", "open_volumes", "store_info"]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Settings:
-    """Everything a task needs besides its sources; recorded in the store's attrs."""
-
-    read: ReadOptions
-    intensity: Intensity | None
-    shape: tuple[int, int, int]
-    fit: Fit | None
-    dtype: Dtype
-
-    def scaling(self, kind: SourceKind) -> Intensity:
-        return self.intensity or parse_intensity(DEFAULT_INTENSITY[kind])
-
-    def record(self) -> dict[str, object]:
-        return _store.json_attr({
-            "reader": {"member": self.read.member,
-                       "max_member_bytes": self.read.max_member_bytes},
-            "intensity": str(self.intensity) if self.intensity else "auto",
-            "intensity_defaults": DEFAULT_INTENSITY if self.intensity is None else {},
-            "orientation": self.read.orientation,
-            "shape_policy": {"shape": self.shape, "fit": self.fit or "none"},
-            "dtype": self.dtype,
-        })
-
-
-@dataclasses.dataclass(frozen=True)
-class ChunkResult:
-    """What a task reports: per volume of its chunk, the status, error and note."""
-
-    ids: list[str]
-    status: list[int]
-    errors: list[str]
-    notes: list[str]
+__all__ = ["DEFAULT_INTENSITY", "ConvertSummary", "convert", "open_volumes", "store_info"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,45 +77,7 @@ class ConvertSummary:
         return self.failed == 0
 
 
-def item_bytes(settings: _Settings) -> int:
-    """Uncompressed bytes of one stored volume."""
-    return int(np.prod(settings.shape)) * np.dtype(settings.dtype).itemsize
-
-
-def _convert_chunk(path: str, region: slice, sources: Sequence[Source],
-                   settings: _Settings) -> ChunkResult:
-    """Read, scale and shape one chunk's volumes and write the whole chunk."""
-    n = len(sources)
-    volume = np.full((n, *settings.shape), np.nan, settings.dtype)
-    spacing = np.full((n, 3), np.nan)
-    original = np.zeros((n, 3), np.int32)
-    status, errors, notes = [_store.FAILED] * n, [""] * n, [""] * n
-    for j, source in enumerate(sources):
-        try:
-            read = read_volume(source, settings.read)
-            low, high = float(read.data.min()), float(read.data.max())
-            if low == high:
-                notes[j] = f"constant volume (every voxel is {low:g})"
-            scaled = scale_intensity(read.data, settings.scaling(source.kind))
-            volume[j], spacing[j] = fit_shape(scaled, read.spacing, settings.shape,
-                                              settings.fit, str(source))
-            original[j] = read.data.shape
-            status[j] = _store.OK
-        except InputError as error:
-            errors[j] = str(error)
-        except Exception as error:  # record it: one bad volume never stops the others
-            errors[j] = f"{source}: {type(error).__name__}: {error}"
-    data = {
-        "volume": xr.DataArray(volume, dims=("id", *AXES)),
-        "spacing": xr.DataArray(spacing, dims=("id", "axis")),
-        "original_shape": xr.DataArray(original, dims=("id", "axis")),
-        "note": xr.DataArray(_store.as_strings(notes), dims="id"),
-    }
-    _store.write_chunk(path, data, region, np.asarray(status), errors)
-    return ChunkResult([s.id for s in sources], status, errors, notes)
-
-
-def _template(sources: Sequence[Source], settings: _Settings, chunk: int) -> xr.Dataset:
+def _template(sources: Sequence[Source], settings: Settings, chunk: int) -> xr.Dataset:
     n, shape = len(sources), settings.shape
 
     def lazy(*tail: int, dtype: str) -> da.Array:
@@ -176,7 +106,7 @@ def _template(sources: Sequence[Source], settings: _Settings, chunk: int) -> xr.
     return ds
 
 
-def _check_rerun(path: Path, sources: Sequence[Source], settings: _Settings) -> int:
+def _check_rerun(path: Path, sources: Sequence[Source], settings: Settings) -> int:
     """Refuse a rerun that differs from the store's run; return the store's chunk size."""
     ds = open_volumes(path)
     before = [str(s) for s in ds.source.values]
@@ -215,6 +145,7 @@ def convert(
     dtype: Dtype = "float16",
     chunk: int | None = None,
     workers: int | None = None,
+    cluster: Client | Cluster | str | None = None,
     labels_out: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> ConvertSummary:
@@ -243,6 +174,10 @@ def convert(
         Processes of the local Dask cluster (default: one per CPU, at most one per
         chunk, where over 2 GiB of voxels are to be written); with 1, with one chunk to
         do, or by default for smaller conversions, the work runs in this process.
+    cluster
+        Convert on this cluster instead (a :class:`~distributed.Client`, a cluster, or
+        a scheduler address such as ``tcp://host:8786``); its workers must see the
+        sources and ``output`` at the same paths.
     labels_out
         Where MedMNIST labels go (default: ``output`` with ``.zarr`` replaced by
         ``.labels.csv``).
@@ -268,12 +203,12 @@ def convert(
     if kind == KIND:  # resume: the shape policy is the store's unless given again
         policy = open_volumes(output).attrs["convert"]["shape_policy"]
         recorded_fit = None if policy["fit"] == "none" else policy["fit"]
-        settings = _Settings(read, scaling, shape or tuple(policy["shape"]),
+        settings = Settings(read, scaling, shape or tuple(policy["shape"]),
                              fit if shape else recorded_fit, dtype)
         chunk = _check_rerun(output, selected, settings)
     else:
         target = shape or native_shape(selected, read)
-        settings = _Settings(read, scaling, target, fit if shape else None, dtype)
+        settings = Settings(read, scaling, target, fit if shape else None, dtype)
         chunk = chunk or max(1, min(len(selected), CHUNK_BYTES // item_bytes(settings)))
         _store.create_store(output, _template(selected, settings, chunk), KIND)
     labels = write_labels(selected, labels_out or output.with_name(
@@ -298,15 +233,16 @@ def convert(
     todo_bytes = total * item_bytes(settings)
     default = (os.cpu_count() or 1) if todo_bytes >= CLUSTER_BYTES else 1
     count = min(workers or default, len(tasks))
-    if count <= 1:
+    if cluster is None and count <= 1:
         for task in tasks:
-            done(_convert_chunk(*task))
-    else:
-        from distributed import Client, LocalCluster, as_completed
-
-        with LocalCluster(n_workers=count, threads_per_worker=1, processes=True,
-                          dashboard_address=None) as cluster, Client(cluster) as client:
-            futures = [client.submit(_convert_chunk, *task, pure=False) for task in tasks]
+            done(convert_chunk(*task))
+    elif tasks:
+        with contextlib.ExitStack() as stack:
+            if cluster is None:
+                cluster = stack.enter_context(
+                    create_cluster("local", workers=count, dashboard_address=None))
+            client = stack.enter_context(connect(cluster))
+            futures = [client.submit(convert_chunk, *task, pure=False) for task in tasks]
             for future in as_completed(futures):
                 done(future.result())
     failures = {i: e for r in results for i, s, e in zip(r.ids, r.status, r.errors,

@@ -16,7 +16,7 @@ from volume_files import volume, write_nifti, write_npz
 
 from raptorz import _store
 from raptorz.cli.main import main
-from raptorz.volumes import open_volumes
+from raptorz.volumes import convert, open_volumes
 
 COMMAND = [sys.executable, "-m", "raptorz.cli.main"]
 
@@ -118,7 +118,6 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None
                              capture_output=True, text=True, check=False)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{counts['ok']} already done" in resumed.stdout
-    subprocess.run([*COMMAND, "convert", str(folder), "-o", str(clean), *options],
-                   check=True, capture_output=True)
+    convert([folder], clean, workers=1, chunk=1)
     xr.testing.assert_identical(open_volumes(killed).drop_attrs(),
                                 open_volumes(clean).drop_attrs())

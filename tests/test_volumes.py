@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import xarray as xr
+from distributed import LocalCluster
 from volume_files import (
     OBLIQUE_RAS_SPACING,
     to_ras,
@@ -206,12 +207,16 @@ def test_npz_default_scaling_and_labels(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_local_cluster_matches_in_process(tmp_path: Path, niftis: dict) -> None:
+def test_clusters_match_in_process(tmp_path: Path, niftis: dict) -> None:
     inline = convert([tmp_path / "in"], tmp_path / "a.zarr", chunk=1, workers=1)
     parallel = convert([tmp_path / "in"], tmp_path / "b.zarr", chunk=1, workers=2)
-    assert inline.converted == parallel.converted == 5
-    xr.testing.assert_identical(open_volumes(tmp_path / "a.zarr").drop_attrs(),
-                                open_volumes(tmp_path / "b.zarr").drop_attrs())
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster:
+        given = convert([tmp_path / "in"], tmp_path / "c.zarr", chunk=2,
+                        cluster=cluster.scheduler_address)
+    assert inline.converted == parallel.converted == given.converted == 5
+    expected = open_volumes(tmp_path / "a.zarr").drop_attrs()
+    xr.testing.assert_identical(open_volumes(tmp_path / "b.zarr").drop_attrs(), expected)
+    np.testing.assert_array_equal(open_volumes(tmp_path / "c.zarr").volume, expected.volume)
 
 
 def _reference(path: Path, low: float, high: float) -> np.ndarray:
