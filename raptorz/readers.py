@@ -172,8 +172,8 @@ def _npz_array(path: str, entry: str, version: tuple[int, int]) -> np.ndarray:
 
 def _open_npz(source: Source, options: ReadOptions) -> _Image:
     if not source.entry:
-        raise InputError(source.path, "is not a MedMNIST-style npz: it has none of the "
-                         "arrays " + ", ".join(f"{s}_images" for s in NPZ_SPLITS))
+        raise InputError(source.path, "is not a MedMNIST-style npz: it has no readable "
+                         "numeric array " + ", ".join(f"{s}_images" for s in NPZ_SPLITS))
     shape = npz_images(source.path, source.entry)[1:]
     return _Image(shape, np.eye(4),
                   lambda: _npz_array(source.path, source.entry, _version(source.path))[
