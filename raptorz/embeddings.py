@@ -268,6 +268,7 @@ def add_projections(path: str | Path, projectors: Sequence[Projector],
         token_kind=ds["token_kind"].values, embed_dim=ds.sizes["dim"], keep_tokens=False,
         attrs={})
     added = template[[name for p in new for name in (p.name, MATRIX_PREFIX + p.name)]]
+    added.attrs = dict(ds.attrs)  # appending rewrites the group's attributes
     added.drop_vars(["id", "plane", "token", "token_kind"]).to_zarr(
         path, mode="a", compute=False, consolidated=False)
     status = _store.read_status(path)

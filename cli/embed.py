@@ -1,0 +1,145 @@
+"""``raptorz embed``: map the Raptor kernel over volumes.zarr on a Dask cluster."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Any, cast
+
+from raptorz.errors import RaptorzError
+
+_KINDS = ("local", "cuda", "slurm", "pbs", "sge", "lsf")
+
+
+def _planes(text: str) -> tuple[int, ...]:
+    names = {"A": 0, "C": 1, "S": 2}
+    try:
+        return tuple(names[p] if p in names else int(p) for p in text.upper().split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected axes like 0,1,2 or A,C,S, got {text!r}")\
+            from None
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``embed`` verb."""
+    parser = subparsers.add_parser(
+        "embed", help="embed a volumes.zarr store into embeddings.zarr (Dask)",
+        description="Encode every slice of every volume with a frozen 2D ViT, pool and "
+        "randomly project the tokens (Raptor), on local CPUs, local GPUs, an HPC batch "
+        "system or a running Dask scheduler. Rerun the same command to resume.")
+    parser.add_argument("volumes", type=Path, help="the volumes.zarr store (raptorz convert)")
+    parser.add_argument("-o", "--output", required=True, type=Path,
+                        help="the embeddings.zarr store to write or resume")
+    parser.add_argument("--projector", action="append", required=True, type=Path,
+                        help="a (dim, k) .npy projector (raptorz projector); repeatable")
+    model = parser.add_argument_group("encoder and kernel")
+    model.add_argument("--encoder", help="timm model name (default DINOv2 ViT-L/14)")
+    model.add_argument("--weights", type=Path, help="local weights file for the encoder")
+    model.add_argument("--preprocess", choices=("default", "reference"), default="default",
+                       help="reference reproduces the original tool's 8-bit quirks")
+    model.add_argument("--resize", choices=("stretch", "pad", "pad_shared"), default="stretch")
+    model.add_argument("--tokens", choices=("all", "patch"), default="all",
+                       help="keep the CLS/prefix tokens (all, the original) or patch only")
+    model.add_argument("--planes", type=_planes, default=(0, 1, 2),
+                       help="axes to slice along, e.g. 0,1,2 or A,C,S (default all)")
+    model.add_argument("--subsample", type=int, default=1, help="keep every n-th slice")
+    model.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                       help="default bf16 on GPU, fp32 on CPU")
+    model.add_argument("--keep-tokens", action="store_true",
+                       help="also store the pooled tokens (new projections need no encoder)")
+    model.add_argument("--batch-size", type=int, default=64, help="slices per forward pass")
+    model.add_argument("--start", type=int, default=0, help="first volume id to embed")
+    model.add_argument("--many", type=int, help="how many volumes to embed (default all)")
+    dask = parser.add_argument_group("cluster")
+    dask.add_argument("--cluster", default=None, metavar="KIND|ADDRESS",
+                      help="local | cuda | slurm | pbs | sge | lsf | tcp://HOST:PORT "
+                      "(default cuda where GPUs are visible, else local)")
+    dask.add_argument("--workers", type=int, help="local/cuda: worker processes")
+    dask.add_argument("--threads", type=int,
+                      help="torch threads per CPU worker (default: CPUs / workers, or "
+                      "--cores on a batch system)")
+    dask.add_argument("--dashboard-address", default=":8787",
+                      help="where the dashboard listens (':0' for any free port)")
+    dask.add_argument("--jobs", type=int, default=1, help="batch: jobs to start (one worker each)")
+    dask.add_argument("--queue", help="batch: queue / partition")
+    dask.add_argument("--account", help="batch: account / project to charge")
+    dask.add_argument("--walltime", help="batch: job time limit, HH:MM:SS")
+    dask.add_argument("--cores", type=int, help="batch: CPU cores per job")
+    dask.add_argument("--memory", help="batch: memory per job, e.g. 32GiB")
+    dask.add_argument("--gpus-per-job", type=int, default=0,
+                      help="batch: GPUs per job (one pinned worker per GPU)")
+    dask.add_argument("--job-extra", action="append", default=[], metavar="DIRECTIVE",
+                      help="batch: extra job-script directive; repeatable")
+    dask.add_argument("--job-prologue", action="append", default=[], metavar="COMMAND",
+                      help="batch: shell command run before the worker, e.g. module load")
+    dask.add_argument("--job-log-dir", type=Path, help="batch: where job logs go")
+    dask.add_argument("--jobqueue-config", type=Path,
+                      help="batch: a dask-jobqueue YAML file (flags override it)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Embed, with a progress bar and a summary; 1 when any volume failed."""
+    from raptorz.embed import embed
+    from raptorz.encoders import DEFAULT_ENCODER
+    from raptorz.kernel import KernelSettings
+
+    try:
+        settings = KernelSettings(
+            planes=args.planes, preprocess=args.preprocess, resize=args.resize,
+            tokens=args.tokens, subsample=args.subsample, batch_size=args.batch_size,
+            keep_tokens=args.keep_tokens)
+    except ValueError as error:
+        raise RaptorzError(str(error)) from None
+    with _cluster(args) as (cluster, threads):
+        summary = embed(
+            args.volumes, args.output, args.projector, encoder=args.encoder or DEFAULT_ENCODER,
+            weights=args.weights, settings=settings, precision=args.precision,
+            cluster=cluster, start=args.start, many=args.many, torch_threads=threads,
+        )
+    for name, problem in summary.errors.items():
+        print(f"failed: {name}: {problem}", file=sys.stderr)
+    if summary.nothing_to_do:
+        print(f"{summary.output}: nothing to do ({summary.ok} embedded, "
+              f"{summary.failed} failed)")
+    else:
+        print(f"{summary.output}: {summary.ok} embedded, {summary.failed} failed, of "
+              f"{summary.total} ({summary.computed} this run, {summary.seconds:.1f} s)")
+    return 0 if summary.failed == 0 else 1
+
+
+@contextlib.contextmanager
+def _cluster(args: argparse.Namespace) -> Any:
+    """The cluster the options ask for and the torch threads per worker; closed on exit."""
+    from raptorz.cluster import ClusterKind, create_cluster, visible_gpus
+
+    kind = args.cluster or ("cuda" if visible_gpus() else "local")
+    if "://" in kind:
+        yield kind, args.threads
+        return
+    if kind not in _KINDS:
+        raise RaptorzError(f"--cluster {kind!r}: expected one of {', '.join(_KINDS)} or an "
+                           "address like tcp://HOST:8786")
+    threads = args.threads
+    options: dict[str, Any] = {"dashboard_address": args.dashboard_address}
+    if kind == "local":
+        workers = args.workers or 1
+        threads = threads or max(1, (os.cpu_count() or 1) // workers)
+        options["workers"] = workers
+    elif kind == "cuda":
+        options["workers"] = args.workers
+    else:
+        threads = threads or args.cores
+        options.update(
+            jobs=args.jobs, queue=args.queue, account=args.account, walltime=args.walltime,
+            cores=args.cores, memory=args.memory, gpus_per_job=args.gpus_per_job,
+            job_extra=args.job_extra, config=args.jobqueue_config)
+        if args.job_prologue:
+            options["job_script_prologue"] = args.job_prologue
+        if args.job_log_dir:
+            options["log_directory"] = str(args.job_log_dir)
+    with create_cluster(cast(ClusterKind, kind), **options) as cluster:
+        yield cluster, threads

@@ -1,0 +1,77 @@
+"""Cluster factory: GPU pinning on real worker processes, discovery, jobqueue config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from distributed import Client, LocalCluster
+
+from raptorz.cluster import GPU_RESOURCE, advertises_gpus, connect, create_cluster, visible_gpus
+from raptorz.errors import InputError, RaptorzError
+
+
+def test_cuda_cluster_pins_one_device_per_worker() -> None:
+    # No CUDA is touched: the workers only carry their pinning, checked in each process.
+    with create_cluster("cuda", gpus=["0", "1"], dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        client.wait_for_workers(2)
+        seen = client.run(os.getenv, "CUDA_VISIBLE_DEVICES")
+        pids = client.run(os.getpid)
+        assert sorted(seen.values()) == ["0", "1"]
+        assert len(set(pids.values())) == 2 and os.getpid() not in pids.values()
+        assert advertises_gpus(client)
+        resources = [w["resources"] for w in client.scheduler_info()["workers"].values()]
+        assert resources == [{GPU_RESOURCE: 1}] * 2
+
+
+def test_local_cluster_has_no_gpu_resource() -> None:
+    with create_cluster("local", workers=2, dashboard_address=":0") as cluster, \
+            connect(cluster) as client:
+        client.wait_for_workers(2)
+        assert len(client.scheduler_info()["workers"]) == 2
+        assert not advertises_gpus(client)
+        with connect(client) as same:  # an existing client is used as is, left open
+            assert same is client
+        assert client.status == "running"
+
+
+@pytest.mark.slow
+def test_preload_pins_the_workers_of_a_multi_gpu_job() -> None:
+    """What a job with --gpus-per-job 2 runs: one worker per GPU, each pinned."""
+    with LocalCluster(n_workers=0, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "3,5"}
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_worker", cluster.scheduler_address,
+             "--nworkers", "2", "--nthreads", "1", "--name", "job7", "--resources", "GPU=1",
+             "--preload", "raptorz.cluster", "--no-dashboard"], env=env)
+        try:
+            client.wait_for_workers(2, timeout=120)
+            assert sorted(client.run(os.getenv, "CUDA_VISIBLE_DEVICES").values()) == ["3", "5"]
+        finally:
+            worker.terminate()
+            worker.wait(60)
+
+
+def test_visible_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 3")
+    assert visible_gpus() == ["2", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert visible_gpus() == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == []
+    with pytest.raises(RaptorzError, match="no GPU found"):
+        create_cluster("cuda")
+
+
+def test_refusals(tmp_path: Path) -> None:
+    with pytest.raises(RaptorzError, match="unknown cluster kind"):
+        create_cluster("kubernetes")  # type: ignore[arg-type]
+    bad = tmp_path / "jobqueue.yaml"
+    bad.write_text("distributed: {}\n")
+    with pytest.raises(InputError, match="no 'jobqueue:' section"):
+        create_cluster("slurm", config=bad, jobs=0)
