@@ -16,7 +16,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Final, get_args
 
 import dask.array as da
 import xarray as xr
@@ -38,7 +38,7 @@ from raptorz._ingest import (
 from raptorz._shape import Fit, native_shape
 from raptorz._sources import resolve_sources, write_labels
 from raptorz.cluster import connect, create_cluster
-from raptorz.errors import InputError, RaptorzWarning
+from raptorz.errors import InputError, RaptorzError, RaptorzWarning
 from raptorz.intensity import Intensity, parse_intensity
 from raptorz.readers import (
     DEFAULT_MEMBER,
@@ -192,6 +192,10 @@ def convert(
         Counts, failures (id: error) and notes; constant volumes also raise a
         :class:`~raptorz.errors.RaptorzWarning`.
     """
+    for name, value, allowed in (("orientation", orientation, get_args(Orientation)),
+                                 ("fit", fit, get_args(Fit)), ("dtype", dtype, get_args(Dtype))):
+        if value not in allowed:
+            raise RaptorzError(f"{name} must be one of {allowed}, not {value!r}")
     output = Path(output)
     selected = resolve_sources(sources, folder=folder, manifest=manifest, start=start,
                                many=many)

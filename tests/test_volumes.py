@@ -175,6 +175,13 @@ def test_rerun_converts_only_what_failed(tmp_path: Path, niftis: dict) -> None:
         convert(sources, store, intensity="range:0,1", workers=1)
 
 
+def test_unknown_modes_are_refused(tmp_path: Path, niftis: dict) -> None:
+    with pytest.raises(RaptorzError, match=r"orientation must be one of \('ras', 'native'\)"):
+        convert([tmp_path / "in"], tmp_path / "s.zarr", orientation="lps")  # type: ignore[arg-type]
+    with pytest.raises(RaptorzError, match="dtype must be one of"):
+        convert([tmp_path / "in"], tmp_path / "s.zarr", dtype="int8")  # type: ignore[arg-type]
+
+
 def test_other_stores_are_never_overwritten(tmp_path: Path, niftis: dict) -> None:
     embeddings = tmp_path / "embeddings.zarr"
     ids = _store.as_strings(["a", "b"])
