@@ -1,0 +1,260 @@
+"""The distributed embedding run, on real LocalClusters, real stores and a tiny real ViT.
+
+Every result is compared with the in-process kernel (:func:`raptorz.kernel.embed_block`)
+on the same volumes: rtol 1e-5 / atol 1e-6 (float32 encoder, float64 pooling; the run
+and the reference differ only in how slices are batched).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+from distributed import Client
+from vit_fixtures import write_tiny_vit
+
+from raptorz import _store
+from raptorz.cluster import create_cluster
+from raptorz.embed import embed
+from raptorz.embeddings import open_embeddings
+from raptorz.encoders import create_encoder
+from raptorz.errors import InputError
+from raptorz.kernel import KernelSettings, embed_block
+from raptorz.projection import create_projector
+from raptorz.volumes import convert, open_volumes
+
+SETTINGS = KernelSettings(keep_tokens=True, batch_size=32)
+PROJECTORS = [create_projector(0, 64, 5, "p5"), create_projector(1, 64, 3, "p3")]
+TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def _npz(path: Path, count: int, seed: int) -> Path:
+    """A MedMNIST-style npz of ``count`` random 16^3 uint8 volumes."""
+    images = np.random.default_rng(seed).integers(0, 256, (count, 16, 16, 16), dtype=np.uint8)
+    half = count // 2
+    np.savez(path, train_images=images[:half], train_labels=np.zeros((half, 1), np.uint8),
+             val_images=images[half:], val_labels=np.zeros((count - half, 1), np.uint8),
+             test_images=images[:0], test_labels=np.zeros((0, 1), np.uint8))
+    return path
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 volumes, 2 per chunk, converted by the real ``convert``."""
+    folder = tmp_path_factory.mktemp("volumes")
+    store = folder / "volumes.zarr"
+    convert([_npz(folder / "m.npz", 6, 0)], store, chunk=2, workers=1)
+    return store
+
+
+@pytest.fixture(scope="module")
+def many_volumes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 volumes, 1 per chunk: enough tasks to interrupt a run in the middle."""
+    folder = tmp_path_factory.mktemp("many")
+    store = folder / "volumes.zarr"
+    convert([_npz(folder / "m.npz", 10, 1)], store, chunk=1, workers=1)
+    return store
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[Client]:
+    """A real 2-worker LocalCluster of processes, shared by this module's tests."""
+    with create_cluster("local", workers=2, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
+def _reference(store: Path, weights: tuple[str, Path]) -> dict[str, np.ndarray]:
+    """The in-process kernel on every volume of ``store``."""
+    block = open_volumes(store)["volume"].values
+    result = embed_block(block, create_encoder(weights[0], weights=weights[1]), PROJECTORS,
+                         SETTINGS)
+    return {**result.projections, "tokens": result.tokens, "avgpool": result.avgpool}
+
+
+def _assert_matches(output: Path, reference: dict[str, np.ndarray],
+                    rows: list[int] | None = None) -> None:
+    ds = open_embeddings(output)
+    rows = list(range(ds.sizes["id"])) if rows is None else rows
+    for name, values in reference.items():
+        np.testing.assert_allclose(ds[name].values[rows], values[rows], **TOLERANCE,
+                                   err_msg=name)
+
+
+def _cli(*args: str | Path) -> list[str]:
+    return [sys.executable, "-m", "raptorz.cli.main", "embed", *map(str, args)]
+
+
+def _projector_files(folder: Path) -> list[str]:
+    out = []
+    for projector in PROJECTORS:
+        np.save(folder / f"{projector.name}.npy", projector.matrix)
+        out += ["--projector", str(folder / f"{projector.name}.npy")]
+    return out
+
+
+def test_two_workers_equal_in_process_kernel(client: Client, volumes: Path, tmp_path: Path,
+                                             tiny_vit_weights: tuple[str, Path]) -> None:
+    output = tmp_path / "embeddings.zarr"
+    name, weights = tiny_vit_weights
+    summary = embed(volumes, output, PROJECTORS, encoder=name, weights=weights,
+                    settings=SETTINGS, cluster=client, torch_threads=1, progress=False)
+    assert (summary.total, summary.ok, summary.failed, summary.computed) == (6, 6, 0, 6)
+    _assert_matches(output, _reference(volumes, tiny_vit_weights))
+    ds = open_embeddings(output)
+    assert list(ds["id"].values) == list(open_volumes(volumes)["id"].values)
+    assert ds.attrs["encoder"]["weights_checksum"] == create_encoder(
+        name, weights=weights).checksum
+    assert ds.attrs["projectors"]["p5"]["checksum"] == PROJECTORS[0].checksum
+    assert ds.attrs["source"]["attrs"] == open_volumes(volumes).attrs
+    assert ds.attrs["settings"]["keep_tokens"] is True
+    # a finished run does nothing, without even starting a cluster (cluster=None)
+    again = embed(volumes, output, PROJECTORS, encoder=name, weights=weights,
+                  settings=SETTINGS, progress=False)
+    assert again.nothing_to_do and again.ok == 6
+
+
+def test_other_settings_are_refused(client: Client, volumes: Path, tmp_path: Path,
+                                    tiny_vit_weights: tuple[str, Path]) -> None:
+    output = tmp_path / "embeddings.zarr"
+    name, weights = tiny_vit_weights
+    embed(volumes, output, PROJECTORS[:1], encoder=name, weights=weights, settings=SETTINGS,
+          cluster=client, start=0, many=1, progress=False)
+    with pytest.raises(InputError, match="settings: store"):
+        embed(volumes, output, PROJECTORS[:1], encoder=name, weights=weights,
+              settings=KernelSettings(planes=(0, 1), keep_tokens=True), cluster=client)
+    with pytest.raises(InputError, match="no projector 'p3'"):
+        embed(volumes, output, PROJECTORS, encoder=name, weights=weights, settings=SETTINGS,
+              cluster=client)
+    with pytest.raises(InputError, match="is past the last"):
+        embed(volumes, output, PROJECTORS[:1], encoder=name, weights=weights,
+              settings=SETTINGS, cluster=client, start=6)
+    other = tmp_path / "other.zarr"  # another tiny ViT: another weights checksum
+    embed(volumes, other, PROJECTORS[:1], encoder=name, weights=weights, settings=SETTINGS,
+          cluster=client, start=0, many=1, progress=False)
+    with pytest.raises(InputError, match="encoder: store"):
+        embed(volumes, other, PROJECTORS[:1], encoder=name,
+              weights=write_tiny_vit(tmp_path / "other.safetensors", seed=1),
+              settings=SETTINGS, cluster=client, progress=False)
+
+
+def _volumes_with_failures(path: Path) -> np.ndarray:
+    """A volumes store: volume 1 holds NaN (the kernel refuses it), 2 failed to convert."""
+    block = np.random.default_rng(3).random((4, 16, 16, 16)).astype(np.float32)
+    block[1, 0, 0, 0] = np.nan
+    template = xr.Dataset(
+        {"volume": (("id", "x", "y", "z"), da.zeros(block.shape, chunks=(2, 16, 16, 16),
+                                                     dtype=np.float32)),
+         **_store.status_variables(4, 2)},
+        coords={"id": _store.as_strings(["a", "b", "c", "d"])}, attrs={"convert": {"x": 1}})
+    _store.create_store(path, template, "volumes")
+    for chunk, status, errors in ((slice(0, 2), [1, 1], ["", ""]),
+                                  (slice(2, 4), [2, 1], ["unreadable header", ""])):
+        data = {"volume": xr.DataArray(block[chunk], dims=("id", "x", "y", "z"))}
+        _store.write_chunk(path, data, chunk, np.array(status), errors)
+    return block
+
+
+def test_failed_volumes_are_recorded(client: Client, tmp_path: Path,
+                                     tiny_vit_weights: tuple[str, Path]) -> None:
+    store, output = tmp_path / "volumes.zarr", tmp_path / "embeddings.zarr"
+    block = _volumes_with_failures(store)
+    name, weights = tiny_vit_weights
+    summary = embed(store, output, PROJECTORS, encoder=name, weights=weights,
+                    settings=SETTINGS, cluster=client, progress=False)
+    assert (summary.ok, summary.failed) == (2, 2)
+    assert "NaN" in summary.errors["b"]
+    assert summary.errors["c"] == "volume not converted (failed): unreadable header"
+    status = _store.read_status(output)
+    assert status.tolist() == [_store.OK, _store.FAILED, _store.FAILED, _store.OK]
+    result = embed_block(block[[0, 3]], create_encoder(name, weights=weights), PROJECTORS,
+                         SETTINGS)
+    ds = open_embeddings(output)
+    np.testing.assert_allclose(ds["p5"].values[[0, 3]], result.projections["p5"], **TOLERANCE)
+    assert np.isnan(ds["p5"].values[1]).all()
+    # a rerun retries the kernel failure, not the volume that failed to convert
+    again = embed(store, output, PROJECTORS, encoder=name, weights=weights,
+                  settings=SETTINGS, cluster=client, progress=False)
+    assert (again.computed, again.failed) == (1, 2)
+
+
+def test_worker_killed_mid_run(client: Client, many_volumes: Path, tmp_path: Path,
+                               tiny_vit_weights: tuple[str, Path]) -> None:
+    output = tmp_path / "embeddings.zarr"
+    name, weights = tiny_vit_weights
+    pids = list(client.run(os.getpid).values())
+    killed: list[int] = []
+
+    def kill_one_worker_once_a_volume_is_done() -> None:
+        while not killed:
+            if output.exists() and (output / "status").exists() and \
+                    (_store.read_status(output) == _store.OK).any():
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(int((_store.read_status(output) == _store.OK).sum()))
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_one_worker_once_a_volume_is_done, daemon=True)
+    killer.start()
+    summary = embed(many_volumes, output, PROJECTORS, encoder=name, weights=weights,
+                    settings=SETTINGS, cluster=client, torch_threads=1, progress=False)
+    killer.join(60)
+    assert killed, "the worker was not killed"
+    assert (summary.ok, summary.failed) == (10, 0)
+    _assert_matches(output, _reference(many_volumes, tiny_vit_weights))
+    client.wait_for_workers(2)  # the nanny restarted the killed worker
+
+
+@pytest.mark.slow
+def test_two_processes_split_one_output(client: Client, many_volumes: Path, tmp_path: Path,
+                                        tiny_vit_weights: tuple[str, Path]) -> None:
+    """Two `raptorz embed` processes start at once on disjoint --start/--many ranges."""
+    output = tmp_path / "embeddings.zarr"
+    name, weights = tiny_vit_weights
+    common = ["-o", output, "--encoder", name, "--weights", weights, "--keep-tokens",
+              "--batch-size", "32", *_projector_files(tmp_path),
+              "--cluster", client.scheduler.address]
+    runs = [subprocess.Popen(_cli(many_volumes, *common, "--start", start, "--many", many),
+                             stderr=subprocess.PIPE, text=True)
+            for start, many in (("0", "4"), ("4", "6"))]
+    for run in runs:
+        _, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err
+    assert (_store.read_status(output) == _store.OK).all()
+    _assert_matches(output, _reference(many_volumes, tiny_vit_weights))
+    finished = subprocess.run(_cli(many_volumes, *common), capture_output=True, text=True)
+    assert finished.returncode == 0 and "nothing to do" in finished.stdout
+
+
+@pytest.mark.slow
+def test_sigkill_cli_then_rerun(many_volumes: Path, tmp_path: Path,
+                                tiny_vit_weights: tuple[str, Path]) -> None:
+    output = tmp_path / "embeddings.zarr"
+    name, weights = tiny_vit_weights
+    command = _cli(many_volumes, "-o", output, "--encoder", name, "--weights", weights,
+                   "--keep-tokens", "--batch-size", "32", *_projector_files(tmp_path),
+                   "--cluster", "local", "--workers", "1", "--threads", "1",
+                   "--dashboard-address", ":0")
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while run.poll() is None:
+        if (output / "status").exists() and (_store.read_status(output) == _store.OK).any():
+            run.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    run.wait(600)
+    assert run.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    interrupted = _store.read_status(output)
+    assert (interrupted != _store.FAILED).all()
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "10 embedded, 0 failed" in rerun.stdout
+    _assert_matches(output, _reference(many_volumes, tiny_vit_weights))
