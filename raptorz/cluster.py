@@ -194,44 +194,40 @@ def _jobqueue_cluster(
             # one worker process per GPU of the job, each pinned by :func:`dask_setup`
             kwargs["processes"] = gpus_per_job
             worker_args += ["--preload", __name__]
-    scheduler_options = {"dashboard_address": dashboard_address}
-    with contextlib.ExitStack() as stack:
-        if config is not None:
-            stack.enter_context(dask.config.set(_read_jobqueue_config(config)))
-        if directives:
-            kwargs["job_extra_directives"] = [
-                *dask.config.get(f"jobqueue.{kind}.job-extra-directives", default=[]),
-                *directives,
-            ]
-        if worker_args:
-            kwargs["worker_extra_args"] = [
-                *dask.config.get(f"jobqueue.{kind}.worker-extra-args", default=[]),
-                *worker_args,
-            ]
-        if dask.config.get(f"jobqueue.{kind}.python", default=None) is None:
-            kwargs.setdefault("python", sys.executable)  # the workers run this environment
-        if dask.config.get(f"jobqueue.{kind}.processes", default=None) is None:
-            kwargs.setdefault("processes", 1)  # one worker per job: one model per job
-        if dask.config.get(f"jobqueue.{kind}.cores", default=None) is None:
-            kwargs.setdefault("cores", 1)
-        if dask.config.get(f"jobqueue.{kind}.memory", default=None) is None:
-            kwargs.setdefault("memory", "4GiB")
-        cluster = cls(scheduler_options=scheduler_options, **kwargs)
+    # the file's values become arguments: dask-jobqueue also reads its configuration
+    # when it starts jobs later, after any temporary configuration would be gone
+    section = _read_jobqueue_config(config, kind) if config is not None else {}
+    kwargs = {**section, **kwargs}
+    for key, extra in (("job_extra_directives", directives), ("worker_extra_args", worker_args)):
+        if extra:  # added to those of the file, or else of the dask configuration
+            configured = section.get(key) or dask.config.get(
+                f"jobqueue.{kind}.{key.replace('_', '-')}", default=[])
+            kwargs[key] = [*configured, *extra]
+    for key, default in (("python", sys.executable),  # the workers run this environment
+                         ("processes", 1),  # one worker per job: one model per job
+                         ("cores", 1), ("memory", "4GiB")):
+        if dask.config.get(f"jobqueue.{kind}.{key}", default=None) is None:
+            kwargs.setdefault(key, default)
+    kwargs.setdefault("scheduler_options", {"dashboard_address": dashboard_address})
+    cluster = cls(**kwargs)
     cluster.scale(jobs=jobs)
     return cluster
 
 
-def _read_jobqueue_config(path: str | Path) -> dict[str, Any]:
-    """The dask configuration in ``path`` merged over the current one."""
+def _read_jobqueue_config(path: str | Path, kind: str) -> dict[str, Any]:
+    """The ``jobqueue: <kind>:`` section of a YAML file, as cluster arguments."""
     import yaml
 
     try:
         loaded = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as error:
         raise InputError(path, f"cannot read the dask-jobqueue configuration ({error})") from None
-    if not isinstance(loaded, dict) or "jobqueue" not in loaded:
+    if not isinstance(loaded, dict) or not isinstance(loaded.get("jobqueue"), dict):
         raise InputError(path, "is not a dask-jobqueue configuration (no 'jobqueue:' section)")
-    return dict(dask.config.merge(dask.config.config, loaded))
+    section = loaded["jobqueue"].get(kind)
+    if not isinstance(section, dict):
+        raise InputError(path, f"has no 'jobqueue: {kind}:' section")
+    return {key.replace("-", "_"): value for key, value in section.items() if value is not None}
 
 
 @contextlib.contextmanager
