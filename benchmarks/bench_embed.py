@@ -1,0 +1,151 @@
+"""End-to-end ``raptorz embed`` throughput against the in-process kernel.
+
+CPU (default): converts ``--volumes`` random volumes of ``--size``^3, then times
+
+* the in-process kernel (:func:`raptorz.kernel.embed_block`, model already loaded);
+* ``raptorz embed`` as a user runs it (a fresh process, its own LocalCluster, model
+  loading, store writes) with 1 and 2 workers, splitting the CPUs between them;
+
+and prints volumes/s and the overhead of the end-to-end run over the kernel.
+
+GPU (``--gpu``): slices/s of the kernel with the default DINOv2 ViT-L/14 architecture in
+bf16 (random weights: speed does not depend on them) on one 182 x 218 x 182 volume (the
+UK Biobank grid, 582 slices) and of the bare encoder forward, for a few batch sizes.
+
+    python benchmarks/bench_embed.py [--volumes 8 --size 32 --encoder raptorz_tiny_dinov2]
+    python benchmarks/bench_embed.py --gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from safetensors.torch import save_file
+
+from raptorz.encoders import DEFAULT_ENCODER, SMALL_ENCODERS, create_encoder
+from raptorz.kernel import KernelSettings, embed_block
+from raptorz.projection import create_projector
+from raptorz.volumes import convert, open_volumes
+
+
+def random_weights(name: str, path: Path) -> Path:
+    """Save timm's random initialisation of encoder ``name`` (no download needed)."""
+    architecture, kwargs = SMALL_ENCODERS.get(name, (name.split(".")[0], {}))
+    model = timm.create_model(architecture, pretrained=False, img_size=224, num_classes=0,
+                              **kwargs)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def cpu(args: argparse.Namespace) -> None:
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        images = np.random.default_rng(0).integers(
+            0, 256, (args.volumes, args.size, args.size, args.size), dtype=np.uint8)
+        np.savez(folder / "m.npz", train_images=images,
+                 train_labels=np.zeros((args.volumes, 1)), val_images=images[:0],
+                 val_labels=np.zeros((0, 1)), test_images=images[:0],
+                 test_labels=np.zeros((0, 1)))
+        volumes = folder / "volumes.zarr"
+        convert([folder / "m.npz"], volumes, chunk=1, workers=1)
+        weights = random_weights(args.encoder, folder / "weights.safetensors")
+        projector = create_projector(0, create_encoder(args.encoder, weights=weights,
+                                                       device="cpu").embed_dim, 100)
+        np.save(folder / "p.npy", projector.matrix)
+
+        torch.set_num_threads(cores)
+        start = time.perf_counter()
+        encoder = create_encoder(args.encoder, weights=weights, device="cpu")
+        load = time.perf_counter() - start
+        block = open_volumes(volumes)["volume"].values
+        start = time.perf_counter()
+        for one in block:  # one volume at a time, as each task of the run embeds its chunk
+            embed_block(one[None], encoder, [projector], KernelSettings())
+        kernel = time.perf_counter() - start
+        rows = [("in-process kernel", cores, kernel, kernel, args.volumes / kernel, 1.0)]
+        print(f"(model load in process: {load:.2f} s, not counted in the kernel row)")
+        for workers in (1, 2):
+            output = folder / f"e{workers}.zarr"
+            command = [sys.executable, "-m", "raptorz.cli.main", "embed", str(volumes),
+                       "-o", str(output), "--projector", str(folder / "p.npy"),
+                       "--encoder", args.encoder, "--weights", str(weights),
+                       "--cluster", "local", "--workers", str(workers),
+                       "--threads", str(max(1, cores // workers)),
+                       "--dashboard-address", ":0"]
+            start = time.perf_counter()
+            done = subprocess.run(command, check=True, capture_output=True, text=True)
+            wall = time.perf_counter() - start
+            # the run itself, after the cluster started: "(8 this run, 5.1 s)"
+            inside = float(re.search(r"this run, ([\d.]+) s", done.stdout)[1])  # type: ignore[index]
+            rows.append((f"raptorz embed, {workers} worker(s)", max(1, cores // workers),
+                         wall, inside, args.volumes / wall, wall / kernel))
+    print(f"\n{args.volumes} volumes of {args.size}^3 ({3 * args.size} slices each), "
+          f"encoder {args.encoder}, K=100, {cores} CPU cores\n")
+    print(f"| {'run':<28} | threads/worker | wall s | of which run s | volumes/s "
+          "| x kernel time |")
+    print(f"|{'-' * 30}|{'-' * 16}|{'-' * 8}|{'-' * 16}|{'-' * 11}|{'-' * 15}|")
+    for name, threads, wall, inside, rate, ratio in rows:
+        print(f"| {name:<28} | {threads:>14} | {wall:>6.2f} | {inside:>14.2f} | {rate:>9.2f} "
+              f"| {ratio:>13.2f} |")
+    print("\nwall: the whole command (interpreter start, cluster start, model load per "
+          "worker, writes);\nrun: embed() after the cluster is up (model load and writes "
+          "included).")
+
+
+def gpu(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = random_weights(DEFAULT_ENCODER, Path(tmp) / "vitl.safetensors")
+        encoder = create_encoder(DEFAULT_ENCODER, weights=weights, device="cuda",
+                                 precision="bf16")
+    print(f"{torch.cuda.get_device_name()}; {encoder}")
+    projector = create_projector(0, encoder.embed_dim, 100)
+    volume = np.random.default_rng(0).random((1, 182, 218, 182), dtype=np.float32)
+    print("| batch | encoder forward slices/s | kernel slices/s (582-slice volume) |")
+    print("|-------|--------------------------|------------------------------------|")
+    for batch in args.batches:
+        images = torch.randn(batch, 3, 224, 224, device="cuda")
+        for _ in range(3):
+            encoder.encode(images)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(10):
+            encoder.encode(images)
+        torch.cuda.synchronize()
+        forward = 10 * batch / (time.perf_counter() - start)
+        settings = KernelSettings(batch_size=batch, dedup=False)
+        embed_block(volume, encoder, [projector], settings)  # warm-up
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = embed_block(volume, encoder, [projector], settings)
+        torch.cuda.synchronize()
+        kernel = result.slices / (time.perf_counter() - start)
+        print(f"| {batch:>5} | {forward:>24.0f} | {kernel:>34.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--volumes", type=int, default=8)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--encoder", default="raptorz_tiny_dinov2")
+    parser.add_argument("--gpu", action="store_true", help="DINOv2-L bf16 slices/s on CUDA")
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256])
+    args = parser.parse_args()
+    if args.gpu:
+        gpu(args)
+    else:
+        cpu(args)
+
+
+if __name__ == "__main__":
+    main()
