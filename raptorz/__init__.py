@@ -2,6 +2,9 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from raptorz.cluster import create_cluster
+from raptorz.embed import EmbedSummary, embed
+from raptorz.embeddings import add_projections, export_npy, open_embeddings
 from raptorz.encoders import DEFAULT_ENCODER, Encoder, create_encoder
 from raptorz.errors import InputError, RaptorzError, RaptorzWarning
 from raptorz.intensity import Intensity, parse_intensity
@@ -33,6 +36,12 @@ __all__ = [
     "open_volumes",
     "parse_intensity",
     "store_info",
+    "EmbedSummary",
+    "add_projections",
+    "create_cluster",
+    "embed",
+    "export_npy",
+    "open_embeddings",
     "InputError",
     "RaptorzError",
     "RaptorzWarning",

@@ -142,7 +142,8 @@ def embed(
     start, many
         Embed only ids ``start`` to ``start + many`` (the original's job splitting).
     torch_threads
-        Torch threads per worker for CPU work (default: the worker's own setting).
+        Torch threads per worker for CPU work (default: every CPU for the default
+        cluster, else the worker's own setting, which a Dask nanny sets to 1).
     progress
         Show a progress bar (a widget in Jupyter) and print the dashboard address.
 
@@ -168,6 +169,8 @@ def embed(
     todo = _todo(volumes, output if exists else None, selected)
     if not todo.any():
         return _summary(output, ids, selected, 0, began)
+    if cluster is None and torch_threads is None:
+        torch_threads = os.cpu_count()  # the default cluster's one CPU worker gets them all
     with _client(cluster) as client:
         if progress:
             print(f"raptorz embed: dashboard at {client.dashboard_link}", file=sys.stderr)
