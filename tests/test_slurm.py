@@ -86,6 +86,21 @@ def test_jobqueue_config_file_and_flags(tmp_path: Path) -> None:
         assert directive in lines, script
 
 
+def test_hpc_guide_config_makes_a_gpu_job(tmp_path: Path) -> None:
+    """The complete configuration file of docs/hpc.md works as printed."""
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "hpc.md").read_text()
+    config = tmp_path / "jobqueue.yaml"
+    text = guide.split("```yaml\n", 1)[1].split("```", 1)[0]
+    config.write_text(text.replace("interface: ib0", "interface: lo"))  # no InfiniBand here
+    lines = _script("slurm", config=config).splitlines()
+    for directive in ("#SBATCH -p gpu", "#SBATCH -A my-lab", "#SBATCH --gres=gpu:1",
+                      "#SBATCH -t 08:00:00", "#SBATCH --cpus-per-task=8"):
+        assert directive in lines
+    worker = next(line for line in lines if "dask_worker" in line)
+    assert "--resources GPU=1" in worker and "--lifetime 7h50m" in worker
+    assert "export HF_HUB_OFFLINE=1" in lines
+
+
 @pytest.fixture(scope="session")
 def slurm() -> Iterator[dict[str, str]]:
     """A real single-node SLURM, started for the session and stopped after it."""
