@@ -108,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"{summary.output}: {summary.ok} embedded, {summary.failed} failed, of "
               f"{summary.total} ({summary.computed} this run, {summary.seconds:.1f} s)")
-    return 0 if summary.failed == 0 else 1
+    if summary.pending:
+        print(f"{summary.pending} volumes still pending: rerun to retry them", file=sys.stderr)
+    return 0 if summary.failed == 0 and summary.pending == 0 else 1
 
 
 @contextlib.contextmanager

@@ -84,7 +84,8 @@ class EmbedSummary:
     output
         The embeddings store.
     total, ok, failed
-        Volumes in the selected range, and how many of them are embedded / failed now.
+        Volumes in the selected range, and how many of them are embedded / failed now;
+        the rest are still pending (a task that kept failing, e.g. ``KilledWorker``).
     computed
         Volumes embedded (or attempted) by this call; 0 when there was nothing to do.
     errors
@@ -100,6 +101,11 @@ class EmbedSummary:
     computed: int
     errors: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+
+    @property
+    def pending(self) -> int:
+        """Volumes of the range neither embedded nor failed: a rerun will retry them."""
+        return self.total - self.ok - self.failed
 
     @property
     def nothing_to_do(self) -> bool:

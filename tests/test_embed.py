@@ -182,10 +182,23 @@ def test_failed_volumes_are_recorded(client: Client, tmp_path: Path,
     ds = open_embeddings(output)
     np.testing.assert_allclose(ds["p5"].values[[0, 3]], result.projections["p5"], **TOLERANCE)
     assert np.isnan(ds["p5"].values[1]).all()
-    # a rerun retries the kernel failure, not the volume that failed to convert
-    again = embed(store, output, PROJECTORS, encoder=name, weights=weights,
-                  settings=SETTINGS, cluster=client, progress=False)
-    assert (again.computed, again.failed) == (1, 2)
+    # a rerun retries the kernel failure, not the volume that failed to convert; the
+    # command line lists the failures and exits with 1
+    np.save(tmp_path / "p5.npy", PROJECTORS[0].matrix)
+    np.save(tmp_path / "p3.npy", PROJECTORS[1].matrix)
+    again = subprocess.run(
+        _cli(store, "-o", output, "--encoder", name, "--weights", weights, "--keep-tokens",
+             "--batch-size", "32", "--projector", tmp_path / "p5.npy", "--projector",
+             tmp_path / "p3.npy", "--cluster", client.scheduler.address),
+        capture_output=True, text=True, timeout=600)
+    assert again.returncode == 1, again.stderr
+    assert "2 embedded, 2 failed, of 4 (1 this run" in again.stdout
+    assert "failed: c: volume not converted (failed): unreadable header" in again.stderr
+    refused = subprocess.run(
+        _cli(store, "-o", output, "--encoder", name, "--weights", weights, "--planes", "A,C",
+             "--projector", tmp_path / "p5.npy", "--cluster", client.scheduler.address),
+        capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "other settings" in refused.stderr
 
 
 def test_worker_killed_mid_run(client: Client, many_volumes: Path, tmp_path: Path,
