@@ -72,7 +72,8 @@ def register(subparsers: Any) -> None:
     dask.add_argument("--gpus-per-job", type=int, default=0,
                       help="batch: GPUs per job (one pinned worker per GPU)")
     dask.add_argument("--job-extra", action="append", default=[], metavar="DIRECTIVE",
-                      help="batch: extra job-script directive; repeatable")
+                      help="batch: extra job-script directive, repeatable; write "
+                      "--job-extra=--exclusive for one that starts with a dash")
     dask.add_argument("--job-prologue", action="append", default=[], metavar="COMMAND",
                       help="batch: shell command run before the worker, e.g. module load")
     dask.add_argument("--job-log-dir", type=Path, help="batch: where job logs go")

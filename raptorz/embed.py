@@ -236,7 +236,7 @@ def _groups(indices: np.ndarray, chunk: int) -> list[np.ndarray]:
     """``indices`` grouped by the volumes chunk that holds them."""
     if len(indices) == 0:
         return []
-    return [g for g in np.split(indices, np.flatnonzero(np.diff(indices // chunk)) + 1)]
+    return list(np.split(indices, np.flatnonzero(np.diff(indices // chunk)) + 1))
 
 
 def _attrs(volumes: Path, source_attrs: dict[str, Any], settings: KernelSettings,

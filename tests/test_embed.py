@@ -103,6 +103,7 @@ def _projector_files(folder: Path) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_two_workers_equal_in_process_kernel(client: Client, volumes: Path, tmp_path: Path,
                                              tiny_vit_weights: tuple[str, Path]) -> None:
     output = tmp_path / "embeddings.zarr"
@@ -201,6 +202,7 @@ def test_failed_volumes_are_recorded(client: Client, tmp_path: Path,
     assert refused.returncode == 2 and "other settings" in refused.stderr
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_run(client: Client, many_volumes: Path, tmp_path: Path,
                                tiny_vit_weights: tuple[str, Path]) -> None:
     output = tmp_path / "embeddings.zarr"
