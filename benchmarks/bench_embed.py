@@ -104,31 +104,38 @@ def cpu(args: argparse.Namespace) -> None:
 
 
 def gpu(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     with tempfile.TemporaryDirectory() as tmp:
-        weights = random_weights(DEFAULT_ENCODER, Path(tmp) / "vitl.safetensors")
-        encoder = create_encoder(DEFAULT_ENCODER, weights=weights, device="cuda",
-                                 precision="bf16")
-    print(f"{torch.cuda.get_device_name()}; {encoder}")
+        weights = random_weights(args.gpu_encoder, Path(tmp) / "weights.safetensors")
+        encoder = create_encoder(args.gpu_encoder, weights=weights, device=args.device,
+                                 precision=args.precision)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"{name}; {encoder}")
     projector = create_projector(0, encoder.embed_dim, 100)
     volume = np.random.default_rng(0).random((1, 182, 218, 182), dtype=np.float32)
     print("| batch | encoder forward slices/s | kernel slices/s (582-slice volume) |")
     print("|-------|--------------------------|------------------------------------|")
     for batch in args.batches:
-        images = torch.randn(batch, 3, 224, 224, device="cuda")
+        images = torch.randn(batch, 3, 224, 224, device=device)
         for _ in range(3):
             encoder.encode(images)
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         for _ in range(10):
             encoder.encode(images)
-        torch.cuda.synchronize()
+        sync()
         forward = 10 * batch / (time.perf_counter() - start)
         settings = KernelSettings(batch_size=batch, dedup=False)
         embed_block(volume, encoder, [projector], settings)  # warm-up
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         result = embed_block(volume, encoder, [projector], settings)
-        torch.cuda.synchronize()
+        sync()
         kernel = result.slices / (time.perf_counter() - start)
         print(f"| {batch:>5} | {forward:>24.0f} | {kernel:>34.0f} |")
 
@@ -139,6 +146,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--encoder", default="raptorz_tiny_dinov2")
     parser.add_argument("--gpu", action="store_true", help="DINOv2-L bf16 slices/s on CUDA")
+    parser.add_argument("--gpu-encoder", default=DEFAULT_ENCODER, help="--gpu: architecture")
+    parser.add_argument("--device", default="cuda", help="--gpu: torch device")
+    parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256])
     args = parser.parse_args()
     if args.gpu:

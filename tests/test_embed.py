@@ -24,6 +24,7 @@ from distributed import Client
 from vit_fixtures import write_tiny_vit
 
 from raptorz import _store
+from raptorz.cli.main import main
 from raptorz.cluster import create_cluster
 from raptorz.embed import embed
 from raptorz.embeddings import open_embeddings
@@ -147,6 +148,13 @@ def test_other_settings_are_refused(client: Client, volumes: Path, tmp_path: Pat
         embed(volumes, other, PROJECTORS[:1], encoder=name,
               weights=write_tiny_vit(tmp_path / "other.safetensors", seed=1),
               settings=SETTINGS, cluster=client, progress=False)
+
+
+def test_cli_refuses_an_unknown_cluster(volumes: Path, tmp_path: Path) -> None:
+    np.save(tmp_path / "p5.npy", PROJECTORS[0].matrix)
+    code = main(["embed", str(volumes), "-o", str(tmp_path / "e.zarr"), "--projector",
+                 str(tmp_path / "p5.npy"), "--cluster", "kubernetes"])
+    assert code == 2 and not (tmp_path / "e.zarr").exists()
 
 
 def _volumes_with_failures(path: Path) -> np.ndarray:
