@@ -92,6 +92,11 @@ def _assert_matches(output: Path, reference: dict[str, np.ndarray],
                                    err_msg=name)
 
 
+def _encoders_loaded() -> list[int]:
+    """On a worker: the ids of the encoders its process holds (one model per process)."""
+    return [id(encoder) for encoder in sys.modules["raptorz.embed"]._ENCODERS.values()]
+
+
 def _cli(*args: str | Path) -> list[str]:
     return [sys.executable, "-m", "raptorz.cli.main", "embed", *map(str, args)]
 
@@ -195,6 +200,8 @@ def test_failed_volumes_are_recorded(client: Client, tmp_path: Path,
     # command line lists the failures and exits with 1
     np.save(tmp_path / "p5.npy", PROJECTORS[0].matrix)
     np.save(tmp_path / "p3.npy", PROJECTORS[1].matrix)
+    loaded = client.run(_encoders_loaded)
+    assert all(len(ids) <= 1 for ids in loaded.values()) and any(loaded.values())
     again = subprocess.run(
         _cli(store, "-o", output, "--encoder", name, "--weights", weights, "--keep-tokens",
              "--batch-size", "32", "--projector", tmp_path / "p5.npy", "--projector",
@@ -203,6 +210,7 @@ def test_failed_volumes_are_recorded(client: Client, tmp_path: Path,
     assert again.returncode == 1, again.stderr
     assert "2 embedded, 2 failed, of 4 (1 this run" in again.stdout
     assert "failed: c: volume not converted (failed): unreadable header" in again.stderr
+    assert client.run(_encoders_loaded) == loaded  # the same models: loaded once per worker
     refused = subprocess.run(
         _cli(store, "-o", output, "--encoder", name, "--weights", weights, "--planes", "A,C",
              "--projector", tmp_path / "p5.npy", "--cluster", client.scheduler.address),
