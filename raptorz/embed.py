@@ -166,12 +166,12 @@ def embed(
     selected = _selection(len(ids), start, many)
     options = EncoderOptions(encoder, None if weights is None else str(Path(weights).resolve()),
                              precision)
-    identity = {"source": _store.json_attr(source.attrs),
-                "settings": _store.json_attr(_identity_settings(settings))}
+    attrs = _attrs(volumes, source.attrs, settings, projectors=loaded)
     exists = _store.store_kind(output) is not None
     if exists:
         _store.require_kind(output, KIND)
-        check_identity(output, ids, identity, [p.provenance() for p in loaded])
+        check_identity(output, ids, attrs, [p.provenance() for p in loaded],
+                       keys=("source", "settings"))  # the encoder is not loaded yet
     todo = _todo(volumes, output if exists else None, selected)
     if not todo.any():
         return _summary(output, ids, selected, 0, began)
@@ -188,7 +188,7 @@ def embed(
             token_kind=token_kinds(info["num_tokens"], info["num_prefix_tokens"],
                                    keep_prefix=settings.tokens == "all"),
             embed_dim=info["embed_dim"], keep_tokens=settings.keep_tokens,
-            attrs=_attrs(volumes, source.attrs, settings, info, loaded, identity),
+            attrs={**attrs, "encoder": info},
         )
         create_embeddings(output, template)
         todo = _todo(volumes, output, selected)  # another process may have done some
@@ -209,13 +209,6 @@ def _selection(n: int, start: int, many: int | None) -> np.ndarray:
     mask = np.zeros(n, bool)
     mask[start: None if many is None else start + many] = True
     return mask
-
-
-def _identity_settings(settings: KernelSettings) -> dict[str, Any]:
-    """The settings that change the stored numbers (the batch size does not)."""
-    values = dataclasses.asdict(settings)
-    values.pop("batch_size")
-    return values
 
 
 def _todo(volumes: Path, output: Path | None, selected: np.ndarray) -> np.ndarray:
@@ -239,18 +232,14 @@ def _groups(indices: np.ndarray, chunk: int) -> list[np.ndarray]:
     return list(np.split(indices, np.flatnonzero(np.diff(indices // chunk)) + 1))
 
 
-def _attrs(volumes: Path, source_attrs: dict[str, Any], settings: KernelSettings,
-           info: dict[str, Any], projectors: Sequence[Projector],
-           identity: dict[str, Any]) -> dict[str, Any]:
-    """Provenance attributes of a new embeddings store."""
-    stable = {k: v for k, v in info.items() if k not in ("device", "weights_source")}
+def _attrs(volumes: Path, source_attrs: dict[str, Any], settings: KernelSettings, *,
+           projectors: Sequence[Projector]) -> dict[str, Any]:
+    """Provenance attributes of a new embeddings store (the encoder's come from a worker)."""
     return {
         **_store.provenance(),
-        "encoder": info,
         "settings": dataclasses.asdict(settings),
         "projectors": {p.name: p.provenance() for p in projectors},
         "source": {"path": str(volumes), "attrs": source_attrs},
-        "identity": {**identity, "encoder": stable},
     }
 
 

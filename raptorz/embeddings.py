@@ -20,7 +20,7 @@ Coordinates: ``id`` (the volume ids of ``volumes.zarr``), ``plane`` (``A``, ``C`
 of the chosen planes), ``token`` (index) with ``token_kind(token)`` = ``cls``,
 ``register`` or ``patch``. Attributes: ``projectors`` (name -> seed, dim, k, checksum),
 ``encoder``, ``settings``, ``source`` (the volumes store's path and attributes),
-``identity`` (what a rerun must match), versions and time.
+versions and time. A rerun must match the :func:`identity` of these.
 
 The id-chunk is one volume (an embedding is ~300 KB at K = 100), so that any split of
 the ids (``--start`` / ``--many``) gives writers disjoint chunks.
@@ -134,14 +134,34 @@ def create_embeddings(path: str | Path, template: xr.Dataset) -> bool:
             return True
         except OSError:  # another process renamed its template first
             shutil.rmtree(scratch, ignore_errors=True)
-    check_identity(path, template["id"].values, template.attrs["identity"],
+    check_identity(path, template["id"].values, template.attrs,
                    list(template.attrs["projectors"].values()))
     return False
 
 
+#: Attributes that may differ between runs into one store: they change no stored number.
+VOLATILE: Final = {"settings": ("batch_size",), "encoder": ("device", "weights_source")}
+IDENTITY_KEYS: Final = ("source", "settings", "encoder")
+
+
+def identity(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """What a run into a store must share with it: the source store's attributes, the
+    kernel settings and the encoder (weights checksum, precision...), less :data:`VOLATILE`.
+    """
+    attrs = _store.json_attr(dict(attrs))
+    out = {key: attrs.get(key) for key in IDENTITY_KEYS}
+    out["source"] = (out["source"] or {}).get("attrs")
+    for key, volatile in VOLATILE.items():
+        value = out[key]
+        if isinstance(value, dict):
+            out[key] = {k: v for k, v in value.items() if k not in volatile}
+    return out
+
+
 def check_identity(path: str | Path, ids: Sequence[str] | np.ndarray,
-                   identity: Mapping[str, Any], projectors: Sequence[Mapping[str, Any]]) -> None:
-    """Refuse an existing store made for other ids, settings or projectors.
+                   attrs: Mapping[str, Any], projectors: Sequence[Mapping[str, Any]],
+                   keys: Sequence[str] = IDENTITY_KEYS) -> None:
+    """Refuse an existing store made for other ids, source, settings, encoder or projectors.
 
     Parameters
     ----------
@@ -149,21 +169,22 @@ def check_identity(path: str | Path, ids: Sequence[str] | np.ndarray,
         The existing embeddings store.
     ids
         The volume ids of the source store.
-    identity
-        Entries that must equal those of the store's ``identity`` attribute (only the
-        keys given are compared, so a check can run before the encoder is known).
+    attrs
+        The attributes of the run (as a new store would get them).
     projectors
         Provenance of the projectors asked for: each must be in the store, the same.
+    keys
+        The parts of the :func:`identity` to compare (a check before the encoder is
+        loaded leaves out ``encoder``).
     """
     existing = open_embeddings(path)
     if list(existing["id"].values.tolist()) != [str(i) for i in ids]:
         raise InputError(path, "was made for other volume ids than this volumes store; "
                          "write to a new output")
-    theirs = _store.json_attr(existing.attrs.get("identity", {}))
-    mine = _store.json_attr(dict(identity))
-    differ = sorted(key for key in mine if mine[key] != theirs.get(key))
+    theirs, mine = identity(existing.attrs), identity(attrs)
+    differ = [key for key in keys if mine[key] != theirs[key]]
     if differ:
-        details = "; ".join(f"{key}: store {theirs.get(key)!r}, now {mine[key]!r}"
+        details = "; ".join(f"{key}: store {theirs[key]!r}, now {mine[key]!r}"
                             for key in differ)
         raise InputError(path, f"was made with other settings ({details}); rerun with the "
                          "same ones or write to a new output")

@@ -30,11 +30,14 @@ IDS = ["sub-01", "sub-02", "sub-03", "sub-04"]
 DIM, TOKENS = 8, 5  # 1 CLS + 4 patch tokens
 
 
-def _template(projectors: list[Projector], identity: dict | None = None):
+def _template(projectors: list[Projector], planes: tuple[int, ...] = (0, 2),
+              batch_size: int = 8):
     return embeddings_template(
         IDS, plane_names=["A", "S"], projectors=projectors,
         token_kind=token_kinds(TOKENS, 1, keep_prefix=True), embed_dim=DIM, keep_tokens=True,
-        attrs={"identity": identity or {"settings": {"planes": [0, 2]}},
+        attrs={"settings": {"planes": planes, "batch_size": batch_size},
+               "encoder": {"weights_checksum": "abc", "device": "cpu"},
+               "source": {"path": "volumes.zarr", "attrs": {"created": "today"}},
                "projectors": {p.name: p.provenance() for p in projectors}})
 
 
@@ -100,14 +103,15 @@ def test_identity_mismatch_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "e.zarr"
     p5 = create_projector(0, DIM, 5, "p5")
     create_embeddings(path, _template([p5]))
+    assert not create_embeddings(path, _template([p5], batch_size=64))  # no other numbers
     with pytest.raises(InputError, match="settings: store"):
-        create_embeddings(path, _template([p5], {"settings": {"planes": [0, 1, 2]}}))
+        create_embeddings(path, _template([p5], planes=(0, 1, 2)))
     with pytest.raises(InputError, match="another projector named 'p5'"):
         create_embeddings(path, _template([create_projector(9, DIM, 5, "p5")]))
     with pytest.raises(InputError, match="no projector 'q'"):
-        check_identity(path, IDS, {}, [create_projector(0, DIM, 5, "q").provenance()])
+        check_identity(path, IDS, {}, [create_projector(0, DIM, 5, "q").provenance()], keys=())
     with pytest.raises(InputError, match="other volume ids"):
-        check_identity(path, IDS[:3], {}, [])
+        check_identity(path, IDS[:3], {}, [], keys=())
     with pytest.raises(InputError, match="reserved"):
         _template([create_projector(0, DIM, 5, "tokens")])
 
