@@ -243,6 +243,9 @@ def export_npy(path: str | Path, directory: str | Path,
                              f"{', '.join(projector_names(ds))})")
     done = np.flatnonzero(_store.read_status(path) == _store.OK)
     ids = ds["id"].values.tolist()
+    for index in done:
+        if ids[index] in ("", ".", "..") or Path(ids[index]).name != ids[index]:
+            raise InputError(path, f"volume id {ids[index]!r} cannot be a file name")
     written = 0
     for name in names:
         folder = Path(directory) / name

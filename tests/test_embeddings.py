@@ -162,3 +162,14 @@ def test_reproject_needs_tokens(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="keep-tokens"):
         add_projections(path, [create_projector(1, DIM, 2, "q")])
     assert main(["reproject", str(path), "--projector", str(tmp_path / "missing.npy")]) == 2
+
+
+def test_export_refuses_ids_that_are_paths(tmp_path: Path) -> None:
+    path = tmp_path / "e.zarr"
+    template = _template([create_projector(0, DIM, 5, "p5")])
+    template = template.assign_coords(id=_store.as_strings(["a", "../escape", "c", "d"]))
+    create_embeddings(path, template)
+    _store.write_chunk(path, {}, slice(1, 2), np.array([_store.OK]), [""])
+    with pytest.raises(InputError, match="'../escape' cannot be a file name"):
+        export_npy(path, tmp_path / "npy")
+    assert not (tmp_path / "escape").exists()
