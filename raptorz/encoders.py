@@ -43,6 +43,11 @@ SMALL_ENCODERS: Mapping[str, tuple[str, Mapping[str, Any]]] = MappingProxyType({
     ),
 })
 
+#: ``weights=RANDOM_WEIGHTS``: timm's initial weights drawn with seed 0, for demos and
+#: benchmarks where no real weights can be had. The pipeline runs; the embeddings mean
+#: nothing. The provenance says so (``weights_source == "random"``).
+RANDOM_WEIGHTS = "random"
+
 #: Hugging Face transformers copies of the DINOv2 weights, by timm architecture.
 TRANSFORMERS_REPOS: Mapping[str, str] = MappingProxyType({
     "vit_small_patch14_dinov2": "facebook/dinov2-small",
@@ -145,8 +150,8 @@ def create_encoder(name: str = DEFAULT_ENCODER, *, weights: str | Path | None = 
         :data:`SMALL_ENCODERS`.
     weights
         A local weights file (safetensors or PyTorch state dict) in timm's, the original
-        DINOv2 or the transformers layout. Without it, the Hugging Face cache and then
-        the hub are used.
+        DINOv2 or the transformers layout, or :data:`RANDOM_WEIGHTS`. Without it, the
+        Hugging Face cache and then the hub are used.
     device
         ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available, else CPU.
     precision
@@ -167,7 +172,6 @@ def create_encoder(name: str = DEFAULT_ENCODER, *, weights: str | Path | None = 
     >>> enc = create_encoder("vit_small_patch14_dinov2",
     ...                      weights="dinov2_vits14.pth")  # doctest: +SKIP
     """
-    import timm
 
     architecture, small_kwargs = _resolve_name(name)
     kwargs: dict[str, Any] = {**small_kwargs, "img_size": img_size, "num_classes": 0,
@@ -177,20 +181,36 @@ def create_encoder(name: str = DEFAULT_ENCODER, *, weights: str | Path | None = 
     chosen: Precision = precision or ("bf16" if torch_device.type == "cuda" else "fp32")
     if chosen not in _PRECISION_DTYPES:
         raise RaptorzError(f"precision {chosen!r} is not one of fp32, bf16, fp16")
-    cached = None if weights is not None else _find_cached(name, architecture)
-    path = Path(weights) if weights is not None else cached
-    if path is not None:
-        try:
-            model = timm.create_model(architecture, pretrained=False, **kwargs)
-        except RuntimeError as error:  # timm: unknown model
-            raise RaptorzError(f"encoder {name!r}: {error}") from error
-        _load_file(model, path)
-        source = str(path)
+    if isinstance(weights, str) and weights == RANDOM_WEIGHTS:
+        # a private RNG state: seeded, and the caller's global generator is left alone
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = _build(name, architecture, kwargs)
+        source = RANDOM_WEIGHTS
     else:
-        model, source = _load_from_hub(name, architecture, kwargs)
+        path = Path(weights) if weights is not None else _find_cached(name, architecture)
+        if path is not None:
+            model = _build(name, architecture, kwargs)
+            _load_file(model, path)
+            source = str(path)
+        else:
+            model, source = _load_from_hub(name, architecture, kwargs)
     model.eval().requires_grad_(False).to(torch_device)
     return Encoder(name, model, device=torch_device, precision=chosen, img_size=img_size,
                    weights_source=source)
+
+
+def weights_available(name: str = DEFAULT_ENCODER) -> bool:
+    """Whether :func:`create_encoder` finds weights for ``name`` without a file or network.
+
+    True when timm's copy or (for DINOv2) the transformers copy is in the Hugging Face
+    cache. Weights the hub could still deliver online are not counted: checking would
+    need the network.
+    """
+    architecture, _ = _resolve_name(name)
+    if name in SMALL_ENCODERS:
+        return False
+    return _timm_cached(architecture) or _find_cached(name, architecture) is not None
 
 
 def weights_checksum(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -274,6 +294,16 @@ def _load_file(model: torch.nn.Module, path: Path) -> None:
         model.load_state_dict(state_dict, strict=True)
     except (RuntimeError, KeyError, ValueError) as error:
         raise InputError(path, f"weights do not fit this architecture: {error}") from error
+
+
+def _build(name: str, architecture: str, kwargs: Mapping[str, Any]) -> torch.nn.Module:
+    """The architecture with timm's initial weights."""
+    import timm
+
+    try:
+        return timm.create_model(architecture, pretrained=False, **kwargs)
+    except RuntimeError as error:  # timm: unknown model
+        raise RaptorzError(f"encoder {name!r}: {error}") from error
 
 
 def _resolve_name(name: str) -> tuple[str, Mapping[str, Any]]:

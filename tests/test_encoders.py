@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 from vit_fixtures import TINY_ENCODER, tiny_vit_state_dict
 
-from raptorz.encoders import SMALL_ENCODERS, create_encoder, weights_checksum
+from raptorz.encoders import RANDOM_WEIGHTS, SMALL_ENCODERS, create_encoder, weights_checksum
 from raptorz.errors import InputError, RaptorzError
 
 ARCH, ARCH_KWARGS = SMALL_ENCODERS[TINY_ENCODER]
@@ -163,7 +163,8 @@ def test_unknown_encoder_names_are_refused(tiny_vit_weights: tuple[str, Path]) -
 
 @pytest.mark.slow
 def test_offline_cache_and_missing_weights(tmp_path: Path) -> None:
-    """Offline: a transformers copy in the HF cache is found; without it, a helpful error."""
+    """Offline: a transformers copy in the HF cache is found (and reported available);
+    without it, a helpful error."""
     cache = tmp_path / "hub"
     snapshot = cache / "models--facebook--dinov2-small" / "snapshots" / "0123abc"
     snapshot.mkdir(parents=True)
@@ -172,8 +173,10 @@ def test_offline_cache_and_missing_weights(tmp_path: Path) -> None:
     at_518 = tiny_vit_state_dict(seed=4, img_size=518)
     save_file(to_transformers_layout(at_518), str(snapshot / "model.safetensors"))
     script = textwrap.dedent("""
-        from raptorz.encoders import create_encoder
+        from raptorz.encoders import create_encoder, weights_available
         from raptorz.errors import RaptorzError
+        print("AVAILABLE", weights_available("vit_small_patch14_dinov2.lvd142m"),
+              weights_available(), weights_available("raptorz_tiny_dinov2"))
         enc = create_encoder("vit_small_patch14_dinov2.lvd142m", depth=2, embed_dim=64,
                              num_heads=2)
         print("SOURCE", enc.weights_source)
@@ -186,7 +189,19 @@ def test_offline_cache_and_missing_weights(tmp_path: Path) -> None:
            "HF_HOME": str(tmp_path / "home")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             env=env, check=True)
+    assert "AVAILABLE True False False" in result.stdout  # small cached, large absent
     assert f"SOURCE {snapshot / 'model.safetensors'}" in result.stdout
     error = result.stdout.split("ERROR", 1)[1]
     assert str(cache) in error and "HF_HUB_OFFLINE=1" in error
     assert "--weights FILE" in error and "facebook/dinov2-base" in error
+
+
+def test_random_weights_are_seeded_and_leave_the_global_rng_alone() -> None:
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    first = create_encoder(TINY_ENCODER, weights=RANDOM_WEIGHTS)
+    assert torch.equal(torch.rand(3), expected)
+    second = create_encoder(TINY_ENCODER, weights=RANDOM_WEIGHTS)
+    assert first.checksum == second.checksum
+    assert first.provenance()["weights_source"] == "random"
