@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         f"among {', '.join(f'{c:g}' for c in PENALTIES)} (the paper's "
                         "protocol); mlp: the original tool's MLP (default linear)")
     defaults = HeadSettings()
+    parser.add_argument("--max-iter", type=int, default=defaults.max_iter,
+                        help="linear: L-BFGS iterations per penalty at most (default "
+                        f"{defaults.max_iter}, scikit-learn's)")
     parser.add_argument("--layers", type=int, default=defaults.layers,
                         help=f"MLP layers (default {defaults.layers})")
     parser.add_argument("--dropout", type=float, default=defaults.dropout,
@@ -71,11 +74,13 @@ def run(args: argparse.Namespace) -> int:
     from raptorz.errors import RaptorzError, RaptorzWarning
     from raptorz.fit import FitSettings, fit
 
-    if args.layers < 1 or args.epochs < 1 or args.bootstrap < 0 or not 0 <= args.dropout < 1:
-        raise RaptorzError("--layers and --epochs must be at least 1, --bootstrap at least 0 "
-                           "and --dropout in [0, 1)")
-    head = HeadSettings(head=args.head, layers=args.layers, dropout=args.dropout,
-                        epochs=args.epochs, patience=args.patience, lr=args.lr, seed=args.seed)
+    if (min(args.layers, args.epochs, args.max_iter) < 1 or args.bootstrap < 0
+            or not 0 <= args.dropout < 1):
+        raise RaptorzError("--layers, --epochs and --max-iter must be at least 1, --bootstrap "
+                           "at least 0 and --dropout in [0, 1)")
+    head = HeadSettings(head=args.head, max_iter=args.max_iter, layers=args.layers,
+                        dropout=args.dropout, epochs=args.epochs, patience=args.patience,
+                        lr=args.lr, seed=args.seed)
     targets = tuple(t.strip() for t in args.targets.split(",")) if args.targets else ()
     settings = FitSettings(projector=args.projector, task=args.task, targets=targets,
                            head=head, memory_budget=args.memory_budget,

@@ -238,22 +238,24 @@ def _fit_linear(task: FittedTask, y: np.ndarray, truth: np.ndarray, n_classes: i
         return value, np.concatenate([(grad_w + weight / c).ravel(), g_sum]) / n
 
     groups = [list(range(n_out))] if task == "classification" else [[j] for j in range(n_out)]
-    theta = np.zeros(n_features * n_out + n_out)
     best: list[tuple[float, float]] = [(-np.inf, -np.inf)] * len(groups)
     weight, bias = np.zeros((n_features, n_out)), np.zeros(n_out)
     penalty, fits = np.zeros(len(groups)), []
-    for c in settings.penalties:  # strongest penalty first; each fit starts from the last
-        result = minimize(objective, theta, args=(c,), jac=True, method="L-BFGS-B",
+    for c in settings.penalties:
+        # Each C starts from zero, as scikit-learn does: a warm start would leave the weakly
+        # penalised fits near the strongly penalised one whenever the tolerance is loose.
+        result = minimize(objective, np.zeros(n_features * n_out + n_out), args=(c,),
+                          jac=True, method="L-BFGS-B",
                           options={"maxiter": settings.max_iter, "gtol": settings.tol,
                                    "maxls": 50, "ftol": 64 * np.finfo(float).eps})
-        theta = result.x
-        w, b = theta[:-n_out].reshape(n_features, n_out), theta[-n_out:]
+        w, b = result.x[:-n_out].reshape(n_features, n_out), result.x[-n_out:]
         head = LinearHead(w, b, np.full(len(groups), c))
         z = head.raw(features, val, scaling)
         criteria = _validation(task, truth[val], y[val], z, scaling, groups)
         fits.append({"C": c, "iterations": int(result.nit), "converged": bool(result.success),
                      "validation": [float(k[0]) for k in criteria]})
-        log(f"linear C={c:g}: {result.nit} L-BFGS iterations, validation "
+        log(f"linear C={c:g}: {result.nit} L-BFGS iterations"
+            f"{'' if result.success else ' (not converged: --max-iter)'}, validation "
             f"{'auroc' if task != 'regression' else 'R2'} "
             + ", ".join(f"{k[0]:.3f}" for k in criteria))
         for j, cols in enumerate(groups):
