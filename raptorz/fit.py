@@ -127,8 +127,8 @@ def fit(store: str | Path, labels: str | Path, output: str | Path,
     settings = settings or FitSettings()
     ds = open_embeddings(store)
     variable = open_variable(ds, store, settings.projector)
-    table_ = read_labels(labels, settings.targets or None)
-    kept, positions = match_embeddings(table_, store_ids(ds),
+    all_labels = read_labels(labels, settings.targets or None)
+    kept, positions = match_embeddings(all_labels, store_ids(ds),
                                        _store.read_status(store), store, strict=settings.strict)
     targets, reason = encode_targets(kept, settings.task)
     log(f"task: {targets.task} ({reason}); targets: {', '.join(targets.names)}")
@@ -162,7 +162,7 @@ def fit(store: str | Path, labels: str | Path, output: str | Path,
     frame = pd.DataFrame(prediction, columns=model.columns())
     frame.insert(0, kept.id_column, kept.ids[test])
     frame.to_csv(output / "predictions.csv", index=False)
-    left_out = sorted(set(table_.ids) - set(kept.ids))
+    left_out = sorted(set(all_labels.ids) - set(kept.ids))
     report = {"task": targets.task, "task_reason": reason, "head": settings.head.head,
               "feature": str(variable.name), "n": {k: len(r) for k, r in rows.items()},
               "left_out": left_out, **metrics, "fit": record}

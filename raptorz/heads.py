@@ -119,6 +119,7 @@ class LinearHead:
     penalty: np.ndarray
 
     def arrays(self) -> dict[str, np.ndarray]:
+        """The weights by name, for saving."""
         return {"weight": self.weight, "bias": self.bias, "penalty": self.penalty}
 
     def raw(self, features: Features, rows: np.ndarray, scaling: Scaling) -> np.ndarray:
@@ -135,9 +136,11 @@ class MLPHead:
     model: nn.Sequential
 
     def arrays(self) -> dict[str, np.ndarray]:
+        """The state dict by name (prefixed ``mlp.``), for saving."""
         return {f"mlp.{k}": v.detach().cpu().numpy() for k, v in self.model.state_dict().items()}
 
     def raw(self, features: Features, rows: np.ndarray, scaling: Scaling) -> np.ndarray:
+        """Raw outputs (logits or standardized values) of ``rows``."""
         mean, std = (torch.as_tensor(a, dtype=torch.float32)
                      for a in (scaling.feature_mean, scaling.feature_std))
         self.model.eval()

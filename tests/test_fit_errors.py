@@ -14,6 +14,7 @@ from raptorz.cli.main import main
 from raptorz.errors import InputError
 from raptorz.fit import FitSettings, fit
 from raptorz.labels import MissingEmbeddingsWarning, read_labels, store_index
+from raptorz.model import load_model, predict
 
 N = 40
 QUICK = FitSettings(bootstrap=10)
@@ -139,3 +140,17 @@ def test_text_targets(store: dict, tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"text target column\(s\) \['kind'\]"):
         fit(store["path"], csv(tmp_path, store, ok, kind=names, other=store["label"][:len(ok)]),
             tmp_path, QUICK)
+
+
+def test_predict_refuses_other_features(store: dict, tmp_path: Path) -> None:
+    fit(store["path"], csv(tmp_path, store, ok_only(store)), tmp_path / "out", QUICK)
+    features, ids, _ = synthetic(4, (1, 2, 4))
+    other = write_embeddings(tmp_path / "other.zarr", features, ids)
+    with pytest.raises(InputError, match="other.zarr: 'proj_normal_d8_k4_run1' has 8 features; "
+                                         "the model was fitted on 6"):
+        predict(other, tmp_path / "out" / "model")
+    with pytest.raises(InputError, match=r"embeddings.zarr: 2 id\(s\) have no ok embedding: "
+                                         "v4, ghost"):
+        predict(store["path"], tmp_path / "out" / "model", ids=["v1", "v4", "ghost"])
+    with pytest.raises(InputError, match="not a raptorz model folder"):
+        load_model(tmp_path)
