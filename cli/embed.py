@@ -37,7 +37,10 @@ def register(subparsers: Any) -> None:
                         help="a (dim, k) .npy projector (raptorz projector); repeatable")
     model = parser.add_argument_group("encoder and kernel")
     model.add_argument("--encoder", help="timm model name (default DINOv2 ViT-L/14)")
-    model.add_argument("--weights", type=Path, help="local weights file for the encoder")
+    model.add_argument("--weights", type=Path,
+                       help="local weights file for the encoder (safetensors or a PyTorch "
+                       "state dict; timm, DINOv2 or transformers layout), or 'random' for "
+                       "seeded random weights (checks the pipeline; embeddings mean nothing)")
     model.add_argument("--preprocess", choices=("default", "reference"), default="default",
                        help="reference reproduces the original tool's 8-bit quirks")
     model.add_argument("--resize", choices=("stretch", "pad", "pad_shared"), default="stretch")

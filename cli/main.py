@@ -11,8 +11,9 @@ from raptorz import __version__
 from raptorz.errors import RaptorzError
 
 #: Verb modules in ``raptorz.cli``, in the order ``raptorz --help`` lists them.
-VERBS: tuple[str, ...] = ("convert", "info", "projector", "embed", "reproject", "export", "fit",
-                          "predict",)
+VERBS: tuple[str, ...] = (
+    "demo", "convert", "info", "projector", "embed", "reproject", "export", "fit", "predict",
+)
 
 #: Exit codes: 0 all good, 1 some volumes failed, 2 the input or the options were refused.
 EXIT_OK, EXIT_FAILURES, EXIT_REFUSED = 0, 1, 2

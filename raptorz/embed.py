@@ -45,7 +45,13 @@ from raptorz.embeddings import (
     stored_projectors,
     token_kinds,
 )
-from raptorz.encoders import DEFAULT_ENCODER, Encoder, Precision, create_encoder
+from raptorz.encoders import (
+    DEFAULT_ENCODER,
+    RANDOM_WEIGHTS,
+    Encoder,
+    Precision,
+    create_encoder,
+)
 from raptorz.errors import InputError
 from raptorz.kernel import PLANE_NAMES, KernelSettings, embed_block
 from raptorz.projection import Projector, load_projector
@@ -164,8 +170,7 @@ def embed(
     source = _store.open_store(volumes, VOLUMES_KIND)
     ids = np.asarray(source["id"].values.tolist(), dtype=str)
     selected = _selection(len(ids), start, many)
-    options = EncoderOptions(encoder, None if weights is None else str(Path(weights).resolve()),
-                             precision)
+    options = EncoderOptions(encoder, _weights_option(weights), precision)
     attrs = _attrs(volumes, source.attrs, settings, projectors=loaded)
     exists = _store.store_kind(output) is not None
     if exists:
@@ -198,6 +203,13 @@ def embed(
         _run(client, jobs, resources, total=int(selected.sum()),
              done=int(selected.sum() - todo.sum()), progress=progress)
     return _summary(output, ids, selected, int(todo.sum()), began)
+
+
+def _weights_option(weights: str | Path | None) -> str | None:
+    """``weights`` as workers receive it: an absolute path, ``RANDOM_WEIGHTS`` or ``None``."""
+    if weights is None or str(weights) == RANDOM_WEIGHTS:
+        return None if weights is None else RANDOM_WEIGHTS
+    return str(Path(weights).resolve())
 
 
 def _selection(n: int, start: int, many: int | None) -> np.ndarray:
