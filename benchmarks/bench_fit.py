@@ -35,7 +35,7 @@ def one(store: str, labels: str, output: str, head: str, budget: str | None) -> 
     import matplotlib.pyplot  # noqa: F401
     import sklearn.metrics  # noqa: F401
 
-    from raptorz.fit import FitSettings, fit
+    from raptorz.fitting import FitSettings, fit
     from raptorz.heads import HeadSettings
 
     # ru_maxrss would keep the imports' high-water mark: sample the resident size instead.

@@ -1,49 +1,79 @@
-"""raptorz: train-free Raptor embeddings of 3D medical volumes at any scale."""
+"""raptorz: train-free Raptor embeddings of 3D medical volumes at any scale.
 
+The public API is re-exported here and imported on first use (PEP 562), so that
+``import raptorz`` and the command line start without loading torch, timm or Dask.
+
+>>> import raptorz
+>>> summary = raptorz.convert(["scans/"], "volumes.zarr")  # doctest: +SKIP
+>>> raptorz.embed("volumes.zarr", "embeddings.zarr", ["proj.npy"])  # doctest: +SKIP
+>>> raptorz.fit("embeddings.zarr", "labels.csv", "results")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
-from raptorz.cluster import create_cluster
-from raptorz.embed import EmbedSummary, embed
-from raptorz.embeddings import add_projections, export_npy, open_embeddings
-from raptorz.encoders import DEFAULT_ENCODER, Encoder, create_encoder
 from raptorz.errors import InputError, RaptorzError, RaptorzWarning
-from raptorz.intensity import Intensity, parse_intensity
-from raptorz.kernel import PLANE_NAMES, BlockEmbedding, KernelSettings, embed_block, embed_volume
-from raptorz.projection import Projector, create_projector, load_projector, make_projector
-from raptorz.volumes import ConvertSummary, convert, open_volumes, store_info
+
+if TYPE_CHECKING:
+    from raptorz.cluster import create_cluster
+    from raptorz.demo import make_demo_data, run_demo
+    from raptorz.embeddings import add_projections, export_npy, open_embeddings
+    from raptorz.encoders import DEFAULT_ENCODER, RANDOM_WEIGHTS, Encoder, create_encoder
+    from raptorz.fitting import FitResult, FitSettings, fit
+    from raptorz.heads import HeadSettings
+    from raptorz.intensity import Intensity, parse_intensity
+    from raptorz.kernel import (
+        PLANE_NAMES,
+        BlockEmbedding,
+        KernelSettings,
+        embed_block,
+        embed_volume,
+        project_tokens,
+    )
+    from raptorz.model import FittedModel, load_model, predict
+    from raptorz.projection import Projector, create_projector, load_projector, make_projector
+    from raptorz.qc import embedding_pca, plane_montage
+    from raptorz.runner import EmbedSummary, embed
+    from raptorz.volumes import ConvertSummary, convert, open_volumes, store_info
 
 try:
     __version__ = version("raptorz")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
-__all__ = [
-    "DEFAULT_ENCODER",
-    "PLANE_NAMES",
-    "BlockEmbedding",
-    "Encoder",
-    "KernelSettings",
-    "Projector",
-    "create_encoder",
-    "create_projector",
-    "embed_block",
-    "embed_volume",
-    "load_projector",
-    "make_projector",
-    "ConvertSummary",
-    "Intensity",
-    "convert",
-    "open_volumes",
-    "parse_intensity",
-    "store_info",
-    "EmbedSummary",
-    "add_projections",
-    "create_cluster",
-    "embed",
-    "export_npy",
-    "open_embeddings",
-    "InputError",
-    "RaptorzError",
-    "RaptorzWarning",
-    "__version__",
-]
+#: Public name -> the module that defines it.
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(["create_cluster"], "cluster"),
+    **dict.fromkeys(["make_demo_data", "run_demo"], "demo"),
+    **dict.fromkeys(["add_projections", "export_npy", "open_embeddings"], "embeddings"),
+    **dict.fromkeys(["DEFAULT_ENCODER", "RANDOM_WEIGHTS", "Encoder", "create_encoder"],
+                    "encoders"),
+    **dict.fromkeys(["FitResult", "FitSettings", "fit"], "fitting"),
+    **dict.fromkeys(["HeadSettings"], "heads"),
+    **dict.fromkeys(["Intensity", "parse_intensity"], "intensity"),
+    **dict.fromkeys(["PLANE_NAMES", "BlockEmbedding", "KernelSettings", "embed_block",
+                     "embed_volume", "project_tokens"], "kernel"),
+    **dict.fromkeys(["FittedModel", "load_model", "predict"], "model"),
+    **dict.fromkeys(["Projector", "create_projector", "load_projector", "make_projector"],
+                    "projection"),
+    **dict.fromkeys(["embedding_pca", "plane_montage"], "qc"),
+    **dict.fromkeys(["EmbedSummary", "embed"], "runner"),
+    **dict.fromkeys(["ConvertSummary", "convert", "open_volumes", "store_info"], "volumes"),
+}
+
+__all__ = sorted([*_EXPORTS, "InputError", "RaptorzError", "RaptorzWarning", "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"raptorz.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'raptorz' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

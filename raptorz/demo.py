@@ -111,9 +111,10 @@ def run_demo(workdir: str | Path = "raptorz-demo", *, data: str | Path | None = 
     log
         Called with one line per step.
     """
-    from raptorz.embed import embed
-    from raptorz.fit import fit
+    from raptorz.fitting import fit
+    from raptorz.kernel import KernelSettings
     from raptorz.metrics import table
+    from raptorz.runner import embed
     from raptorz.volumes import convert
 
     workdir = Path(workdir)
@@ -137,8 +138,10 @@ def run_demo(workdir: str | Path = "raptorz-demo", *, data: str | Path | None = 
         log(f"volumes:     {volumes} ({summary.converted} converted, {summary.failed} failed)")
         np.save(projector, make_projector(0, _embed_dim(encoder), 100))
         log(f"projector:   {projector} (seed 0, K = 100)")
+        # pooled tokens kept: new projections need no encoder run (raptorz reproject)
         done = embed(volumes, embeddings, [projector], encoder=encoder, weights=weights,
-                     cluster=cluster, progress=True)
+                     settings=KernelSettings(keep_tokens=True), cluster=cluster,
+                     progress=True)
         log(f"embeddings:  {embeddings} ({done.ok} ok, {done.failed} failed)")
     results = workdir / "results"
     metrics: dict = {}

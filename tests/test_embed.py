@@ -26,12 +26,12 @@ from vit_fixtures import write_tiny_vit
 from raptorz import _store
 from raptorz.cli.main import main
 from raptorz.cluster import create_cluster
-from raptorz.embed import embed
 from raptorz.embeddings import open_embeddings
 from raptorz.encoders import create_encoder
 from raptorz.errors import InputError
 from raptorz.kernel import KernelSettings, embed_block
 from raptorz.projection import create_projector
+from raptorz.runner import embed
 from raptorz.volumes import convert, open_volumes
 
 SETTINGS = KernelSettings(keep_tokens=True, batch_size=32)
@@ -94,7 +94,7 @@ def _assert_matches(output: Path, reference: dict[str, np.ndarray],
 
 def _encoders_loaded() -> list[int]:
     """On a worker: the ids of the encoders its process holds (one model per process)."""
-    return [id(encoder) for encoder in sys.modules["raptorz.embed"]._ENCODERS.values()]
+    return [id(encoder) for encoder in sys.modules["raptorz.runner"]._ENCODERS.values()]
 
 
 def _cli(*args: str | Path) -> list[str]:

@@ -14,7 +14,7 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from raptorz import _store
 from raptorz.cli.main import main
 from raptorz.features import Features, statistics
-from raptorz.fit import FitSettings, fit
+from raptorz.fitting import FitSettings, fit
 from raptorz.heads import HeadSettings, build_mlp
 from raptorz.model import load_model, predict
 

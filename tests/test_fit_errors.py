@@ -12,7 +12,7 @@ from fit_fixtures import PROJECTOR, synthetic, write_embeddings, write_labels
 from raptorz import _store
 from raptorz.cli.main import main
 from raptorz.errors import InputError
-from raptorz.fit import FitSettings, fit
+from raptorz.fitting import FitSettings, fit
 from raptorz.labels import MissingEmbeddingsWarning, read_labels, store_index
 from raptorz.model import load_model, predict
 

@@ -1,0 +1,45 @@
+"""The notebooks run from top to bottom (with a tiny random-weight encoder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def _execute(name: str, cwd: Path) -> nbformat.NotebookNode:
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(cwd)}}).execute()
+    return notebook
+
+
+def _outputs(notebook: nbformat.NotebookNode) -> str:
+    return "\n".join(str(output.get("text", "")) + str(output.get("data", ""))
+                     for cell in notebook.cells if cell.cell_type == "code"
+                     for output in cell.outputs)
+
+
+@pytest.mark.slow
+def test_quickstart_runs(tmp_path: Path, tiny_vit_weights: tuple[str, Path],
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    name, weights = tiny_vit_weights
+    monkeypatch.setenv("RAPTORZ_ENCODER", name)
+    monkeypatch.setenv("RAPTORZ_WEIGHTS", str(weights))
+    monkeypatch.setenv("RAPTORZ_WORKDIR", str(tmp_path / "work"))
+    notebook = _execute("quickstart.ipynb", tmp_path)
+    results = tmp_path / "work" / "results"
+    assert {"predictions.csv", "metrics.json", "roc.png"} <= {p.name for p in results.iterdir()}
+    outputs = _outputs(notebook)
+    assert "image/png" in outputs  # the montage, the ROC curve and the PCA were drawn
+    assert "/status" in outputs  # the client's widget shows the dashboard link
+
+
+def test_hpc_notebook_shows_a_gpu_job_script(tmp_path: Path) -> None:
+    outputs = _outputs(_execute("hpc.ipynb", tmp_path))
+    assert "#SBATCH --gres=gpu:1" in outputs
+    assert "--resources GPU=1" in outputs

@@ -1,0 +1,112 @@
+"""The README and the guides cannot rot: their commands parse, and those that can run here run.
+
+Commands that need a GPU, a batch system or downloaded weights are checked against the
+CLI's own parser; the README's main command (``raptorz demo``) and its tour run for real.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raptorz.cli.main import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+GUIDES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _blocks(path: Path, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", path.read_text(), flags=re.DOTALL)
+
+
+def _commands(block: str) -> list[str]:
+    """``raptorz`` command lines of a shell block (continuations joined, comments cut)."""
+    commands = []
+    # shell arithmetic and variables stand for numbers or paths the shell fills in
+    block = re.sub(r"\$\(\([^)]*\)\)|\$\{?\w+\}?", "1", block.replace("\\\n", " "))
+    for line in block.splitlines():
+        for part in line.split("&&"):
+            words = shlex.split(part, comments=True)
+            while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # VAR=value raptorz ...
+                words = words[1:]
+            if words[:1] == ["raptorz"]:
+                commands.append(shlex.join(words))
+    return commands
+
+
+def _all_commands() -> list[tuple[str, str]]:
+    return [(path.name, command) for path in GUIDES for block in _blocks(path, "bash")
+            for command in _commands(block)]
+
+
+@pytest.mark.parametrize(("guide", "command"), _all_commands())
+def test_documented_commands_parse(guide: str, command: str) -> None:
+    try:
+        build_parser().parse_args(shlex.split(command)[1:])
+    except SystemExit as error:
+        pytest.fail(f"{guide}: `{command}` is refused by the CLI's parser (exit {error.code})")
+
+
+def test_documented_python_compiles() -> None:
+    for path in GUIDES:
+        for block in _blocks(path, "python"):
+            compile(block, str(path), "exec")
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    setup = _blocks(README, "bash")[0].splitlines()
+    assert len(setup) == 2
+    assert setup[0].endswith("raptorz demo")
+    assert setup[1].endswith("pytest")
+    ci = (ROOT / ".ci" / "run").read_text()
+    pattern = re.search(r"grep -m1 -E '(.+?)' README.md", ci)
+    assert pattern is not None
+    matches = [line for line in README.read_text().splitlines()
+               if re.search(pattern.group(1), line)]
+    assert matches[0] == setup[1]
+
+
+def test_readme_jobqueue_config_asks_for_a_gpu(tmp_path: Path) -> None:
+    from raptorz.cluster import create_cluster
+
+    config = tmp_path / "jobqueue.yaml"
+    config.write_text(_blocks(README, "yaml")[0])
+    with create_cluster("slurm", config=config, jobs=0, dashboard_address=":0") as cluster:
+        script = cluster.job_script()
+    assert "#SBATCH --gres=gpu:1" in script
+    assert "#SBATCH --constraint=a100" in script
+    assert "--resources GPU=1" in script
+    assert "source /path/to/raptorz/.venv/bin/activate" in script
+
+
+def _run(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    words = shlex.split(command)
+    raptorz = [sys.executable, "-m", "raptorz.cli.main"]
+    return subprocess.run([*raptorz, *words[1:]], cwd=cwd, capture_output=True, text=True,
+                          timeout=1200, check=False)
+
+
+@pytest.mark.slow
+def test_readme_main_command_and_tour_run(tmp_path: Path) -> None:
+    demo = _blocks(README, "bash")[0].splitlines()[0].split("&&")[-1].strip()
+    result = _run(demo, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for line in ("dashboard:", "volumes:", "embeddings:", "results:"):
+        assert line in result.stdout
+    assert "RANDOM weights" in result.stdout  # no weights can be had here, and it says so
+    workdir = tmp_path / "raptorz-demo"
+    assert (workdir / "results" / "metrics.json").is_file()
+    tour = _commands(_blocks(README, "bash")[1])
+    assert len(tour) == 7
+    for command in tour:
+        result = _run(command, tmp_path)
+        assert result.returncode == 0, f"`{command}`: {result.stderr[-3000:]}"
+    assert len(list((tmp_path / "embs").rglob("*.npy"))) == 2 * 16  # two projectors
+    assert (tmp_path / "results-mlp" / "metrics.json").is_file()
+    assert (tmp_path / "predictions.csv").read_text().startswith("id")
