@@ -7,11 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
+from raptorz.defaults import DEFAULT_INTENSITY, DEFAULT_MEMBER
 from raptorz.errors import RaptorzError
-from raptorz.readers import DEFAULT_MEMBER
-from raptorz.volumes import DEFAULT_INTENSITY, convert
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -64,6 +61,10 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Convert, show progress and a summary; 1 when any volume failed."""
+    from tqdm import tqdm
+
+    from raptorz.volumes import convert
+
     if not args.sources and args.manifest is None:
         raise RaptorzError("give at least one SOURCE or --manifest")
     with tqdm(desc="convert", unit="vol", disable=None) as bar:

@@ -7,8 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from raptorz.features import BATCH
-from raptorz.heads import PENALTIES, HeadSettings
+from raptorz.defaults import BATCH, PENALTIES, HeadSettings
 
 MEMORY_HELP = (
     "memory the features may take, e.g. 8GB or 512MiB. When the float32 features of all "

@@ -6,8 +6,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from raptorz.volumes import store_info
-
 
 def register(subparsers: Any) -> None:
     """Add the ``info`` verb."""
@@ -21,5 +19,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the description; refusal (exit 2) where STORE is no raptorz store."""
+    from raptorz.volumes import store_info
+
     print(store_info(args.store))
     return 0

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
-from raptorz.projection import DEFAULT_K, make_projector
+from raptorz.defaults import DEFAULT_K
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the projector; refuse nonsensical sizes or seeds."""
+    import numpy as np
+
     from raptorz.errors import RaptorzError
+    from raptorz.projection import make_projector
 
     if args.dim < 1 or args.k < 1:
         raise RaptorzError(f"--dim and --k must be positive, got {args.dim} and {args.k}")

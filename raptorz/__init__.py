@@ -19,11 +19,11 @@ from raptorz.errors import InputError, RaptorzError, RaptorzWarning
 
 if TYPE_CHECKING:
     from raptorz.cluster import create_cluster
+    from raptorz.defaults import HeadSettings
     from raptorz.demo import make_demo_data, run_demo
     from raptorz.embeddings import add_projections, export_npy, open_embeddings
     from raptorz.encoders import DEFAULT_ENCODER, RANDOM_WEIGHTS, Encoder, create_encoder
     from raptorz.fitting import FitResult, FitSettings, fit
-    from raptorz.heads import HeadSettings
     from raptorz.intensity import Intensity, parse_intensity
     from raptorz.kernel import (
         PLANE_NAMES,
@@ -47,12 +47,12 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 #: Public name -> the module that defines it.
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["create_cluster"], "cluster"),
+    **dict.fromkeys(["HeadSettings"], "defaults"),
     **dict.fromkeys(["make_demo_data", "run_demo"], "demo"),
     **dict.fromkeys(["add_projections", "export_npy", "open_embeddings"], "embeddings"),
     **dict.fromkeys(["DEFAULT_ENCODER", "RANDOM_WEIGHTS", "Encoder", "create_encoder"],
                     "encoders"),
     **dict.fromkeys(["FitResult", "FitSettings", "fit"], "fitting"),
-    **dict.fromkeys(["HeadSettings"], "heads"),
     **dict.fromkeys(["Intensity", "parse_intensity"], "intensity"),
     **dict.fromkeys(["PLANE_NAMES", "BlockEmbedding", "KernelSettings", "embed_block",
                      "embed_volume", "project_tokens"], "kernel"),

@@ -16,16 +16,12 @@ import xarray as xr
 
 from raptorz import _store
 from raptorz._shape import Fit, fit_shape
+from raptorz.defaults import DEFAULT_INTENSITY
 from raptorz.errors import InputError
 from raptorz.intensity import Intensity, parse_intensity, scale_intensity
 from raptorz.readers import ReadOptions, Source, SourceKind, read_volume
 
 Dtype = Literal["float16", "float32"]
-#: The scaling used for each reader where the run chooses none.
-DEFAULT_INTENSITY: Final[dict[SourceKind, str]] = {
-    "nifti": "percentile:0.5,99.5", "dicom": "percentile:0.5,99.5",
-    "zip": "range:0,1280", "npz": "divide:256",
-}
 AXES: Final = ("x", "y", "z")
 
 

@@ -23,11 +23,10 @@ import psutil
 import xarray as xr
 from dask.utils import format_bytes, parse_bytes
 
+from raptorz.defaults import BATCH
 from raptorz.embeddings import projector_names
 from raptorz.errors import InputError
 
-#: Rows per batch: the unit of every streaming pass and the MLP's minibatch (as the original).
-BATCH: Final = 128
 #: Rows read from the store per request while filling the in-memory copy.
 LOAD_ROWS: Final = 1024
 #: Feature choices other than a projector's name.

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,51 +28,14 @@ from scipy.optimize import minimize
 from scipy.special import expit, log_expit, logsumexp, softmax
 from torch import nn
 
+from raptorz.defaults import PENALTIES as PENALTIES  # re-exported
+from raptorz.defaults import HeadKind as HeadKind  # re-exported
+from raptorz.defaults import HeadSettings
 from raptorz.features import Features
 from raptorz.labels import FittedTask
 from raptorz.metrics import score
 
-HeadKind = Literal["linear", "mlp"]
-#: Inverse L2 penalties tried on the validation split (the Raptor paper's grid).
-PENALTIES: Final = (0.01, 0.1, 1.0, 10.0, 100.0)
-
 Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class HeadSettings:
-    """How a head is fitted.
-
-    Attributes
-    ----------
-    head
-        ``linear`` (the paper's protocol) or ``mlp`` (the original tool's predictor).
-    penalties
-        The linear head's grid of inverse penalties ``C``.
-    max_iter, tol
-        The linear head's L-BFGS iterations per ``C`` and gradient tolerance
-        (scikit-learn's defaults).
-    layers, hidden, dropout
-        The MLP: ``layers`` Linear layers (1 is a linear model), ``hidden`` units.
-    epochs, patience, lr, weight_decay
-        MLP training: at most ``epochs`` passes, stopped after ``patience`` passes
-        without a better validation loss; AdamW's learning rate and weight decay.
-    seed
-        Seeds the MLP's initialisation, shuffling and dropout.
-    """
-
-    head: HeadKind = "linear"
-    penalties: tuple[float, ...] = PENALTIES
-    max_iter: int = 100
-    tol: float = 1e-4
-    layers: int = 2
-    hidden: int = 256
-    dropout: float = 0.0
-    epochs: int = 50
-    patience: int = 10
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    seed: int = 0
 
 
 @dataclass(frozen=True)

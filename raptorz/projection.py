@@ -14,10 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from raptorz.defaults import DEFAULT_K
 from raptorz.errors import InputError
-
-#: Projection width of the Raptor paper.
-DEFAULT_K = 100
 
 
 def make_projector(seed: int, dim: int, k: int) -> np.ndarray:

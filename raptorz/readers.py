@@ -21,13 +21,11 @@ from typing import IO, Final, Literal, cast
 import nibabel as nib
 import numpy as np
 
+from raptorz.defaults import DEFAULT_MEMBER, SourceKind
 from raptorz.errors import InputError
 
-SourceKind = Literal["nifti", "zip", "npz", "dicom"]
 Orientation = Literal["ras", "native"]
 
-#: The UK Biobank zip member the original tool reads.
-DEFAULT_MEMBER: Final = "T1/T1_brain.nii.gz"
 #: The MedMNIST splits, in the order their volumes are listed.
 NPZ_SPLITS: Final = ("train", "val", "test")
 

@@ -35,3 +35,17 @@ def test_console_script_runs() -> None:
     )
     assert result.returncode == 0
     assert "raptorz" in result.stdout
+
+
+def test_parser_imports_no_heavy_library() -> None:
+    # A snappy CLI: building the parser (every verb's help and defaults) loads neither
+    # torch nor the Dask / xarray / Zarr stack; each verb imports them in its run().
+    heavy = ("torch", "timm", "dask", "distributed", "xarray", "zarr")
+    code = ("import sys\n"
+            "from raptorz.cli.main import build_parser\n"
+            "build_parser()\n"
+            f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", f"heavy modules imported: {result.stdout.strip()}"

@@ -1,0 +1,65 @@
+"""Default values shared by the library and the command line, with no heavy imports.
+
+The library modules that use these values import them from here (and re-export them
+where they were first defined), and so does :mod:`raptorz.cli` to show them in its
+help texts, so that ``raptorz --help`` needs neither torch nor Dask, xarray or Zarr
+while every default keeps a single source of truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, Literal
+
+SourceKind = Literal["nifti", "zip", "npz", "dicom"]
+HeadKind = Literal["linear", "mlp"]
+
+#: The UK Biobank zip member the original tool reads.
+DEFAULT_MEMBER: Final = "T1/T1_brain.nii.gz"
+#: The scaling used for each reader where the run chooses none.
+DEFAULT_INTENSITY: Final[dict[SourceKind, str]] = {
+    "nifti": "percentile:0.5,99.5", "dicom": "percentile:0.5,99.5",
+    "zip": "range:0,1280", "npz": "divide:256",
+}
+#: Projection width of the Raptor paper.
+DEFAULT_K: Final = 100
+#: Rows per batch: the unit of every streaming pass and the MLP's minibatch (as the original).
+BATCH: Final = 128
+#: Inverse L2 penalties tried on the validation split (the Raptor paper's grid).
+PENALTIES: Final = (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    """How a head is fitted.
+
+    Attributes
+    ----------
+    head
+        ``linear`` (the paper's protocol) or ``mlp`` (the original tool's predictor).
+    penalties
+        The linear head's grid of inverse penalties ``C``.
+    max_iter, tol
+        The linear head's L-BFGS iterations per ``C`` and gradient tolerance
+        (scikit-learn's defaults).
+    layers, hidden, dropout
+        The MLP: ``layers`` Linear layers (1 is a linear model), ``hidden`` units.
+    epochs, patience, lr, weight_decay
+        MLP training: at most ``epochs`` passes, stopped after ``patience`` passes
+        without a better validation loss; AdamW's learning rate and weight decay.
+    seed
+        Seeds the MLP's initialisation, shuffling and dropout.
+    """
+
+    head: HeadKind = "linear"
+    penalties: tuple[float, ...] = PENALTIES
+    max_iter: int = 100
+    tol: float = 1e-4
+    layers: int = 2
+    hidden: int = 256
+    dropout: float = 0.0
+    epochs: int = 50
+    patience: int = 10
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    seed: int = 0
