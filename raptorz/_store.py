@@ -103,7 +103,7 @@ def require_kind(path: str | Path, kind: str) -> None:
     if found is None:
         raise InputError(path, f"no {kind} store here")
     if found != kind:
-        raise InputError(path, f"is a raptorz {found} store; expected a {kind} store")
+        raise InputError(path, f"holds raptorz {found}, not {kind}")
 
 
 def create_store(path: str | Path, template: xr.Dataset, kind: str) -> None:

@@ -43,7 +43,7 @@ def test_chunk_written_then_marked(tmp_path: Path) -> None:
 def test_existing_paths_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "s.zarr"
     _store.create_store(path, _template(2, 2), "volumes")
-    with pytest.raises(InputError, match="is a raptorz volumes store; expected a embeddings"):
+    with pytest.raises(InputError, match="holds raptorz volumes, not embeddings"):
         _store.require_kind(path, "embeddings")
     with pytest.raises(FileExistsError):
         _store.create_store(path, _template(2, 2), "volumes")
