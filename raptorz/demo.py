@@ -25,7 +25,7 @@ from raptorz.encoders import DEFAULT_ENCODER, RANDOM_WEIGHTS, weights_available
 from raptorz.errors import InputError
 from raptorz.projection import make_projector
 
-#: The encoder of the demo on a CPU: DINOv2 ViT-S/14, 20x cheaper than ViT-L/14.
+#: The encoder of the demo on a CPU: DINOv2 ViT-S/14, about 14x less compute than ViT-L/14.
 CPU_ENCODER = "vit_small_patch14_dinov2.lvd142m"
 
 
@@ -126,7 +126,7 @@ def run_demo(workdir: str | Path = "raptorz-demo", *, data: str | Path | None = 
     gpus = visible_gpus()
     encoder = encoder or (DEFAULT_ENCODER if gpus else CPU_ENCODER)
     where = (f"on {len(gpus)} GPU(s)" if gpus else
-             f"on the CPU: a small DINOv2, ~20x cheaper than the default {DEFAULT_ENCODER}")
+             f"on the CPU: a small DINOv2, ~14x less compute than the default {DEFAULT_ENCODER}")
     log(f"encoder:     {encoder} ({where})")
     weights = weights if weights is not None else _weights_for(encoder, log)
     volumes, embeddings = workdir / "volumes.zarr", workdir / "embeddings.zarr"
