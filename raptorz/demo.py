@@ -67,7 +67,7 @@ def make_demo_data(folder: str | Path, *, count: int = 16, size: int = 24,
     splits = np.array(["train"] * count, dtype=object)
     order = {label: rng.permutation(np.flatnonzero(labels == label)) for label in (0, 1)}
     for label in (0, 1):  # stratified: val and test each get a fifth of every label
-        fifth = max(1, len(order[label]) // 5)
+        fifth = max(1, round(len(order[label]) / 5))
         splits[order[label][:fifth]] = "val"
         splits[order[label][fifth:2 * fifth]] = "test"
     rows = []
@@ -113,7 +113,6 @@ def run_demo(workdir: str | Path = "raptorz-demo", *, data: str | Path | None = 
     """
     from raptorz.fitting import fit
     from raptorz.kernel import KernelSettings
-    from raptorz.metrics import table
     from raptorz.runner import embed
     from raptorz.volumes import convert
 
@@ -151,7 +150,6 @@ def run_demo(workdir: str | Path = "raptorz-demo", *, data: str | Path | None = 
         fitted = fit(embeddings, labels, results, log=lambda line: log(f"  fit: {line}"))
         metrics = fitted.metrics
         log(f"results:     {results} (predictions.csv, metrics.json, plots, model/)")
-        log(table(metrics))
     if weights == RANDOM_WEIGHTS:
         log("note:        random encoder weights: the pipeline ran end to end, but these "
             "metrics mean nothing. Provide weights (--weights FILE) or run online.")
