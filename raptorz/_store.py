@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
+import shutil
+import uuid
 from collections.abc import Iterable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -106,15 +109,34 @@ def require_kind(path: str | Path, kind: str) -> None:
         raise InputError(path, f"holds raptorz {found}, not {kind}")
 
 
-def create_store(path: str | Path, template: xr.Dataset, kind: str) -> None:
+def create_store(path: str | Path, template: xr.Dataset, kind: str) -> bool:
     """Write ``template``'s metadata and coordinates to a new store at ``path``.
 
     Data variables are written lazily (nothing is computed); ``encoding`` on each
-    variable is honoured. The store is marked with its ``kind``.
+    variable is honoured. The store is marked with its ``kind``. Creation is safe for
+    processes that start at once: each writes its template beside ``path`` and renames it
+    into place (atomic on a POSIX file system); a loser discards its copy.
+
+    Returns
+    -------
+    bool
+        Whether this call created the store; ``False`` where another process just did
+        (the caller then checks that store like any existing one).
     """
+    path = Path(path)
     template = template.copy()
     template.attrs[KIND_ATTR] = kind
-    template.to_zarr(path, mode="w-", compute=False, consolidated=False, zarr_format=3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    template.to_zarr(scratch, mode="w-", compute=False, consolidated=False, zarr_format=3)
+    try:
+        if path.exists() and not any(path.iterdir()):
+            path.rmdir()  # an empty folder is no store: take its place
+        os.rename(scratch, path)
+    except OSError:  # another process renamed its template first
+        shutil.rmtree(scratch, ignore_errors=True)
+        return False
+    return True
 
 
 def open_store(path: str | Path, kind: str) -> xr.Dataset:

@@ -28,9 +28,6 @@ the ids (``--start`` / ``--many``) gives writers disjoint chunks.
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -123,17 +120,8 @@ def create_embeddings(path: str | Path, template: xr.Dataset) -> bool:
         projectors (:func:`check_identity`).
     """
     path = Path(path)
-    if _store.store_kind(path) is None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        scratch = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        _store.create_store(scratch, template, KIND)
-        try:
-            if path.exists() and not any(path.iterdir()):
-                path.rmdir()  # an empty folder is no store: take its place
-            os.rename(scratch, path)
-            return True
-        except OSError:  # another process renamed its template first
-            shutil.rmtree(scratch, ignore_errors=True)
+    if _store.store_kind(path) is None and _store.create_store(path, template, KIND):
+        return True
     check_identity(path, template["id"].values, template.attrs,
                    list(template.attrs["projectors"].values()))
     return False

@@ -204,21 +204,22 @@ def convert(
     kind = _store.store_kind(output)
     if kind not in (None, KIND):
         raise InputError(output, f"holds a raptorz {kind} store; refusing to overwrite it")
+    if kind is None:
+        target = shape or native_shape(selected, read)
+        settings = Settings(read, scaling, target, fit if shape else None, dtype)
+        per_chunk = chunk or max(1, min(len(selected), CHUNK_BYTES // item_bytes(settings)))
+        if not _store.create_store(output, _template(selected, settings, per_chunk), KIND):
+            kind = KIND  # another process created it first: resume it like any store
     if kind == KIND:  # resume: the shape policy is the store's unless given again
         policy = open_volumes(output).attrs["convert"]["shape_policy"]
         recorded_fit = None if policy["fit"] == "none" else policy["fit"]
         settings = Settings(read, scaling, shape or tuple(policy["shape"]),
                              fit if shape else recorded_fit, dtype)
-        chunk = _check_rerun(output, selected, settings)
-    else:
-        target = shape or native_shape(selected, read)
-        settings = Settings(read, scaling, target, fit if shape else None, dtype)
-        chunk = chunk or max(1, min(len(selected), CHUNK_BYTES // item_bytes(settings)))
-        _store.create_store(output, _template(selected, settings, chunk), KIND)
+        per_chunk = _check_rerun(output, selected, settings)
     labels = write_labels(selected, labels_out or output.with_name(
         output.name.removesuffix(".zarr") + ".labels.csv"))
     status = _store.read_status(output)
-    todo = _store.chunks_to_do(status, chunk)
+    todo = _store.chunks_to_do(status, per_chunk)
     tasks = [(str(output), region, selected[region], settings) for region in todo]
     results: list[ChunkResult] = []
 

@@ -128,3 +128,19 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None
     convert([folder], clean, workers=1, chunk=1)
     xr.testing.assert_identical(open_volumes(killed).drop_attrs(),
                                 open_volumes(clean).drop_attrs())
+
+
+def test_two_processes_converting_into_one_new_store(tmp_path: Path) -> None:
+    folder = _tiny_niftis(tmp_path / "in", 6)
+    store = tmp_path / "v.zarr"
+    args = [*COMMAND, "convert", str(folder), "-o", str(store), "--chunk", "1"]
+    runs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    for run in runs:
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err
+    assert _ok_count(store) == 6
+    alone = tmp_path / "alone.zarr"
+    convert([str(folder)], alone, chunk=1)
+    np.testing.assert_array_equal(open_volumes(store).volume.values,
+                                  open_volumes(alone).volume.values)

@@ -45,8 +45,10 @@ def test_existing_paths_are_refused(tmp_path: Path) -> None:
     _store.create_store(path, _template(2, 2), "volumes")
     with pytest.raises(InputError, match="holds raptorz volumes, not embeddings"):
         _store.require_kind(path, "embeddings")
-    with pytest.raises(FileExistsError):
-        _store.create_store(path, _template(2, 2), "volumes")
+    # a process that loses the race to create a store leaves the winner's intact
+    assert not _store.create_store(path, _template(3, 1), "volumes")
+    assert _store.open_store(path, "volumes").sizes["id"] == 2
+    assert not list(tmp_path.glob(".*.tmp"))
     not_a_store = tmp_path / "notes.txt"
     not_a_store.write_text("hello")
     with pytest.raises(InputError, match="notes.txt"):
