@@ -49,22 +49,24 @@ def _npz(path: Path, count: int, seed: int) -> Path:
     return path
 
 
+def _converted(factory: pytest.TempPathFactory, count: int, seed: int, chunk: int) -> Path:
+    """A volumes store of ``count`` volumes converted by the real ``convert``."""
+    folder = factory.mktemp("volumes")
+    store = folder / "volumes.zarr"
+    convert([_npz(folder / "m.npz", count, seed)], store, chunk=chunk, workers=1)
+    return store
+
+
 @pytest.fixture(scope="module")
 def volumes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """6 volumes, 2 per chunk, converted by the real ``convert``."""
-    folder = tmp_path_factory.mktemp("volumes")
-    store = folder / "volumes.zarr"
-    convert([_npz(folder / "m.npz", 6, 0)], store, chunk=2, workers=1)
-    return store
+    """6 volumes, 2 per chunk."""
+    return _converted(tmp_path_factory, 6, seed=0, chunk=2)
 
 
 @pytest.fixture(scope="module")
 def many_volumes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """10 volumes, 1 per chunk: enough tasks to interrupt a run in the middle."""
-    folder = tmp_path_factory.mktemp("many")
-    store = folder / "volumes.zarr"
-    convert([_npz(folder / "m.npz", 10, 1)], store, chunk=1, workers=1)
-    return store
+    return _converted(tmp_path_factory, 10, seed=1, chunk=1)
 
 
 @pytest.fixture(scope="module")
