@@ -72,8 +72,11 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert matches[0] == setup[1]
 
 
-def test_readme_jobqueue_config_asks_for_a_gpu(tmp_path: Path) -> None:
+def test_readme_jobqueue_config_asks_for_a_gpu(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from raptorz.cluster import create_cluster
+
+    monkeypatch.chdir(tmp_path)  # its relative log-directory is created on start
 
     config = tmp_path / "jobqueue.yaml"
     config.write_text(_blocks(README, "yaml")[0])

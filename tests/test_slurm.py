@@ -86,8 +86,10 @@ def test_jobqueue_config_file_and_flags(tmp_path: Path) -> None:
         assert directive in lines, script
 
 
-def test_hpc_guide_config_makes_a_gpu_job(tmp_path: Path) -> None:
+def test_hpc_guide_config_makes_a_gpu_job(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The complete configuration file of docs/hpc.md works as printed."""
+    monkeypatch.chdir(tmp_path)  # its relative log-directory is created on start
     guide = (Path(__file__).resolve().parents[1] / "docs" / "hpc.md").read_text()
     config = tmp_path / "jobqueue.yaml"
     text = guide.split("```yaml\n", 1)[1].split("```", 1)[0]
