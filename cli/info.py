@@ -19,7 +19,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the description; refusal (exit 2) where STORE is no raptorz store."""
-    from raptorz.volumes import store_info
+    from raptorz import store_info
 
     print(store_info(args.store))
     return 0

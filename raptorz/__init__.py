@@ -37,7 +37,8 @@ if TYPE_CHECKING:
     from raptorz.projection import Projector, create_projector, load_projector, make_projector
     from raptorz.qc import embedding_pca, plane_montage
     from raptorz.runner import EmbedSummary, embed
-    from raptorz.volumes import ConvertSummary, convert, open_volumes, store_info
+    from raptorz.info import store_info
+    from raptorz.volumes import ConvertSummary, convert, open_volumes
 
 try:
     __version__ = version("raptorz")
@@ -61,7 +62,8 @@ _EXPORTS: dict[str, str] = {
                     "projection"),
     **dict.fromkeys(["embedding_pca", "plane_montage"], "qc"),
     **dict.fromkeys(["EmbedSummary", "embed"], "runner"),
-    **dict.fromkeys(["ConvertSummary", "convert", "open_volumes", "store_info"], "volumes"),
+    **dict.fromkeys(["store_info"], "info"),
+    **dict.fromkeys(["ConvertSummary", "convert", "open_volumes"], "volumes"),
 }
 
 __all__ = sorted([*_EXPORTS, "InputError", "RaptorzError", "RaptorzWarning", "__version__"])

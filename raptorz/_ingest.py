@@ -14,7 +14,7 @@ from typing import Final, Literal
 import numpy as np
 import xarray as xr
 
-from raptorz import _store
+from raptorz import stores
 from raptorz._shape import Fit, fit_shape
 from raptorz.defaults import DEFAULT_INTENSITY
 from raptorz.errors import InputError
@@ -41,7 +41,7 @@ class Settings:
 
     def record(self) -> dict[str, object]:
         """The settings as the store's ``convert`` attribute (JSON)."""
-        return _store.json_attr({
+        return stores.json_attr({
             "reader": {"member": self.read.member,
                        "max_member_bytes": self.read.max_member_bytes},
             "intensity": str(self.intensity) if self.intensity else "auto",
@@ -74,7 +74,7 @@ def convert_chunk(path: str, region: slice, sources: Sequence[Source],
     volume = np.full((n, *settings.shape), np.nan, settings.dtype)
     spacing = np.full((n, 3), np.nan)
     original = np.zeros((n, 3), np.int32)
-    status, errors, notes = [_store.FAILED] * n, [""] * n, [""] * n
+    status, errors, notes = [stores.FAILED] * n, [""] * n, [""] * n
     for j, source in enumerate(sources):
         try:
             read = read_volume(source, settings.read)
@@ -85,7 +85,7 @@ def convert_chunk(path: str, region: slice, sources: Sequence[Source],
             volume[j], spacing[j] = fit_shape(scaled, read.spacing, settings.shape,
                                               settings.fit, str(source))
             original[j] = read.data.shape
-            status[j] = _store.OK
+            status[j] = stores.OK
         except InputError as error:
             errors[j] = str(error)
         except Exception as error:  # record it: one bad volume never stops the others
@@ -94,7 +94,7 @@ def convert_chunk(path: str, region: slice, sources: Sequence[Source],
         "volume": xr.DataArray(volume, dims=("id", *AXES)),
         "spacing": xr.DataArray(spacing, dims=("id", "axis")),
         "original_shape": xr.DataArray(original, dims=("id", "axis")),
-        "note": xr.DataArray(_store.as_strings(notes), dims="id"),
+        "note": xr.DataArray(stores.as_strings(notes), dims="id"),
     }
-    _store.write_chunk(path, data, region, np.asarray(status), errors)
+    stores.write_chunk(path, data, region, np.asarray(status), errors)
     return ChunkResult([s.id for s in sources], status, errors, notes)

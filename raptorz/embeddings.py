@@ -1,6 +1,6 @@
 """The ``embeddings.zarr`` store: Raptor embeddings labelled by id, plane, k and token.
 
-Layout (an xarray Dataset in a Zarr v3 group written through :mod:`raptorz._store`):
+Layout (an xarray Dataset in a Zarr v3 group written through :mod:`raptorz.stores`):
 
 ``<projector>(id, plane, k_<projector>, token)`` float32
     One variable per projector, named after it. Projectors may differ in ``K``, so each
@@ -37,7 +37,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from raptorz import _store
+from raptorz import stores
 from raptorz.errors import InputError
 from raptorz.projection import Projector
 
@@ -58,7 +58,7 @@ def token_kinds(num_tokens: int, num_prefix_tokens: int, *, keep_prefix: bool) -
     """``cls`` / ``register`` / ``patch`` per stored token (prefix tokens first)."""
     prefix = ["cls"] + ["register"] * (num_prefix_tokens - 1) if num_prefix_tokens else []
     kinds = [*prefix, *["patch"] * (num_tokens - num_prefix_tokens)]
-    return _store.as_strings(kinds if keep_prefix else kinds[num_prefix_tokens:])
+    return stores.as_strings(kinds if keep_prefix else kinds[num_prefix_tokens:])
 
 
 def embeddings_template(
@@ -86,14 +86,14 @@ def embeddings_template(
     if keep_tokens:
         variables["tokens"] = _lazy((n, p, t, embed_dim), ("id", "plane", "token", "dim"))
     variables["avgpool"] = _lazy((n, embed_dim), ("id", "dim"))
-    variables.update(_store.status_variables(n, ID_CHUNK))
+    variables.update(stores.status_variables(n, ID_CHUNK))
     coords = {
-        "id": _store.as_strings(ids),
-        "plane": _store.as_strings(plane_names),
+        "id": stores.as_strings(ids),
+        "plane": stores.as_strings(plane_names),
         "token": np.arange(t),
         "token_kind": ("token", token_kind),
     }
-    return xr.Dataset(variables, coords=coords, attrs=_store.json_attr(dict(attrs)))
+    return xr.Dataset(variables, coords=coords, attrs=stores.json_attr(dict(attrs)))
 
 
 def _lazy(shape: tuple[int, ...], dims: tuple[str, ...]) -> xr.DataArray:
@@ -120,7 +120,7 @@ def create_embeddings(path: str | Path, template: xr.Dataset) -> bool:
         projectors (:func:`check_identity`).
     """
     path = Path(path)
-    if _store.store_kind(path) is None and _store.create_store(path, template, KIND):
+    if stores.store_kind(path) is None and stores.create_store(path, template, KIND):
         return True
     check_identity(path, template["id"].values, template.attrs,
                    list(template.attrs["projectors"].values()))
@@ -136,7 +136,7 @@ def identity(attrs: Mapping[str, Any]) -> dict[str, Any]:
     """What a run into a store must share with it: the source store's attributes, the
     kernel settings and the encoder (weights checksum, precision...), less :data:`VOLATILE`.
     """
-    attrs = _store.json_attr(dict(attrs))
+    attrs = stores.json_attr(dict(attrs))
     out = {key: attrs.get(key) for key in IDENTITY_KEYS}
     out["source"] = (out["source"] or {}).get("attrs")
     for key, volatile in VOLATILE.items():
@@ -195,7 +195,7 @@ def open_embeddings(path: str | Path) -> xr.Dataset:
     >>> ds = open_embeddings("embeddings.zarr")  # doctest: +SKIP
     >>> ds[projector_names(ds)[0]].sel(plane="A")  # doctest: +SKIP
     """
-    return _store.open_store(path, KIND)
+    return stores.open_store(path, KIND)
 
 
 def projector_names(ds: xr.Dataset) -> list[str]:
@@ -229,7 +229,7 @@ def export_npy(path: str | Path, directory: str | Path,
         if name not in projector_names(ds):
             raise InputError(path, f"has no projector {name!r} (it has "
                              f"{', '.join(projector_names(ds))})")
-    done = np.flatnonzero(_store.read_status(path) == _store.OK)
+    done = np.flatnonzero(stores.read_status(path) == stores.OK)
     ids = ds["id"].values.tolist()
     for index in done:
         if ids[index] in ("", ".", "..") or Path(ids[index]).name != ids[index]:
@@ -283,8 +283,8 @@ def add_projections(path: str | Path, projectors: Sequence[Projector],
     added.attrs = dict(ds.attrs)  # appending rewrites the group's attributes
     added.drop_vars(["id", "plane", "token", "token_kind"]).to_zarr(
         path, mode="a", compute=False, consolidated=False)
-    status = _store.read_status(path)
-    done = np.flatnonzero(status == _store.OK)
+    status = stores.read_status(path)
+    done = np.flatnonzero(status == stores.OK)
     for start in range(0, len(done), block):
         for run in contiguous_runs(done[start:start + block]):
             tokens = ds["tokens"][run].values
@@ -293,7 +293,7 @@ def add_projections(path: str | Path, projectors: Sequence[Projector],
                         for name, value in projected.items()}).to_zarr(
                 path, region={"id": run}, consolidated=False)
     group = zarr.open_group(path, mode="r+")
-    group.attrs["projectors"] = {**stored, **{p.name: _store.json_attr(p.provenance())
+    group.attrs["projectors"] = {**stored, **{p.name: stores.json_attr(p.provenance())
                                               for p in new}}
     return [p.name for p in new]
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from raptorz import _store
+from raptorz import stores
 from raptorz.embeddings import open_embeddings
 from raptorz.features import Features, memory_budget, open_variable, statistics
 from raptorz.heads import HeadSettings, Scaling, fit_head
@@ -41,10 +41,10 @@ from raptorz.labels import (
     encode_targets,
     match_embeddings,
     read_labels,
-    store_ids,
 )
 from raptorz.metrics import evaluate, plot, table
 from raptorz.model import FittedModel
+from raptorz.stores import store_ids
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def fit(store: str | Path, labels: str | Path, output: str | Path,
     variable = open_variable(ds, store, settings.projector)
     all_labels = read_labels(labels, settings.targets or None)
     kept, positions = match_embeddings(all_labels, store_ids(ds),
-                                       _store.read_status(store), store, strict=settings.strict)
+                                       stores.read_status(store), store, strict=settings.strict)
     targets, reason = encode_targets(kept, settings.task)
     log(f"task: {targets.task} ({reason}); targets: {', '.join(targets.names)}")
     features = Features.open(variable, positions, memory_budget(settings.memory_budget))
@@ -166,7 +166,7 @@ def fit(store: str | Path, labels: str | Path, output: str | Path,
     report = {"task": targets.task, "task_reason": reason, "head": settings.head.head,
               "feature": str(variable.name), "n": {k: len(r) for k, r in rows.items()},
               "left_out": left_out, **metrics, "fit": record}
-    (output / "metrics.json").write_text(json.dumps(_store.json_attr(report), indent=2))
+    (output / "metrics.json").write_text(json.dumps(stores.json_attr(report), indent=2))
     plot_name = "predicted_vs_true.png" if regression else "roc.png"
     plot(targets.task, targets.names, targets.classes, truth, prediction, output / plot_name)
     model.save(output / "model")

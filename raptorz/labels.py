@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from raptorz import _store
+from raptorz import stores
 from raptorz.errors import InputError, RaptorzWarning
 
 Task = Literal["auto", "classification", "multilabel", "regression"]
@@ -142,13 +142,6 @@ def read_labels(path: str | Path, targets: Sequence[str] | None = None) -> Label
     return Labels(path, id_column, ids, split, frame[columns].reset_index(drop=True))
 
 
-def store_ids(ds: xr.Dataset) -> np.ndarray:
-    """A store's volume ids as a plain ``str`` array.
-
-    Zarr v3 gives variable-width strings, which NumPy does not cast to fixed width.
-    """
-    return np.array(ds["id"].values.tolist(), dtype=str)
-
 
 def store_index(label_ids: np.ndarray, store_ids: np.ndarray) -> np.ndarray:
     """The position of each label id in the store's ids; -1 where it has none.
@@ -191,7 +184,7 @@ def match_embeddings(labels: Labels, store_ids: np.ndarray, status: np.ndarray,
     """
     found = store_index(labels.ids, store_ids)
     usable = found >= 0
-    usable[usable] = status[found[usable]] == _store.OK
+    usable[usable] = status[found[usable]] == stores.OK
     if not usable.all():
         absent = labels.ids[found < 0]
         bad = labels.ids[(found >= 0) & ~usable]

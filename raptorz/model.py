@@ -19,7 +19,7 @@ import torch
 import xarray as xr
 from safetensors.numpy import load_file, save_file
 
-from raptorz import _store
+from raptorz import stores
 from raptorz.embeddings import open_embeddings
 from raptorz.errors import InputError
 from raptorz.features import Features, memory_budget, open_variable
@@ -32,7 +32,8 @@ from raptorz.heads import (
     build_mlp,
     to_output,
 )
-from raptorz.labels import FittedTask, store_ids, store_index
+from raptorz.labels import FittedTask, store_index
+from raptorz.stores import store_ids
 
 MODEL_JSON: Final = "model.json"
 MODEL_WEIGHTS: Final = "model.safetensors"
@@ -83,7 +84,7 @@ class FittedModel:
         info = {"task": self.task, "names": list(self.names), "classes": list(self.classes),
                 "feature": self.feature, "n_features": self.n_features,
                 "settings": dataclasses.asdict(self.settings), "summary": self.summary}
-        (folder / MODEL_JSON).write_text(json.dumps(_store.json_attr(info), indent=2))
+        (folder / MODEL_JSON).write_text(json.dumps(stores.json_attr(info), indent=2))
         return folder
 
 
@@ -162,11 +163,11 @@ def _usable_positions(ds: xr.Dataset, store: str | Path, ids: list[str] | None) 
 
     Ids match as in a labels CSV (exactly, or without a volume file's extension).
     """
-    status = _store.read_status(store)
+    status = stores.read_status(store)
     if ids is None:
-        return np.flatnonzero(status == _store.OK)
+        return np.flatnonzero(status == stores.OK)
     found = store_index(np.asarray(ids, str), store_ids(ds))
-    bad = (found < 0) | (status[found] != _store.OK)
+    bad = (found < 0) | (status[found] != stores.OK)
     if bad.any():
         unknown = np.asarray(ids)[bad]
         raise InputError(store, f"{len(unknown)} id(s) have no ok embedding: "

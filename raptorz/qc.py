@@ -87,7 +87,7 @@ def embedding_pca(store: str | Path, labels: str | Path, *, feature: str | None 
 
     from raptorz.embeddings import open_embeddings
     from raptorz.features import open_variable
-    from raptorz.labels import store_ids
+    from raptorz.stores import store_ids
 
     ds = open_embeddings(store)
     variable = open_variable(ds, store, feature)

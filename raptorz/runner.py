@@ -3,7 +3,7 @@
 Each task gets a store path and a few volume indices (never arrays, never the model),
 loads the encoder once per worker process (:func:`worker_encoder`), reads its volumes
 lazily, embeds the ones converted fine, and writes their whole region of
-``embeddings.zarr`` itself with :func:`raptorz._store.write_chunk` (data, then status),
+``embeddings.zarr`` itself with :func:`raptorz.stores.write_chunk` (data, then status),
 returning only counts. Tasks are idempotent: a task rerun on another worker after a
 worker died rewrites the same values.
 
@@ -33,7 +33,7 @@ import zarr
 from distributed import Client, as_completed
 from distributed.deploy import Cluster
 
-from raptorz import _store
+from raptorz import stores
 from raptorz.cluster import GPU_RESOURCE, advertises_gpus, connect, create_cluster, visible_gpus
 from raptorz.embeddings import (
     KIND,
@@ -167,14 +167,14 @@ def embed(
     settings = settings or KernelSettings()
     volumes, output = Path(volumes).resolve(), Path(output).resolve()
     loaded = [p if isinstance(p, Projector) else load_projector(p) for p in projectors]
-    source = _store.open_store(volumes, VOLUMES_KIND)
+    source = stores.open_store(volumes, VOLUMES_KIND)
     ids = np.asarray(source["id"].values.tolist(), dtype=str)
     selected = _selection(len(ids), start, many)
     options = EncoderOptions(encoder, _weights_option(weights), precision)
     attrs = _attrs(volumes, source.attrs, settings, projectors=loaded)
-    exists = _store.store_kind(output) is not None
+    exists = stores.store_kind(output) is not None
     if exists:
-        _store.require_kind(output, KIND)
+        stores.require_kind(output, KIND)
         check_identity(output, ids, attrs, [p.provenance() for p in loaded],
                        keys=("source", "settings"))  # the encoder is not loaded yet
     todo = _todo(volumes, output if exists else None, selected)
@@ -227,9 +227,9 @@ def _todo(volumes: Path, output: Path | None, selected: np.ndarray) -> np.ndarra
     """Mask of selected volumes to embed: pending, or failed while the source is ok."""
     if output is None:
         return selected.copy()
-    mine, theirs = _store.read_status(output), _store.read_status(volumes)
-    retry = (mine == _store.FAILED) & (theirs == _store.OK)
-    return selected & ((mine == _store.PENDING) | retry)
+    mine, theirs = stores.read_status(output), stores.read_status(volumes)
+    retry = (mine == stores.FAILED) & (theirs == stores.OK)
+    return selected & ((mine == stores.PENDING) | retry)
 
 
 def _id_chunk(source: xr.Dataset) -> int:
@@ -248,7 +248,7 @@ def _attrs(volumes: Path, source_attrs: dict[str, Any], settings: KernelSettings
            projectors: Sequence[Projector]) -> dict[str, Any]:
     """Provenance attributes of a new embeddings store (the encoder's come from a worker)."""
     return {
-        **_store.provenance(),
+        **stores.provenance(),
         "settings": dataclasses.asdict(settings),
         "projectors": {p.name: p.provenance() for p in projectors},
         "source": {"path": str(volumes), "attrs": source_attrs},
@@ -288,13 +288,13 @@ def _run(client: Client, jobs: list[ChunkJob], resources: dict[str, int] | None,
 
 def _summary(output: Path, ids: np.ndarray, selected: np.ndarray, computed: int,
              began: float) -> EmbedSummary:
-    status = _store.read_status(output) if output.exists() else np.zeros(len(ids), np.int8)
-    failed = selected & (status == _store.FAILED)
+    status = stores.read_status(output) if output.exists() else np.zeros(len(ids), np.int8)
+    failed = selected & (status == stores.FAILED)
     errors: dict[str, str] = {}
     if failed.any():
         error = zarr.open_array(output / "error", mode="r")
         errors = {str(ids[i]): str(error[int(i)]) for i in np.flatnonzero(failed)}
-    return EmbedSummary(output, int(selected.sum()), int((selected & (status == _store.OK)).sum()),
+    return EmbedSummary(output, int(selected.sum()), int((selected & (status == stores.OK)).sum()),
                         int(failed.sum()), computed, errors, time.perf_counter() - began)
 
 
@@ -345,10 +345,10 @@ def _embed_chunk(job: ChunkJob) -> int:
         source = xr.open_zarr(job.volumes, consolidated=False, chunks=None)
         status = np.asarray(source["status"][lo:hi].values)[indices - lo]
         source_error = source["error"][lo:hi].values[indices - lo]
-        errors = ["" if s == _store.OK else
-                  f"volume not converted ({_store.STATUS_NAMES[s]})" + (f": {e}" if e else "")
+        errors = ["" if s == stores.OK else
+                  f"volume not converted ({stores.STATUS_NAMES[s]})" + (f": {e}" if e else "")
                   for s, e in zip(status, source_error, strict=True)]
-        good = np.flatnonzero(status == _store.OK)
+        good = np.flatnonzero(status == stores.OK)
         results = _embed_volumes(source["volume"], indices[good], encoder, projectors,
                                  job.settings)
         for position, outcome in zip(good, results, strict=True):
@@ -409,6 +409,6 @@ def _write(output: str, run: slice, indices: np.ndarray, results: list[Any], goo
             stacked = np.stack([row[name] if row is not None else
                                 np.full_like(template[name], np.nan) for row in rows])
             data[name] = xr.DataArray(stacked, dims=dims[name])
-    status = [_store.OK if row is not None else _store.FAILED for row in rows]
-    _store.write_chunk(output, data, run, np.asarray(status), [errors[p] for p in positions])
+    status = [stores.OK if row is not None else stores.FAILED for row in rows]
+    stores.write_chunk(output, data, run, np.asarray(status), [errors[p] for p in positions])
 

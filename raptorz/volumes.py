@@ -4,7 +4,7 @@ The store is a Zarr v3 xarray Dataset: ``volume(id, x, y, z)`` in [0, 1] (float1
 default), chunked along ``id`` only, a few whole volumes per chunk, Blosc-zstd
 compressed; per volume ``source``, ``spacing`` (mm), ``original_shape`` (as read, after
 reorientation), ``note`` (e.g. a constant volume), ``status`` and ``error``. Each task
-converts one whole chunk and writes it through :mod:`raptorz._store` (data, then
+converts one whole chunk and writes it through :mod:`raptorz.stores` (data, then
 status), so a killed run leaves unfinished volumes pending and a rerun redoes only them.
 """
 
@@ -24,8 +24,7 @@ from distributed import Client, as_completed
 from distributed.deploy import Cluster
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from raptorz import _store
-from raptorz._info import store_info
+from raptorz import stores
 from raptorz._ingest import (
     AXES,
     DEFAULT_INTENSITY,
@@ -53,7 +52,7 @@ CHUNK_BYTES: Final = 64 * 2**20
 #: Fewest voxel bytes to write for which ``workers=None`` starts a local cluster.
 CLUSTER_BYTES: Final = 2 * 2**30
 
-__all__ = ["DEFAULT_INTENSITY", "ConvertSummary", "convert", "open_volumes", "store_info"]
+__all__ = ["DEFAULT_INTENSITY", "ConvertSummary", "convert", "open_volumes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,16 +87,16 @@ def _template(sources: Sequence[Source], settings: Settings, chunk: int) -> xr.D
         {
             "volume": (("id", *AXES), lazy(*shape, dtype=settings.dtype),
                        {"long_name": "intensity scaled to [0, 1]"}),
-            "source": ("id", _store.as_strings(map(str, sources))),
+            "source": ("id", stores.as_strings(map(str, sources))),
             "spacing": (("id", "axis"), lazy(3, dtype="float64"), {"units": "mm"}),
             "original_shape": (("id", "axis"), lazy(3, dtype="int32"),
                                {"long_name": "shape as read, after reorientation"}),
-            "note": ("id", _store.as_strings([""] * n)),
-            **_store.status_variables(n, chunk),
+            "note": ("id", stores.as_strings([""] * n)),
+            **stores.status_variables(n, chunk),
         },
-        coords={"id": _store.as_strings(s.id for s in sources),
-                "axis": _store.as_strings(AXES)},
-        attrs={**_store.provenance(), "convert": settings.record()},
+        coords={"id": stores.as_strings(s.id for s in sources),
+                "axis": stores.as_strings(AXES)},
+        attrs={**stores.provenance(), "convert": settings.record()},
     )
     ds.volume.encoding["compressors"] = [BloscCodec(
         cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)]
@@ -125,7 +124,7 @@ def _check_rerun(path: Path, sources: Sequence[Source], settings: Settings) -> i
 
 def open_volumes(path: str | Path) -> xr.Dataset:
     """Open a ``volumes.zarr`` lazily (safe while a conversion is writing it)."""
-    return _store.open_store(path, KIND)
+    return stores.open_store(path, KIND)
 
 
 def convert(
@@ -201,14 +200,14 @@ def convert(
                                many=many)
     read = ReadOptions(member, max_member_bytes, orientation)
     scaling = parse_intensity(intensity) if isinstance(intensity, str) else intensity
-    kind = _store.store_kind(output)
+    kind = stores.store_kind(output)
     if kind not in (None, KIND):
         raise InputError(output, f"holds a raptorz {kind} store; refusing to overwrite it")
     if kind is None:
         target = shape or native_shape(selected, read)
         settings = Settings(read, scaling, target, fit if shape else None, dtype)
         per_chunk = chunk or max(1, min(len(selected), CHUNK_BYTES // item_bytes(settings)))
-        if not _store.create_store(output, _template(selected, settings, per_chunk), KIND):
+        if not stores.create_store(output, _template(selected, settings, per_chunk), KIND):
             kind = KIND  # another process created it first: resume it like any store
     if kind == KIND:  # resume: the shape policy is the store's unless given again
         policy = open_volumes(output).attrs["convert"]["shape_policy"]
@@ -218,8 +217,8 @@ def convert(
         per_chunk = _check_rerun(output, selected, settings)
     labels = write_labels(selected, labels_out or output.with_name(
         output.name.removesuffix(".zarr") + ".labels.csv"))
-    status = _store.read_status(output)
-    todo = _store.chunks_to_do(status, per_chunk)
+    status = stores.read_status(output)
+    todo = stores.chunks_to_do(status, per_chunk)
     tasks = [(str(output), region, selected[region], settings) for region in todo]
     results: list[ChunkResult] = []
 
@@ -251,7 +250,7 @@ def convert(
             for future in as_completed(futures):
                 done(future.result())
     failures = {i: e for r in results for i, s, e in zip(r.ids, r.status, r.errors,
-                                                          strict=True) if s != _store.OK}
+                                                          strict=True) if s != stores.OK}
     notes = {i: n for r in results for i, n in zip(r.ids, r.notes, strict=True) if n}
     for volume_id, note in notes.items():
         warnings.warn(f"{volume_id}: {note}; converted", RaptorzWarning, stacklevel=2)

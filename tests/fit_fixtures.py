@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from raptorz import _store
+from raptorz import stores
 
 PROJECTOR = "proj_normal_d8_k4_run1"
 
@@ -25,23 +25,23 @@ def write_embeddings(path: Path, features: np.ndarray, ids: Sequence[str], *,
     chunk of a real run.
     """
     n, planes, k, tokens = features.shape
-    status = np.full(n, _store.OK, np.int8) if status is None else np.asarray(status, np.int8)
+    status = np.full(n, stores.OK, np.int8) if status is None else np.asarray(status, np.int8)
     dims = ("id", "plane", f"k_{name}", "token")
     template = xr.Dataset(
         {name: (dims, da.zeros(features.shape, chunks=(chunk, planes, k, tokens), dtype="f4")),
          "avgpool": (("id", "dim"), da.zeros((n, tokens), chunks=(chunk, tokens), dtype="f4")),
-         **_store.status_variables(n, chunk)},
-        coords={"id": _store.as_strings(ids), "plane": _store.as_strings("ACS"[:planes]),
+         **stores.status_variables(n, chunk)},
+        coords={"id": stores.as_strings(ids), "plane": stores.as_strings("ACS"[:planes]),
                 "token": np.arange(tokens)},
         attrs={"projectors": {name: {"seed": 0, "dim": 8, "k": k}}})
-    _store.create_store(path, template, "embeddings")
-    for region in _store.chunk_slices(n, chunk):
-        ok = status[region] == _store.OK
+    stores.create_store(path, template, "embeddings")
+    for region in stores.chunk_slices(n, chunk):
+        ok = status[region] == stores.OK
         data = {name: xr.DataArray(np.where(ok[:, None, None, None], features[region], 0),
                                    dims=dims),
                 "avgpool": xr.DataArray(features[region].mean(axis=(1, 2)), dims=("id", "dim"))}
         errors = ["" if good else "unreadable volume" for good in ok]
-        _store.write_chunk(path, data, region, status[region], errors)
+        stores.write_chunk(path, data, region, status[region], errors)
     return path
 
 

@@ -14,7 +14,7 @@ import pytest
 import xarray as xr
 from volume_files import volume, write_nifti, write_npz
 
-from raptorz import _store
+from raptorz import stores
 from raptorz.cli.main import main
 from raptorz.volumes import convert, open_volumes
 
@@ -72,11 +72,11 @@ def test_info_understands_an_embeddings_store(
     path = tmp_path / "embeddings.zarr"
     projected = xr.DataArray(da.zeros((3, 3, 4, 5), chunks=(2, 3, 4, 5), dtype="f4"),
                              dims=("id", "plane", "k", "token"))
-    ids = _store.as_strings(["a", "b", "c"])
-    template = xr.Dataset({"proj": projected, **_store.status_variables(3, 2)},
+    ids = stores.as_strings(["a", "b", "c"])
+    template = xr.Dataset({"proj": projected, **stores.status_variables(3, 2)},
                           coords={"id": ids}, attrs={"encoder": "tiny-vit"})
-    _store.create_store(path, template, "embeddings")
-    _store.write_chunk(path, {}, slice(0, 2), np.array([1, 2]), ["", "b: out of memory"])
+    stores.create_store(path, template, "embeddings")
+    stores.write_chunk(path, {}, slice(0, 2), np.array([1, 2]), ["", "b: out of memory"])
     assert main(["info", str(path)]) == 0
     out = capsys.readouterr().out
     assert "raptorz embeddings store" in out and "3 (1 pending, 1 ok, 1 failed)" in out
@@ -97,7 +97,7 @@ def test_npz_labels_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 def _ok_count(store: Path) -> int:
     """Volumes marked ok so far in a store another process is writing."""
     try:
-        return int(np.sum(_store.read_status(store) == _store.OK))
+        return int(np.sum(stores.read_status(store) == stores.OK))
     except Exception:  # not created yet, or a file caught half-written: not ok yet
         return 0
 
@@ -119,7 +119,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None
         assert process.wait() == -signal.SIGKILL, process.stderr.read() if process.stderr else ""
     finally:
         process.kill()
-    counts = _store.status_counts(_store.read_status(killed))
+    counts = stores.status_counts(stores.read_status(killed))
     assert counts["ok"] >= 5 and counts["pending"] > 0
     resumed = subprocess.run([*COMMAND, "convert", str(folder), "-o", str(killed), *options],
                              capture_output=True, text=True, check=False)

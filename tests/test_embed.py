@@ -23,7 +23,7 @@ import xarray as xr
 from distributed import Client
 from vit_fixtures import write_tiny_vit
 
-from raptorz import _store
+from raptorz import stores
 from raptorz.cli.main import main
 from raptorz.cluster import create_cluster
 from raptorz.embeddings import open_embeddings
@@ -171,13 +171,13 @@ def _volumes_with_failures(path: Path) -> np.ndarray:
     template = xr.Dataset(
         {"volume": (("id", "x", "y", "z"), da.zeros(block.shape, chunks=(2, 16, 16, 16),
                                                      dtype=np.float32)),
-         **_store.status_variables(4, 2)},
-        coords={"id": _store.as_strings(["a", "b", "c", "d"])}, attrs={"convert": {"x": 1}})
-    _store.create_store(path, template, "volumes")
+         **stores.status_variables(4, 2)},
+        coords={"id": stores.as_strings(["a", "b", "c", "d"])}, attrs={"convert": {"x": 1}})
+    stores.create_store(path, template, "volumes")
     for chunk, status, errors in ((slice(0, 2), [1, 1], ["", ""]),
                                   (slice(2, 4), [2, 1], ["unreadable header", ""])):
         data = {"volume": xr.DataArray(block[chunk], dims=("id", "x", "y", "z"))}
-        _store.write_chunk(path, data, chunk, np.array(status), errors)
+        stores.write_chunk(path, data, chunk, np.array(status), errors)
     return block
 
 
@@ -191,8 +191,8 @@ def test_failed_volumes_are_recorded(client: Client, tmp_path: Path,
     assert (summary.ok, summary.failed) == (2, 2)
     assert "NaN" in summary.errors["b"]
     assert summary.errors["c"] == "volume not converted (failed): unreadable header"
-    status = _store.read_status(output)
-    assert status.tolist() == [_store.OK, _store.FAILED, _store.FAILED, _store.OK]
+    status = stores.read_status(output)
+    assert status.tolist() == [stores.OK, stores.FAILED, stores.FAILED, stores.OK]
     result = embed_block(block[[0, 3]], create_encoder(name, weights=weights), PROJECTORS,
                          SETTINGS)
     ds = open_embeddings(output)
@@ -231,9 +231,9 @@ def test_worker_killed_mid_run(client: Client, many_volumes: Path, tmp_path: Pat
     def kill_one_worker_once_a_volume_is_done() -> None:
         while not killed:
             if output.exists() and (output / "status").exists() and \
-                    (_store.read_status(output) == _store.OK).any():
+                    (stores.read_status(output) == stores.OK).any():
                 os.kill(pids[0], signal.SIGKILL)
-                killed.append(int((_store.read_status(output) == _store.OK).sum()))
+                killed.append(int((stores.read_status(output) == stores.OK).sum()))
             time.sleep(0.02)
 
     killer = threading.Thread(target=kill_one_worker_once_a_volume_is_done, daemon=True)
@@ -262,7 +262,7 @@ def test_two_processes_split_one_output(client: Client, many_volumes: Path, tmp_
     for run in runs:
         _, err = run.communicate(timeout=600)
         assert run.returncode == 0, err
-    assert (_store.read_status(output) == _store.OK).all()
+    assert (stores.read_status(output) == stores.OK).all()
     _assert_matches(output, _reference(many_volumes, tiny_vit_weights))
     finished = subprocess.run(_cli(many_volumes, *common), capture_output=True, text=True)
     assert finished.returncode == 0 and "nothing to do" in finished.stdout
@@ -279,14 +279,14 @@ def test_sigkill_cli_then_rerun(client: Client, many_volumes: Path, tmp_path: Pa
                    "--dashboard-address", ":0")
     run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while run.poll() is None:
-        if (output / "status").exists() and (_store.read_status(output) == _store.OK).any():
+        if (output / "status").exists() and (stores.read_status(output) == stores.OK).any():
             run.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)
     run.wait(600)
     assert run.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    interrupted = _store.read_status(output)
-    assert (interrupted != _store.FAILED).all()
+    interrupted = stores.read_status(output)
+    assert (interrupted != stores.FAILED).all()
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert "10 embedded, 0 failed" in rerun.stdout

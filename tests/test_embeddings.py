@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from raptorz import _store
+from raptorz import stores
 from raptorz.cli.main import main
 from raptorz.embeddings import (
     add_projections,
@@ -48,15 +48,15 @@ def _filled_store(path: Path, projectors: list[Projector], seed: int = 0) -> np.
     tokens = tokens.astype(np.float32)
     for i in range(len(IDS)):
         if i == 2:
-            _store.write_chunk(path, {}, slice(i, i + 1), np.array([_store.FAILED]), ["bad"])
+            stores.write_chunk(path, {}, slice(i, i + 1), np.array([stores.FAILED]), ["bad"])
             continue
         one = tokens[i:i + 1]
         data = {name: (("id", "plane", f"k_{name}", "token"), value)
                 for name, value in project_tokens(one, projectors).items()}
         data["tokens"] = (("id", "plane", "token", "dim"), one)
         data["avgpool"] = (("id", "dim"), one.mean(axis=(1, 2)))
-        _store.write_chunk(path, {k: xr.DataArray(v[1], dims=v[0]) for k, v in data.items()},
-                           slice(i, i + 1), np.array([_store.OK]), [""])
+        stores.write_chunk(path, {k: xr.DataArray(v[1], dims=v[0]) for k, v in data.items()},
+                           slice(i, i + 1), np.array([stores.OK]), [""])
     return tokens
 
 
@@ -167,9 +167,9 @@ def test_reproject_needs_tokens(tmp_path: Path) -> None:
 def test_export_refuses_ids_that_are_paths(tmp_path: Path) -> None:
     path = tmp_path / "e.zarr"
     template = _template([create_projector(0, DIM, 5, "p5")])
-    template = template.assign_coords(id=_store.as_strings(["a", "../escape", "c", "d"]))
+    template = template.assign_coords(id=stores.as_strings(["a", "../escape", "c", "d"]))
     create_embeddings(path, template)
-    _store.write_chunk(path, {}, slice(1, 2), np.array([_store.OK]), [""])
+    stores.write_chunk(path, {}, slice(1, 2), np.array([stores.OK]), [""])
     with pytest.raises(InputError, match="'../escape' cannot be a file name"):
         export_npy(path, tmp_path / "npy")
     assert not (tmp_path / "escape").exists()

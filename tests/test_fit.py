@@ -11,7 +11,7 @@ import pytest
 from fit_fixtures import PROJECTOR, synthetic, write_embeddings, write_labels
 from sklearn.linear_model import LogisticRegression, Ridge
 
-from raptorz import _store
+from raptorz import stores
 from raptorz.cli.main import main
 from raptorz.features import Features, statistics
 from raptorz.fitting import FitSettings, fit
@@ -154,7 +154,7 @@ def test_streaming_equals_in_memory(data: dict, tmp_path: Path, head: dict, colu
 
 
 def test_streaming_statistics_are_exact(data: dict) -> None:
-    variable = _store.open_store(data["store"], "embeddings")[PROJECTOR]
+    variable = stores.open_store(data["store"], "embeddings")[PROJECTOR]
     rows = np.flatnonzero(data["split"] == "train")
     for budget in (0, 10**9):
         features = Features.open(variable, np.arange(N), budget)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from fit_fixtures import PROJECTOR, synthetic, write_embeddings, write_labels
 
-from raptorz import _store
+from raptorz import stores
 from raptorz.cli.main import main
 from raptorz.errors import InputError
 from raptorz.fitting import FitSettings, fit
@@ -24,8 +24,8 @@ QUICK = FitSettings(bootstrap=10)
 def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """40 volumes chunked by one (as ``raptorz embed`` writes), two of them failed."""
     features, ids, split = synthetic(N, (1, 2, 3))
-    status = np.full(N, _store.OK)
-    status[[4, 9]] = _store.FAILED
+    status = np.full(N, stores.OK)
+    status[[4, 9]] = stores.FAILED
     path = write_embeddings(tmp_path_factory.mktemp("errors") / "embeddings.zarr", features, ids,
                             chunk=1, status=status)
     label = (features.reshape(N, -1).sum(axis=1) > 0).astype(int)
@@ -39,7 +39,7 @@ def csv(tmp_path: Path, store: dict, ids: list[str] | None = None, **columns: np
 
 
 def ok_only(store: dict) -> list[str]:
-    return [i for i, s in zip(store["ids"], store["status"], strict=True) if s == _store.OK]
+    return [i for i, s in zip(store["ids"], store["status"], strict=True) if s == stores.OK]
 
 
 def test_missing_and_failed_are_left_out_with_a_warning(store: dict, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raptorz import _store
+from raptorz import stores
 from raptorz.cluster import create_cluster
 from raptorz.embeddings import open_embeddings
 from raptorz.projection import create_projector
@@ -149,7 +149,7 @@ def test_embed_on_real_slurm_equals_local(slurm: dict[str, str], tmp_path: Path,
         capture_output=True, text=True, timeout=900)
     assert local.returncode == 0, local.stderr
     a, b = open_embeddings(tmp_path / "slurm.zarr"), open_embeddings(tmp_path / "local.zarr")
-    assert (_store.read_status(tmp_path / "slurm.zarr") == _store.OK).all()
+    assert (stores.read_status(tmp_path / "slurm.zarr") == stores.OK).all()
     for variable in ("p5", "tokens", "avgpool"):
         # same kernel, same volumes; only the worker processes differ (rtol 1e-5)
         np.testing.assert_allclose(a[variable].values, b[variable].values,

@@ -9,47 +9,47 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from raptorz import _store
+from raptorz import stores
 from raptorz.errors import InputError
 
 
 def _template(n: int, chunk: int) -> xr.Dataset:
     data = xr.DataArray(da.zeros((n, 3), chunks=(chunk, 3), dtype="f4"), dims=("id", "x"))
     return xr.Dataset(
-        {"data": data, **_store.status_variables(n, chunk)},
-        coords={"id": _store.as_strings(f"v{i}" for i in range(n))},
+        {"data": data, **stores.status_variables(n, chunk)},
+        coords={"id": stores.as_strings(f"v{i}" for i in range(n))},
     )
 
 
 def test_chunk_written_then_marked(tmp_path: Path) -> None:
     path = tmp_path / "s.zarr"
-    _store.create_store(path, _template(5, 2), "test")
-    assert _store.store_kind(path) == "test"
-    assert _store.chunks_to_do(_store.read_status(path), 2) == [
+    stores.create_store(path, _template(5, 2), "test")
+    assert stores.store_kind(path) == "test"
+    assert stores.chunks_to_do(stores.read_status(path), 2) == [
         slice(0, 2), slice(2, 4), slice(4, 5)]
     block = xr.DataArray(np.arange(6, dtype="f4").reshape(2, 3), dims=("id", "x"))
-    _store.write_chunk(path, {"data": block}, slice(2, 4), np.array([1, 2]), ["", "bad"])
-    ds = _store.open_store(path, "test")
+    stores.write_chunk(path, {"data": block}, slice(2, 4), np.array([1, 2]), ["", "bad"])
+    ds = stores.open_store(path, "test")
     np.testing.assert_array_equal(ds.data.values[2:4], block.values)
     assert list(ds.error.values) == ["", "", "", "bad", ""]
     assert list(ds.id.values) == ["v0", "v1", "v2", "v3", "v4"]
-    status = _store.read_status(path)
-    assert _store.status_counts(status) == {"pending": 3, "ok": 1, "failed": 1}
+    status = stores.read_status(path)
+    assert stores.status_counts(status) == {"pending": 3, "ok": 1, "failed": 1}
     # the failed volume keeps its chunk on the to-do list
-    assert _store.chunks_to_do(status, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
-    assert _store.chunks_to_do(status, 2, within=slice(0, 1)) == [slice(0, 2)]
+    assert stores.chunks_to_do(status, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert stores.chunks_to_do(status, 2, within=slice(0, 1)) == [slice(0, 2)]
 
 
 def test_existing_paths_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "s.zarr"
-    _store.create_store(path, _template(2, 2), "volumes")
+    stores.create_store(path, _template(2, 2), "volumes")
     with pytest.raises(InputError, match="holds raptorz volumes, not embeddings"):
-        _store.require_kind(path, "embeddings")
+        stores.require_kind(path, "embeddings")
     # a process that loses the race to create a store leaves the winner's intact
-    assert not _store.create_store(path, _template(3, 1), "volumes")
-    assert _store.open_store(path, "volumes").sizes["id"] == 2
+    assert not stores.create_store(path, _template(3, 1), "volumes")
+    assert stores.open_store(path, "volumes").sizes["id"] == 2
     assert not list(tmp_path.glob(".*.tmp"))
     not_a_store = tmp_path / "notes.txt"
     not_a_store.write_text("hello")
     with pytest.raises(InputError, match="notes.txt"):
-        _store.store_kind(not_a_store)
+        stores.store_kind(not_a_store)

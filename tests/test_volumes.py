@@ -22,7 +22,7 @@ from volume_files import (
 )
 from zarr.codecs import BloscCodec
 
-from raptorz import _store
+from raptorz import stores
 from raptorz.errors import InputError, RaptorzError, RaptorzWarning
 from raptorz.volumes import convert, open_volumes
 
@@ -64,7 +64,7 @@ def test_store_layout_values_and_provenance(tmp_path: Path, niftis: dict) -> Non
     np.testing.assert_allclose(ds.spacing.values, [OBLIQUE_RAS_SPACING] * 5)
     np.testing.assert_array_equal(ds.original_shape.values, [[5, 6, 7]] * 5)
     assert ds.source.values[0] == str(tmp_path / "in" / "v0.nii.gz")
-    assert set(ds.status.values) == {_store.OK} and set(ds.error.values) == {""}
+    assert set(ds.status.values) == {stores.OK} and set(ds.error.values) == {""}
     recorded = ds.attrs["convert"]
     assert recorded["intensity"] == "range:0,200" and recorded["orientation"] == "ras"
     assert recorded["shape_policy"] == {"shape": [5, 6, 7], "fit": "none"}
@@ -165,7 +165,7 @@ def test_rerun_converts_only_what_failed(tmp_path: Path, niftis: dict) -> None:
     second = convert(sources, store, intensity="minmax", workers=1)
     assert (second.converted, second.failed, second.skipped) == (2, 0, 3)
     after = open_volumes(store)
-    assert set(after.status.values) == {_store.OK}
+    assert set(after.status.values) == {stores.OK}
     np.testing.assert_array_equal(after.volume.values[[0, 1, 4]], before[[0, 1, 4]])
     third = convert(sources, store, intensity="minmax", workers=1)
     assert (third.converted, third.skipped) == (0, 5)
@@ -184,12 +184,12 @@ def test_unknown_modes_are_refused(tmp_path: Path, niftis: dict) -> None:
 
 def test_other_stores_are_never_overwritten(tmp_path: Path, niftis: dict) -> None:
     embeddings = tmp_path / "embeddings.zarr"
-    ids = _store.as_strings(["a", "b"])
-    template = xr.Dataset(_store.status_variables(2, 2), coords={"id": ids})
-    _store.create_store(embeddings, template, "embeddings")
+    ids = stores.as_strings(["a", "b"])
+    template = xr.Dataset(stores.status_variables(2, 2), coords={"id": ids})
+    stores.create_store(embeddings, template, "embeddings")
     with pytest.raises(InputError, match="embeddings.zarr: holds a raptorz embeddings store"):
         convert([tmp_path / "in"], embeddings, workers=1)
-    assert _store.store_kind(embeddings) == "embeddings"
+    assert stores.store_kind(embeddings) == "embeddings"
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("keep me")
     with pytest.raises(InputError, match="notes: exists and is not a Zarr store"):

@@ -9,7 +9,7 @@ from typing import Final
 import numpy as np
 import xarray as xr
 
-from raptorz import _store
+from raptorz import stores
 from raptorz.errors import InputError
 
 #: How many failures and notes are listed before the rest is counted.
@@ -39,25 +39,25 @@ def store_info(path: str | Path) -> str:
     Works for every kind of raptorz store: only ``status``, ``error`` and the optional
     ``note`` variables are interpreted.
     """
-    kind = _store.store_kind(path)
+    kind = stores.store_kind(path)
     if kind is None:
         raise InputError(path, "no raptorz store here")
     ds = xr.open_zarr(path, consolidated=False)
     lines = [f"{path}: raptorz {kind} store"]
     if "status" in ds:
         status = np.asarray(ds.status.values)
-        counts = _store.status_counts(status)
+        counts = stores.status_counts(status)
         lines.append(f"volumes: {len(status)} ("
                      + ", ".join(f"{n} {name}" for name, n in counts.items()) + ")")
     lines.append("dimensions: " + ", ".join(f"{d}={n}" for d, n in ds.sizes.items()))
     lines.append("variables:")
     lines += [_variable(str(name), var) for name, var in ds.data_vars.items()]
-    attrs = {k: v for k, v in ds.attrs.items() if k != _store.KIND_ATTR}
+    attrs = {k: v for k, v in ds.attrs.items() if k != stores.KIND_ATTR}
     lines.append("attributes:")
     lines += ["  " + line for line in json.dumps(attrs, indent=2, default=str).splitlines()]
     ids = np.asarray(ds.id.values) if "id" in ds.coords else np.arange(ds.sizes.get("id", 0))
     if "status" in ds and "error" in ds:
-        failed = status == _store.FAILED
+        failed = status == stores.FAILED
         lines += _listing("failures", ids[failed], np.asarray(ds.error.values)[failed])
     if "note" in ds:
         notes = np.asarray(ds.note.values)

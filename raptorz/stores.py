@@ -77,6 +77,15 @@ def provenance() -> dict[str, Any]:
     }
 
 
+
+def store_ids(ds: xr.Dataset) -> np.ndarray:
+    """A store's volume ids as a plain ``str`` array.
+
+    Zarr v3 gives variable-width strings, which NumPy does not cast to fixed width.
+    """
+    return np.array(ds["id"].values.tolist(), dtype=str)
+
+
 def store_kind(path: str | Path) -> str | None:
     """The kind of raptorz store at ``path``; ``None`` where there is nothing there.
 
