@@ -18,7 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from raptorz.volumes import convert, open_volumes
+from raptorz.ingest.volumes import convert, open_volumes
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from raptorz.encoders import DEFAULT_ENCODER, SMALL_ENCODERS, create_encoder
 from raptorz.kernel import KernelSettings, embed_block
 from raptorz.projection import create_projector
-from raptorz.volumes import convert, open_volumes
+from raptorz.ingest.volumes import convert, open_volumes
 
 
 def random_weights(name: str, path: Path) -> Path:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from raptorz.embeddings import add_projections, export_npy, open_embeddings
     from raptorz.encoders import DEFAULT_ENCODER, RANDOM_WEIGHTS, Encoder, create_encoder
     from raptorz.fitting import FitResult, FitSettings, fit
-    from raptorz.intensity import Intensity, parse_intensity
+    from raptorz.ingest.intensity import Intensity, parse_intensity
     from raptorz.kernel import (
         PLANE_NAMES,
         BlockEmbedding,
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from raptorz.qc import embedding_pca, plane_montage
     from raptorz.runner import EmbedSummary, embed
     from raptorz.info import store_info
-    from raptorz.volumes import ConvertSummary, convert, open_volumes
+    from raptorz.ingest.volumes import ConvertSummary, convert, open_volumes
 
 try:
     __version__ = version("raptorz")
@@ -54,7 +54,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["DEFAULT_ENCODER", "RANDOM_WEIGHTS", "Encoder", "create_encoder"],
                     "encoders"),
     **dict.fromkeys(["FitResult", "FitSettings", "fit"], "fitting"),
-    **dict.fromkeys(["Intensity", "parse_intensity"], "intensity"),
+    **dict.fromkeys(["Intensity", "parse_intensity"], "ingest.intensity"),
     **dict.fromkeys(["PLANE_NAMES", "BlockEmbedding", "KernelSettings", "embed_block",
                      "embed_volume", "project_tokens"], "kernel"),
     **dict.fromkeys(["FittedModel", "load_model", "predict"], "model"),
@@ -63,7 +63,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["embedding_pca", "plane_montage"], "qc"),
     **dict.fromkeys(["EmbedSummary", "embed"], "runner"),
     **dict.fromkeys(["store_info"], "info"),
-    **dict.fromkeys(["ConvertSummary", "convert", "open_volumes"], "volumes"),
+    **dict.fromkeys(["ConvertSummary", "convert", "open_volumes"], "ingest.volumes"),
 }
 
 __all__ = sorted([*_EXPORTS, "InputError", "RaptorzError", "RaptorzWarning", "__version__"])

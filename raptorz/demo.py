@@ -114,7 +114,7 @@ def run_demo(workdir: str | Path = "raptorz-demo", *, data: str | Path | None = 
     from raptorz.fitting import fit
     from raptorz.kernel import KernelSettings
     from raptorz.runner import embed
-    from raptorz.volumes import convert
+    from raptorz.ingest.volumes import convert
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from volume_files import volume, write_nifti, write_npz
 
 from raptorz import stores
 from raptorz.cli.main import main
-from raptorz.volumes import convert, open_volumes
+from raptorz.ingest.volumes import convert, open_volumes
 
 COMMAND = [sys.executable, "-m", "raptorz.cli.main"]
 

@@ -32,7 +32,7 @@ from raptorz.errors import InputError
 from raptorz.kernel import KernelSettings, embed_block
 from raptorz.projection import create_projector
 from raptorz.runner import embed
-from raptorz.volumes import convert, open_volumes
+from raptorz.ingest.volumes import convert, open_volumes
 
 SETTINGS = KernelSettings(keep_tokens=True, batch_size=32)
 PROJECTORS = [create_projector(0, 64, 5, "p5"), create_projector(1, 64, 3, "p3")]

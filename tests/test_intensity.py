@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from raptorz.errors import RaptorzError
-from raptorz.intensity import CT_WINDOWS, Intensity, parse_intensity, scale_intensity
+from raptorz.ingest.intensity import CT_WINDOWS, Intensity, parse_intensity, scale_intensity
 
 RNG = np.random.default_rng(0)
 VALUES = RNG.normal(300, 400, (9, 8, 7))

@@ -20,9 +20,9 @@ from volume_files import (
     zip_bomb,
 )
 
-from raptorz._sources import resolve_sources
+from raptorz.ingest.sources import resolve_sources
 from raptorz.errors import InputError
-from raptorz.readers import ReadOptions, Source, probe_shape, read_volume
+from raptorz.ingest.readers import ReadOptions, Source, probe_shape, read_volume
 
 RAS, NATIVE = ReadOptions(), ReadOptions(orientation="native")
 

@@ -15,7 +15,7 @@ from raptorz import stores
 from raptorz.cluster import create_cluster
 from raptorz.embeddings import open_embeddings
 from raptorz.projection import create_projector
-from raptorz.volumes import convert
+from raptorz.ingest.volumes import convert
 
 pytest.importorskip("dask_jobqueue")
 

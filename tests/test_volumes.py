@@ -24,7 +24,7 @@ from zarr.codecs import BloscCodec
 
 from raptorz import stores
 from raptorz.errors import InputError, RaptorzError, RaptorzWarning
-from raptorz.volumes import convert, open_volumes
+from raptorz.ingest.volumes import convert, open_volumes
 
 #: float16 keeps 11 significant bits: values in [0, 1] are within 2**-12 of float64.
 F16 = 2.0**-11

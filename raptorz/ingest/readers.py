@@ -179,7 +179,7 @@ def _open_npz(source: Source, options: ReadOptions) -> _Image:
 
 
 def _open_dicom(source: Source, options: ReadOptions) -> _Image:
-    from raptorz._dicom import open_dicom  # pydicom is only imported where needed
+    from raptorz.ingest._dicom import open_dicom  # pydicom is only imported where needed
 
     shape, affine, load = open_dicom(source.path)
     return _Image(shape, affine, load)

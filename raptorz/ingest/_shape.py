@@ -10,7 +10,7 @@ import numpy as np
 from scipy import ndimage
 
 from raptorz.errors import InputError, RaptorzError
-from raptorz.readers import ReadOptions, Source, probe_shape
+from raptorz.ingest.readers import ReadOptions, Source, probe_shape
 
 Fit = Literal["resample", "pad"]
 

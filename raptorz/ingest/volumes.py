@@ -25,7 +25,7 @@ from distributed.deploy import Cluster
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from raptorz import stores
-from raptorz._ingest import (
+from raptorz.ingest.conversion import (
     AXES,
     DEFAULT_INTENSITY,
     ChunkResult,
@@ -34,12 +34,12 @@ from raptorz._ingest import (
     convert_chunk,
     item_bytes,
 )
-from raptorz._shape import Fit, native_shape
-from raptorz._sources import resolve_sources, write_labels
+from raptorz.ingest._shape import Fit, native_shape
+from raptorz.ingest.sources import resolve_sources, write_labels
 from raptorz.cluster import connect, create_cluster
 from raptorz.errors import InputError, RaptorzError, RaptorzWarning
-from raptorz.intensity import Intensity, parse_intensity
-from raptorz.readers import (
+from raptorz.ingest.intensity import Intensity, parse_intensity
+from raptorz.ingest.readers import (
     DEFAULT_MEMBER,
     Orientation,
     ReadOptions,
@@ -153,7 +153,7 @@ def convert(
     Parameters
     ----------
     sources, folder, manifest, start, many
-        What to read (see :func:`raptorz._sources.resolve_sources`).
+        What to read (see :func:`raptorz.ingest.sources.resolve_sources`).
     member, max_member_bytes
         The NIfTI member of UK Biobank zips, and the cap on its decompressed size.
     intensity

@@ -1,6 +1,6 @@
 """The conversion kernel: read, scale and shape one chunk's volumes and write them.
 
-Plain numpy and file I/O, no Dask: :func:`raptorz.volumes.convert` maps
+Plain numpy and file I/O, no Dask: :func:`raptorz.ingest.volumes.convert` maps
 :func:`convert_chunk` over the store's chunks, in process or on a cluster. A task
 returns a small :class:`ChunkResult`, never arrays.
 """
@@ -15,11 +15,11 @@ import numpy as np
 import xarray as xr
 
 from raptorz import stores
-from raptorz._shape import Fit, fit_shape
+from raptorz.ingest._shape import Fit, fit_shape
 from raptorz.defaults import DEFAULT_INTENSITY
 from raptorz.errors import InputError
-from raptorz.intensity import Intensity, parse_intensity, scale_intensity
-from raptorz.readers import ReadOptions, Source, SourceKind, read_volume
+from raptorz.ingest.intensity import Intensity, parse_intensity, scale_intensity
+from raptorz.ingest.readers import ReadOptions, Source, SourceKind, read_volume
 
 Dtype = Literal["float16", "float32"]
 AXES: Final = ("x", "y", "z")

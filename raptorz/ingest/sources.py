@@ -18,7 +18,7 @@ from typing import Final
 import numpy as np
 
 from raptorz.errors import InputError, RaptorzError
-from raptorz.readers import NPZ_SPLITS, Source, SourceKind, npz_images
+from raptorz.ingest.readers import NPZ_SPLITS, Source, SourceKind, npz_images
 
 #: File endings the readers know, longest first so that ``.nii.gz`` wins over ``.gz``.
 SUFFIXES: Final[dict[str, SourceKind]] = {
