@@ -2,7 +2,7 @@
 
 CPU (default): converts ``--volumes`` random volumes of ``--size``^3, then times
 
-* the in-process kernel (:func:`raptorz.kernel.embed_block`, model already loaded);
+* the in-process kernel (:func:`raptorz.embedding.kernel.embed_block`, model already loaded);
 * ``raptorz embed`` as a user runs it (a fresh process, its own LocalCluster, model
   loading, store writes) with 1 and 2 workers, splitting the CPUs between them;
 
@@ -32,9 +32,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from raptorz.encoders import DEFAULT_ENCODER, SMALL_ENCODERS, create_encoder
-from raptorz.kernel import KernelSettings, embed_block
-from raptorz.projection import create_projector
+from raptorz.embedding.encoders import DEFAULT_ENCODER, SMALL_ENCODERS, create_encoder
+from raptorz.embedding.kernel import KernelSettings, embed_block
+from raptorz.embedding.projection import create_projector
 from raptorz.ingest.volumes import convert, open_volumes
 
 

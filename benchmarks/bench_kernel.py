@@ -53,9 +53,9 @@ def run_one(config: dict[str, Any], weights: str) -> list[dict[str, Any]]:
     """Run one configuration in this process and measure it (one row, two for ``bare``)."""
     import torch
 
-    from raptorz.encoders import create_encoder
-    from raptorz.kernel import KernelSettings, embed_block
-    from raptorz.projection import create_projector
+    from raptorz.embedding.encoders import create_encoder
+    from raptorz.embedding.kernel import KernelSettings, embed_block
+    from raptorz.embedding.projection import create_projector
 
     batch = config["batch_size"]
     if config["kind"] == "bare":
@@ -98,7 +98,7 @@ def bare_forward(config: dict[str, Any], weights: str) -> list[dict[str, Any]]:
     """
     import torch
 
-    from raptorz.encoders import create_encoder
+    from raptorz.embedding.encoders import create_encoder
 
     batch = config["batch_size"]
     images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))

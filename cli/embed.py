@@ -87,9 +87,9 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Embed, with a progress bar and a summary; 1 when any volume failed."""
-    from raptorz.encoders import DEFAULT_ENCODER
-    from raptorz.kernel import KernelSettings
-    from raptorz.runner import embed
+    from raptorz.embedding.encoders import DEFAULT_ENCODER
+    from raptorz.embedding.kernel import KernelSettings
+    from raptorz.embedding.runner import embed
 
     try:
         settings = KernelSettings(

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from raptorz.errors import RaptorzError
-    from raptorz.projection import make_projector
+    from raptorz.embedding.projection import make_projector
 
     if args.dim < 1 or args.k < 1:
         raise RaptorzError(f"--dim and --k must be positive, got {args.dim} and {args.k}")

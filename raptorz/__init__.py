@@ -21,11 +21,11 @@ if TYPE_CHECKING:
     from raptorz.cluster import create_cluster
     from raptorz.defaults import HeadSettings
     from raptorz.demo import make_demo_data, run_demo
-    from raptorz.embeddings import add_projections, export_npy, open_embeddings
-    from raptorz.encoders import DEFAULT_ENCODER, RANDOM_WEIGHTS, Encoder, create_encoder
+    from raptorz.embedding.embeddings import add_projections, export_npy, open_embeddings
+    from raptorz.embedding.encoders import DEFAULT_ENCODER, RANDOM_WEIGHTS, Encoder, create_encoder
     from raptorz.fitting import FitResult, FitSettings, fit
     from raptorz.ingest.intensity import Intensity, parse_intensity
-    from raptorz.kernel import (
+    from raptorz.embedding.kernel import (
         PLANE_NAMES,
         BlockEmbedding,
         KernelSettings,
@@ -34,9 +34,9 @@ if TYPE_CHECKING:
         project_tokens,
     )
     from raptorz.model import FittedModel, load_model, predict
-    from raptorz.projection import Projector, create_projector, load_projector, make_projector
-    from raptorz.qc import embedding_pca, plane_montage
-    from raptorz.runner import EmbedSummary, embed
+    from raptorz.embedding.projection import Projector, create_projector, load_projector, make_projector
+    from raptorz.embedding.montage import embedding_pca, plane_montage
+    from raptorz.embedding.runner import EmbedSummary, embed
     from raptorz.info import store_info
     from raptorz.ingest.volumes import ConvertSummary, convert, open_volumes
 
@@ -50,18 +50,18 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["create_cluster"], "cluster"),
     **dict.fromkeys(["HeadSettings"], "defaults"),
     **dict.fromkeys(["make_demo_data", "run_demo"], "demo"),
-    **dict.fromkeys(["add_projections", "export_npy", "open_embeddings"], "embeddings"),
+    **dict.fromkeys(["add_projections", "export_npy", "open_embeddings"], "embedding.embeddings"),
     **dict.fromkeys(["DEFAULT_ENCODER", "RANDOM_WEIGHTS", "Encoder", "create_encoder"],
-                    "encoders"),
+                    "embedding.encoders"),
     **dict.fromkeys(["FitResult", "FitSettings", "fit"], "fitting"),
     **dict.fromkeys(["Intensity", "parse_intensity"], "ingest.intensity"),
     **dict.fromkeys(["PLANE_NAMES", "BlockEmbedding", "KernelSettings", "embed_block",
-                     "embed_volume", "project_tokens"], "kernel"),
+                     "embed_volume", "project_tokens"], "embedding.kernel"),
     **dict.fromkeys(["FittedModel", "load_model", "predict"], "model"),
     **dict.fromkeys(["Projector", "create_projector", "load_projector", "make_projector"],
-                    "projection"),
-    **dict.fromkeys(["embedding_pca", "plane_montage"], "qc"),
-    **dict.fromkeys(["EmbedSummary", "embed"], "runner"),
+                    "embedding.projection"),
+    **dict.fromkeys(["embedding_pca", "plane_montage"], "embedding.montage"),
+    **dict.fromkeys(["EmbedSummary", "embed"], "embedding.runner"),
     **dict.fromkeys(["store_info"], "info"),
     **dict.fromkeys(["ConvertSummary", "convert", "open_volumes"], "ingest.volumes"),
 }

@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 
 from raptorz.cluster import create_cluster, visible_gpus
-from raptorz.encoders import DEFAULT_ENCODER, RANDOM_WEIGHTS, weights_available
+from raptorz.embedding.encoders import DEFAULT_ENCODER, RANDOM_WEIGHTS, weights_available
 from raptorz.errors import InputError
-from raptorz.projection import make_projector
+from raptorz.embedding.projection import make_projector
 
 #: The encoder of the demo on a CPU: DINOv2 ViT-S/14, about 14x less compute than ViT-L/14.
 CPU_ENCODER = "vit_small_patch14_dinov2.lvd142m"
@@ -112,8 +112,8 @@ def run_demo(workdir: str | Path = "raptorz-demo", *, data: str | Path | None = 
         Called with one line per step.
     """
     from raptorz.fitting import fit
-    from raptorz.kernel import KernelSettings
-    from raptorz.runner import embed
+    from raptorz.embedding.kernel import KernelSettings
+    from raptorz.embedding.runner import embed
     from raptorz.ingest.volumes import convert
 
     workdir = Path(workdir)
@@ -159,7 +159,7 @@ def run_demo(workdir: str | Path = "raptorz-demo", *, data: str | Path | None = 
 
 def _weights_for(encoder: str, log: Callable[[str], None]) -> str | None:
     """``None`` (the cache or the hub) where weights can be had, else random weights."""
-    from raptorz.encoders import create_encoder
+    from raptorz.embedding.encoders import create_encoder
     from raptorz.errors import RaptorzError
 
     if weights_available(encoder):
@@ -198,7 +198,7 @@ def _embed_dim(encoder: str) -> int:
     import timm
     import torch
 
-    from raptorz.encoders import SMALL_ENCODERS
+    from raptorz.embedding.encoders import SMALL_ENCODERS
 
     architecture, overrides = SMALL_ENCODERS.get(encoder, (encoder, {}))
     with torch.device("meta"):

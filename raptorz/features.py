@@ -24,7 +24,7 @@ import xarray as xr
 from dask.utils import format_bytes, parse_bytes
 
 from raptorz.defaults import BATCH
-from raptorz.embeddings import projector_names
+from raptorz.embedding.embeddings import projector_names
 from raptorz.errors import InputError
 
 #: Rows read from the store per request while filling the in-memory copy.

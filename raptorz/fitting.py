@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from raptorz import stores
-from raptorz.embeddings import open_embeddings
+from raptorz.embedding.embeddings import open_embeddings
 from raptorz.features import Features, memory_budget, open_variable, statistics
 from raptorz.heads import HeadSettings, Scaling, fit_head
 from raptorz.labels import (

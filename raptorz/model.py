@@ -20,7 +20,7 @@ import xarray as xr
 from safetensors.numpy import load_file, save_file
 
 from raptorz import stores
-from raptorz.embeddings import open_embeddings
+from raptorz.embedding.embeddings import open_embeddings
 from raptorz.errors import InputError
 from raptorz.features import Features, memory_budget, open_variable
 from raptorz.heads import (

@@ -25,7 +25,7 @@ def shared_data() -> Path:
 def tiny_vit_weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """``(encoder name, weights file)`` of a tiny DINOv2-style ViT with random weights.
 
-    Use as ``raptorz.encoders.create_encoder(name, weights=path)`` or on the command line
+    Use as ``raptorz.embedding.encoders.create_encoder(name, weights=path)`` or on the command line
     as ``--encoder NAME --weights PATH``: 2 blocks, width 64, 257 tokens at 224 px.
     """
     from vit_fixtures import TINY_ENCODER, write_tiny_vit

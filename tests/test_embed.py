@@ -1,6 +1,6 @@
 """The distributed embedding run, on real LocalClusters, real stores and a tiny real ViT.
 
-Every result is compared with the in-process kernel (:func:`raptorz.kernel.embed_block`)
+Every result is compared with the in-process kernel (:func:`raptorz.embedding.kernel.embed_block`)
 on the same volumes: rtol 1e-5 / atol 1e-6 (float32 encoder, float64 pooling; the run
 and the reference differ only in how slices are batched).
 """
@@ -26,12 +26,12 @@ from vit_fixtures import write_tiny_vit
 from raptorz import stores
 from raptorz.cli.main import main
 from raptorz.cluster import create_cluster
-from raptorz.embeddings import open_embeddings
-from raptorz.encoders import create_encoder
+from raptorz.embedding.embeddings import open_embeddings
+from raptorz.embedding.encoders import create_encoder
 from raptorz.errors import InputError
-from raptorz.kernel import KernelSettings, embed_block
-from raptorz.projection import create_projector
-from raptorz.runner import embed
+from raptorz.embedding.kernel import KernelSettings, embed_block
+from raptorz.embedding.projection import create_projector
+from raptorz.embedding.runner import embed
 from raptorz.ingest.volumes import convert, open_volumes
 
 SETTINGS = KernelSettings(keep_tokens=True, batch_size=32)
@@ -96,7 +96,7 @@ def _assert_matches(output: Path, reference: dict[str, np.ndarray],
 
 def _encoders_loaded() -> list[int]:
     """On a worker: the ids of the encoders its process holds (one model per process)."""
-    return [id(encoder) for encoder in sys.modules["raptorz.runner"]._ENCODERS.values()]
+    return [id(encoder) for encoder in sys.modules["raptorz.embedding.runner"]._ENCODERS.values()]
 
 
 def _cli(*args: str | Path) -> list[str]:

@@ -11,7 +11,7 @@ import xarray as xr
 
 from raptorz import stores
 from raptorz.cli.main import main
-from raptorz.embeddings import (
+from raptorz.embedding.embeddings import (
     add_projections,
     check_identity,
     create_embeddings,
@@ -23,8 +23,8 @@ from raptorz.embeddings import (
     token_kinds,
 )
 from raptorz.errors import InputError
-from raptorz.kernel import project_tokens
-from raptorz.projection import Projector, create_projector
+from raptorz.embedding.kernel import project_tokens
+from raptorz.embedding.projection import Projector, create_projector
 
 IDS = ["sub-01", "sub-02", "sub-03", "sub-04"]
 DIM, TOKENS = 8, 5  # 1 CLS + 4 patch tokens

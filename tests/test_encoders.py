@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 from vit_fixtures import TINY_ENCODER, tiny_vit_state_dict
 
-from raptorz.encoders import RANDOM_WEIGHTS, SMALL_ENCODERS, create_encoder, weights_checksum
+from raptorz.embedding.encoders import RANDOM_WEIGHTS, SMALL_ENCODERS, create_encoder, weights_checksum
 from raptorz.errors import InputError, RaptorzError
 
 ARCH, ARCH_KWARGS = SMALL_ENCODERS[TINY_ENCODER]
@@ -173,7 +173,7 @@ def test_offline_cache_and_missing_weights(tmp_path: Path) -> None:
     at_518 = tiny_vit_state_dict(seed=4, img_size=518)
     save_file(to_transformers_layout(at_518), str(snapshot / "model.safetensors"))
     script = textwrap.dedent("""
-        from raptorz.encoders import create_encoder, weights_available
+        from raptorz.embedding.encoders import create_encoder, weights_available
         from raptorz.errors import RaptorzError
         print("AVAILABLE", weights_available("vit_small_patch14_dinov2.lvd142m"),
               weights_available(), weights_available("raptorz_tiny_dinov2"))

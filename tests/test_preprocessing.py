@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raptorz.preprocessing import (
+from raptorz.embedding.preprocessing import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     canvas_size,

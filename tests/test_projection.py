@@ -9,7 +9,7 @@ import pytest
 
 from raptorz.cli.main import main
 from raptorz.errors import InputError
-from raptorz.projection import (
+from raptorz.embedding.projection import (
     Projector,
     check_projectors,
     create_projector,

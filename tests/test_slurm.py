@@ -13,8 +13,8 @@ import pytest
 
 from raptorz import stores
 from raptorz.cluster import create_cluster
-from raptorz.embeddings import open_embeddings
-from raptorz.projection import create_projector
+from raptorz.embedding.embeddings import open_embeddings
+from raptorz.embedding.projection import create_projector
 from raptorz.ingest.volumes import convert
 
 pytest.importorskip("dask_jobqueue")

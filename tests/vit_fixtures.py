@@ -13,7 +13,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from raptorz.encoders import SMALL_ENCODERS
+from raptorz.embedding.encoders import SMALL_ENCODERS
 
 #: The tiny test encoder's name (understood by ``raptorz.create_encoder``).
 TINY_ENCODER = "raptorz_tiny_dinov2"

@@ -19,9 +19,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from raptorz.encoders import Encoder
+from raptorz.embedding.encoders import Encoder
 from raptorz.errors import InputError
-from raptorz.preprocessing import (
+from raptorz.embedding.preprocessing import (
     PreprocessMode,
     ResizeMode,
     canvas_size,
@@ -29,7 +29,7 @@ from raptorz.preprocessing import (
     prepare_images,
     slice_indices,
 )
-from raptorz.projection import Projector, check_projectors
+from raptorz.embedding.projection import Projector, check_projectors
 
 #: The original's names of planes 0, 1, 2 (slices along array axes 0, 1, 2).
 PLANE_NAMES = ("A", "C", "S")
@@ -44,7 +44,7 @@ class KernelSettings:
     planes
         Array axes whose slices are encoded, in output order.
     preprocess
-        ``default`` or ``reference`` (see :mod:`raptorz.preprocessing`).
+        ``default`` or ``reference`` (see :mod:`raptorz.embedding.preprocessing`).
     resize
         ``stretch``, ``pad`` or ``pad_shared``.
     tokens
@@ -117,8 +117,8 @@ def embed_volume(volume: np.ndarray, encoder: Encoder, projectors: Sequence[Proj
 
     Examples
     --------
-    >>> from raptorz.encoders import create_encoder  # doctest: +SKIP
-    >>> from raptorz.projection import create_projector  # doctest: +SKIP
+    >>> from raptorz.embedding.encoders import create_encoder  # doctest: +SKIP
+    >>> from raptorz.embedding.projection import create_projector  # doctest: +SKIP
     >>> enc = create_encoder()  # doctest: +SKIP
     >>> emb = embed_volume(volume, enc, [create_projector(0, enc.embed_dim, 100)])  # doctest: +SKIP
     >>> emb.projections["seed0_d1024_k100"].reshape(-1).shape  # doctest: +SKIP
@@ -136,7 +136,7 @@ def embed_block(volumes: np.ndarray, encoder: Encoder, projectors: Sequence[Proj
     volumes
         Float intensities in [0, 1] (any float dtype; float16 stores are fine).
     encoder
-        From :func:`raptorz.encoders.create_encoder`.
+        From :func:`raptorz.embedding.encoders.create_encoder`.
     projectors
         Applied to the same pooled tokens (one pass over the slices for all).
     settings

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from raptorz.kernel import PLANE_NAMES, KernelSettings
-from raptorz.preprocessing import (
+from raptorz.embedding.kernel import PLANE_NAMES, KernelSettings
+from raptorz.embedding.preprocessing import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     canvas_size,
@@ -85,7 +85,7 @@ def embedding_pca(store: str | Path, labels: str | Path, *, feature: str | None 
     import matplotlib.pyplot as plt
     from sklearn.decomposition import PCA
 
-    from raptorz.embeddings import open_embeddings
+    from raptorz.embedding.embeddings import open_embeddings
     from raptorz.features import open_variable
     from raptorz.stores import store_ids
 

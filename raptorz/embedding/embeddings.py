@@ -39,7 +39,7 @@ import zarr
 
 from raptorz import stores
 from raptorz.errors import InputError
-from raptorz.projection import Projector
+from raptorz.embedding.projection import Projector
 
 KIND: Final = "embeddings"
 #: Volumes per id-chunk: one, so any split of the ids gives disjoint chunks to writers.
@@ -259,7 +259,7 @@ def add_projections(path: str | Path, projectors: Sequence[Projector],
     list of str
         The names of the projectors added.
     """
-    from raptorz.kernel import project_tokens
+    from raptorz.embedding.kernel import project_tokens
 
     ds = open_embeddings(path)
     if "tokens" not in ds:

@@ -35,7 +35,7 @@ from distributed.deploy import Cluster
 
 from raptorz import stores
 from raptorz.cluster import GPU_RESOURCE, advertises_gpus, connect, create_cluster, visible_gpus
-from raptorz.embeddings import (
+from raptorz.embedding.embeddings import (
     KIND,
     check_identity,
     contiguous_runs,
@@ -45,7 +45,7 @@ from raptorz.embeddings import (
     stored_projectors,
     token_kinds,
 )
-from raptorz.encoders import (
+from raptorz.embedding.encoders import (
     DEFAULT_ENCODER,
     RANDOM_WEIGHTS,
     Encoder,
@@ -53,8 +53,8 @@ from raptorz.encoders import (
     create_encoder,
 )
 from raptorz.errors import InputError
-from raptorz.kernel import PLANE_NAMES, KernelSettings, embed_block
-from raptorz.projection import Projector, load_projector
+from raptorz.embedding.kernel import PLANE_NAMES, KernelSettings, embed_block
+from raptorz.embedding.projection import Projector, load_projector
 
 VOLUMES_KIND = "volumes"
 
@@ -143,11 +143,11 @@ def embed(
     output
         The ``embeddings.zarr`` store: created, or resumed where it exists.
     projectors
-        :class:`~raptorz.projection.Projector` objects or ``.npy`` files.
+        :class:`~raptorz.embedding.projection.Projector` objects or ``.npy`` files.
     encoder, weights, precision
-        The slice encoder (:func:`raptorz.encoders.create_encoder`), built once per worker.
+        The slice encoder (:func:`raptorz.embedding.encoders.create_encoder`), built once per worker.
     settings
-        :class:`~raptorz.kernel.KernelSettings` (planes, preprocessing, tokens, ...).
+        :class:`~raptorz.embedding.kernel.KernelSettings` (planes, preprocessing, tokens, ...).
     cluster
         A :class:`~distributed.Client`, a cluster, a scheduler address, or ``None`` for
         a cluster started for this call (one worker per GPU, else one CPU worker).
