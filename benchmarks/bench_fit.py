@@ -35,8 +35,8 @@ def one(store: str, labels: str, output: str, head: str, budget: str | None) -> 
     import matplotlib.pyplot  # noqa: F401
     import sklearn.metrics  # noqa: F401
 
-    from raptorz.fitting import FitSettings, fit
-    from raptorz.heads import HeadSettings
+    from raptorz.downstream.fitting import FitSettings, fit
+    from raptorz.downstream.heads import HeadSettings
 
     # ru_maxrss would keep the imports' high-water mark: sample the resident size instead.
     process, samples, running = psutil.Process(), [], threading.Event()

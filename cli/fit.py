@@ -70,8 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Fit; exit 1 where labelled volumes were left out, 0 otherwise."""
+    from raptorz.downstream.fitting import FitSettings, fit
     from raptorz.errors import RaptorzError, RaptorzWarning
-    from raptorz.fitting import FitSettings, fit
 
     if (min(args.layers, args.epochs, args.max_iter) < 1 or args.bootstrap < 0
             or not 0 <= args.dropout < 1):

@@ -28,8 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Predict and write the CSV."""
+    from raptorz.downstream.model import predict
     from raptorz.errors import InputError
-    from raptorz.model import predict
 
     ids = None
     if args.ids is not None:

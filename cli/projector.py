@@ -29,8 +29,8 @@ def run(args: argparse.Namespace) -> int:
     """Write the projector; refuse nonsensical sizes or seeds."""
     import numpy as np
 
-    from raptorz.errors import RaptorzError
     from raptorz.embedding.projection import make_projector
+    from raptorz.errors import RaptorzError
 
     if args.dim < 1 or args.k < 1:
         raise RaptorzError(f"--dim and --k must be positive, got {args.dim} and {args.k}")

@@ -21,10 +21,11 @@ if TYPE_CHECKING:
     from raptorz.cluster import create_cluster
     from raptorz.defaults import HeadSettings
     from raptorz.demo import make_demo_data, run_demo
+    from raptorz.downstream.fitting import FitResult, FitSettings, fit
+    from raptorz.downstream.model import FittedModel, load_model, predict
+    from raptorz.downstream.pca import embedding_pca
     from raptorz.embedding.embeddings import add_projections, export_npy, open_embeddings
     from raptorz.embedding.encoders import DEFAULT_ENCODER, RANDOM_WEIGHTS, Encoder, create_encoder
-    from raptorz.fitting import FitResult, FitSettings, fit
-    from raptorz.ingest.intensity import Intensity, parse_intensity
     from raptorz.embedding.kernel import (
         PLANE_NAMES,
         BlockEmbedding,
@@ -33,11 +34,16 @@ if TYPE_CHECKING:
         embed_volume,
         project_tokens,
     )
-    from raptorz.model import FittedModel, load_model, predict
-    from raptorz.embedding.projection import Projector, create_projector, load_projector, make_projector
-    from raptorz.embedding.montage import embedding_pca, plane_montage
+    from raptorz.embedding.montage import plane_montage
+    from raptorz.embedding.projection import (
+        Projector,
+        create_projector,
+        load_projector,
+        make_projector,
+    )
     from raptorz.embedding.runner import EmbedSummary, embed
     from raptorz.info import store_info
+    from raptorz.ingest.intensity import Intensity, parse_intensity
     from raptorz.ingest.volumes import ConvertSummary, convert, open_volumes
 
 try:
@@ -53,14 +59,15 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["add_projections", "export_npy", "open_embeddings"], "embedding.embeddings"),
     **dict.fromkeys(["DEFAULT_ENCODER", "RANDOM_WEIGHTS", "Encoder", "create_encoder"],
                     "embedding.encoders"),
-    **dict.fromkeys(["FitResult", "FitSettings", "fit"], "fitting"),
+    **dict.fromkeys(["FitResult", "FitSettings", "fit"], "downstream.fitting"),
     **dict.fromkeys(["Intensity", "parse_intensity"], "ingest.intensity"),
     **dict.fromkeys(["PLANE_NAMES", "BlockEmbedding", "KernelSettings", "embed_block",
                      "embed_volume", "project_tokens"], "embedding.kernel"),
-    **dict.fromkeys(["FittedModel", "load_model", "predict"], "model"),
+    **dict.fromkeys(["FittedModel", "load_model", "predict"], "downstream.model"),
     **dict.fromkeys(["Projector", "create_projector", "load_projector", "make_projector"],
                     "embedding.projection"),
-    **dict.fromkeys(["embedding_pca", "plane_montage"], "embedding.montage"),
+    **dict.fromkeys(["embedding_pca"], "downstream.pca"),
+    **dict.fromkeys(["plane_montage"], "embedding.montage"),
     **dict.fromkeys(["EmbedSummary", "embed"], "embedding.runner"),
     **dict.fromkeys(["store_info"], "info"),
     **dict.fromkeys(["ConvertSummary", "convert", "open_volumes"], "ingest.volumes"),

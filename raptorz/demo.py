@@ -22,8 +22,8 @@ import pandas as pd
 
 from raptorz.cluster import create_cluster, visible_gpus
 from raptorz.embedding.encoders import DEFAULT_ENCODER, RANDOM_WEIGHTS, weights_available
-from raptorz.errors import InputError
 from raptorz.embedding.projection import make_projector
+from raptorz.errors import InputError
 
 #: The encoder of the demo on a CPU: DINOv2 ViT-S/14, about 14x less compute than ViT-L/14.
 CPU_ENCODER = "vit_small_patch14_dinov2.lvd142m"
@@ -111,7 +111,7 @@ def run_demo(workdir: str | Path = "raptorz-demo", *, data: str | Path | None = 
     log
         Called with one line per step.
     """
-    from raptorz.fitting import fit
+    from raptorz.downstream.fitting import fit
     from raptorz.embedding.kernel import KernelSettings
     from raptorz.embedding.runner import embed
     from raptorz.ingest.volumes import convert

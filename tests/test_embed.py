@@ -28,10 +28,10 @@ from raptorz.cli.main import main
 from raptorz.cluster import create_cluster
 from raptorz.embedding.embeddings import open_embeddings
 from raptorz.embedding.encoders import create_encoder
-from raptorz.errors import InputError
 from raptorz.embedding.kernel import KernelSettings, embed_block
 from raptorz.embedding.projection import create_projector
 from raptorz.embedding.runner import embed
+from raptorz.errors import InputError
 from raptorz.ingest.volumes import convert, open_volumes
 
 SETTINGS = KernelSettings(keep_tokens=True, batch_size=32)

@@ -22,9 +22,9 @@ from raptorz.embedding.embeddings import (
     stored_projectors,
     token_kinds,
 )
-from raptorz.errors import InputError
 from raptorz.embedding.kernel import project_tokens
 from raptorz.embedding.projection import Projector, create_projector
+from raptorz.errors import InputError
 
 IDS = ["sub-01", "sub-02", "sub-03", "sub-04"]
 DIM, TOKENS = 8, 5  # 1 CLS + 4 patch tokens

@@ -15,7 +15,12 @@ from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 from vit_fixtures import TINY_ENCODER, tiny_vit_state_dict
 
-from raptorz.embedding.encoders import RANDOM_WEIGHTS, SMALL_ENCODERS, create_encoder, weights_checksum
+from raptorz.embedding.encoders import (
+    RANDOM_WEIGHTS,
+    SMALL_ENCODERS,
+    create_encoder,
+    weights_checksum,
+)
 from raptorz.errors import InputError, RaptorzError
 
 ARCH, ARCH_KWARGS = SMALL_ENCODERS[TINY_ENCODER]

@@ -13,10 +13,10 @@ from sklearn.linear_model import LogisticRegression, Ridge
 
 from raptorz import stores
 from raptorz.cli.main import main
-from raptorz.features import Features, statistics
-from raptorz.fitting import FitSettings, fit
-from raptorz.heads import HeadSettings, build_mlp
-from raptorz.model import load_model, predict
+from raptorz.downstream.features import Features, statistics
+from raptorz.downstream.fitting import FitSettings, fit
+from raptorz.downstream.heads import HeadSettings, build_mlp
+from raptorz.downstream.model import load_model, predict
 
 N = 200
 SHAPE = (2, 3, 4)

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from raptorz.cli.main import main
-from raptorz.model import predict
+from raptorz.downstream.model import predict
 
 #: AdrenalMNIST3D volumes per official split: all of val and test, part of train (CPU time).
 ADRENAL = {"train": 200, "val": 98, "test": 298}

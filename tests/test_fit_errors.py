@@ -11,10 +11,10 @@ from fit_fixtures import PROJECTOR, synthetic, write_embeddings, write_labels
 
 from raptorz import stores
 from raptorz.cli.main import main
+from raptorz.downstream.fitting import FitSettings, fit
+from raptorz.downstream.labels import MissingEmbeddingsWarning, read_labels, store_index
+from raptorz.downstream.model import load_model, predict
 from raptorz.errors import InputError
-from raptorz.fitting import FitSettings, fit
-from raptorz.labels import MissingEmbeddingsWarning, read_labels, store_index
-from raptorz.model import load_model, predict
 
 N = 40
 QUICK = FitSettings(bootstrap=10)

@@ -12,10 +12,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from raptorz.embedding.encoders import Encoder, create_encoder
-from raptorz.errors import InputError
-from raptorz.embedding.kernel import PLANE_NAMES, KernelSettings, embed_block, embed_volume, project_tokens
+from raptorz.embedding.kernel import (
+    PLANE_NAMES,
+    KernelSettings,
+    embed_block,
+    embed_volume,
+    project_tokens,
+)
 from raptorz.embedding.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from raptorz.embedding.projection import Projector, create_projector
+from raptorz.errors import InputError
 
 MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float64)[:, None, None]
 STD = torch.tensor(IMAGENET_STD, dtype=torch.float64)[:, None, None]

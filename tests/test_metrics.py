@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import pearsonr
 from sklearn.metrics import r2_score, roc_auc_score
 
-from raptorz.metrics import binary_auroc, evaluate, plot, score, table
+from raptorz.downstream.metrics import binary_auroc, evaluate, plot, score, table
 
 
 def test_auroc_matches_scikit_learn_with_ties() -> None:

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from raptorz.cli.main import main
-from raptorz.errors import InputError
 from raptorz.embedding.projection import (
     Projector,
     check_projectors,
@@ -16,6 +15,7 @@ from raptorz.embedding.projection import (
     load_projector,
     make_projector,
 )
+from raptorz.errors import InputError
 
 
 def original_projector(seed: int, dim: int, k: int) -> np.ndarray:

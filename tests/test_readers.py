@@ -20,9 +20,9 @@ from volume_files import (
     zip_bomb,
 )
 
-from raptorz.ingest.sources import resolve_sources
 from raptorz.errors import InputError
 from raptorz.ingest.readers import ReadOptions, Source, probe_shape, read_volume
+from raptorz.ingest.sources import resolve_sources
 
 RAS, NATIVE = ReadOptions(), ReadOptions(orientation="native")
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from volume_files import volume, write_dicom_series, write_nifti, write_npz
 
-from raptorz.ingest.sources import resolve_sources, write_labels
 from raptorz.errors import InputError, RaptorzError
+from raptorz.ingest.sources import resolve_sources, write_labels
 
 
 @pytest.fixture

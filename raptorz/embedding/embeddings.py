@@ -38,8 +38,8 @@ import xarray as xr
 import zarr
 
 from raptorz import stores
-from raptorz.errors import InputError
 from raptorz.embedding.projection import Projector
+from raptorz.errors import InputError
 
 KIND: Final = "embeddings"
 #: Volumes per id-chunk: one, so any split of the ids gives disjoint chunks to writers.

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from raptorz.embedding.encoders import Encoder
-from raptorz.errors import InputError
 from raptorz.embedding.preprocessing import (
     PreprocessMode,
     ResizeMode,
@@ -30,6 +29,7 @@ from raptorz.embedding.preprocessing import (
     slice_indices,
 )
 from raptorz.embedding.projection import Projector, check_projectors
+from raptorz.errors import InputError
 
 #: The original's names of planes 0, 1, 2 (slices along array axes 0, 1, 2).
 PLANE_NAMES = ("A", "C", "S")

@@ -52,9 +52,9 @@ from raptorz.embedding.encoders import (
     Precision,
     create_encoder,
 )
-from raptorz.errors import InputError
 from raptorz.embedding.kernel import PLANE_NAMES, KernelSettings, embed_block
 from raptorz.embedding.projection import Projector, load_projector
+from raptorz.errors import InputError
 
 VOLUMES_KIND = "volumes"
 
@@ -145,7 +145,8 @@ def embed(
     projectors
         :class:`~raptorz.embedding.projection.Projector` objects or ``.npy`` files.
     encoder, weights, precision
-        The slice encoder (:func:`raptorz.embedding.encoders.create_encoder`), built once per worker.
+        The slice encoder (:func:`~raptorz.embedding.encoders.create_encoder`), built once
+        per worker.
     settings
         :class:`~raptorz.embedding.kernel.KernelSettings` (planes, preprocessing, tokens, ...).
     cluster

@@ -15,9 +15,9 @@ import numpy as np
 import xarray as xr
 
 from raptorz import stores
-from raptorz.ingest._shape import Fit, fit_shape
 from raptorz.defaults import DEFAULT_INTENSITY
 from raptorz.errors import InputError
+from raptorz.ingest._shape import Fit, fit_shape
 from raptorz.ingest.intensity import Intensity, parse_intensity, scale_intensity
 from raptorz.ingest.readers import ReadOptions, Source, SourceKind, read_volume
 

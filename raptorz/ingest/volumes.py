@@ -25,6 +25,9 @@ from distributed.deploy import Cluster
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from raptorz import stores
+from raptorz.cluster import connect, create_cluster
+from raptorz.errors import InputError, RaptorzError, RaptorzWarning
+from raptorz.ingest._shape import Fit, native_shape
 from raptorz.ingest.conversion import (
     AXES,
     DEFAULT_INTENSITY,
@@ -34,10 +37,6 @@ from raptorz.ingest.conversion import (
     convert_chunk,
     item_bytes,
 )
-from raptorz.ingest._shape import Fit, native_shape
-from raptorz.ingest.sources import resolve_sources, write_labels
-from raptorz.cluster import connect, create_cluster
-from raptorz.errors import InputError, RaptorzError, RaptorzWarning
 from raptorz.ingest.intensity import Intensity, parse_intensity
 from raptorz.ingest.readers import (
     DEFAULT_MEMBER,
@@ -45,6 +44,7 @@ from raptorz.ingest.readers import (
     ReadOptions,
     Source,
 )
+from raptorz.ingest.sources import resolve_sources, write_labels
 
 KIND: Final = "volumes"
 #: Uncompressed bytes aimed at per chunk: a few whole volumes, at least one.

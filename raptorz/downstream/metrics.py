@@ -17,7 +17,7 @@ from typing import Any, Final
 import numpy as np
 from scipy.stats import rankdata
 
-from raptorz.labels import FittedTask
+from raptorz.downstream.labels import FittedTask
 
 CLASSIFICATION_METRICS: Final = ("auroc", "accuracy")
 REGRESSION_METRICS: Final = ("pearson_r2", "R2")

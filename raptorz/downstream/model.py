@@ -20,10 +20,8 @@ import xarray as xr
 from safetensors.numpy import load_file, save_file
 
 from raptorz import stores
-from raptorz.embedding.embeddings import open_embeddings
-from raptorz.errors import InputError
-from raptorz.features import Features, memory_budget, open_variable
-from raptorz.heads import (
+from raptorz.downstream.features import Features, memory_budget, open_variable
+from raptorz.downstream.heads import (
     Head,
     HeadSettings,
     LinearHead,
@@ -32,7 +30,9 @@ from raptorz.heads import (
     build_mlp,
     to_output,
 )
-from raptorz.labels import FittedTask, store_index
+from raptorz.downstream.labels import FittedTask, store_index
+from raptorz.embedding.embeddings import open_embeddings
+from raptorz.errors import InputError
 from raptorz.stores import store_ids
 
 MODEL_JSON: Final = "model.json"

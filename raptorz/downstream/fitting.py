@@ -2,8 +2,8 @@
 
 :func:`fit` runs the paper's protocol end to end: it opens the store lazily, matches the
 labels to the embeddings, standardizes the features with train statistics (one
-streaming pass), fits a head (:mod:`raptorz.heads`), predicts the test split, scores it
-with bootstrap intervals (:mod:`raptorz.metrics`) and writes ``results/``:
+streaming pass), fits a head (:mod:`raptorz.downstream.heads`), predicts the test split, scores it
+with bootstrap intervals (:mod:`raptorz.downstream.metrics`) and writes ``results/``:
 
 ``predictions.csv``
     The test split in the original's layout: the id column, then one column per target
@@ -14,10 +14,10 @@ with bootstrap intervals (:mod:`raptorz.metrics`) and writes ``results/``:
 ``roc.png`` or ``predicted_vs_true.png``
     ROC curves (classification, multi-label) or predicted against true (regression).
 ``model/``
-    The fitted model (:func:`raptorz.model.load_model`, ``raptorz predict``).
+    The fitted model (:func:`raptorz.downstream.model.load_model`, ``raptorz predict``).
 
 Features are held in memory when they fit the memory budget and streamed from the store
-in batches otherwise; both paths compute the same numbers (see :mod:`raptorz.features`).
+in batches otherwise; both paths compute the same numbers (see :mod:`raptorz.downstream.features`).
 """
 
 from __future__ import annotations
@@ -32,18 +32,18 @@ import numpy as np
 import pandas as pd
 
 from raptorz import stores
-from raptorz.embedding.embeddings import open_embeddings
-from raptorz.features import Features, memory_budget, open_variable, statistics
-from raptorz.heads import HeadSettings, Scaling, fit_head
-from raptorz.labels import (
+from raptorz.downstream.features import Features, memory_budget, open_variable, statistics
+from raptorz.downstream.heads import HeadSettings, Scaling, fit_head
+from raptorz.downstream.labels import (
     SPLITS,
     Task,
     encode_targets,
     match_embeddings,
     read_labels,
 )
-from raptorz.metrics import evaluate, plot, table
-from raptorz.model import FittedModel
+from raptorz.downstream.metrics import evaluate, plot, table
+from raptorz.downstream.model import FittedModel
+from raptorz.embedding.embeddings import open_embeddings
 from raptorz.stores import store_ids
 
 

@@ -1,6 +1,6 @@
 """Prediction heads fitted on feature batches: the paper's linear protocol and the original's MLP.
 
-Both heads see the features only through :class:`~raptorz.features.Features` batches, in
+Both heads see the features only through :class:`~raptorz.downstream.features.Features` batches, in
 an order fixed by the rows and the seed, so a head fitted on features streamed from the
 store is the same head as one fitted on features held in memory.
 
@@ -31,9 +31,9 @@ from torch import nn
 from raptorz.defaults import PENALTIES as PENALTIES  # re-exported
 from raptorz.defaults import HeadKind as HeadKind  # re-exported
 from raptorz.defaults import HeadSettings
-from raptorz.features import Features
-from raptorz.labels import FittedTask
-from raptorz.metrics import score
+from raptorz.downstream.features import Features
+from raptorz.downstream.labels import FittedTask
+from raptorz.downstream.metrics import score
 
 Log = Callable[[str], None]
 
@@ -140,7 +140,7 @@ def fit_head(task: FittedTask, truth: np.ndarray, n_classes: int, features: Feat
              log: Log) -> tuple[Head, dict[str, Any]]:
     """Fit the head that ``settings`` names; returns it and a summary of the fit.
 
-    ``truth`` holds every sample's targets (as :class:`~raptorz.labels.Targets` encodes
+    ``truth`` holds every sample's targets (as :class:`~raptorz.downstream.labels.Targets` encodes
     them); ``train`` and ``val`` are sample numbers.
     """
     y = truth.copy()

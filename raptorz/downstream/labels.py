@@ -19,7 +19,6 @@ from typing import Final, Literal
 
 import numpy as np
 import pandas as pd
-import xarray as xr
 
 from raptorz import stores
 from raptorz.errors import InputError, RaptorzWarning
