@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     """Convert, show progress and a summary; 1 when any volume failed."""
     from tqdm import tqdm
 
-    from raptorz.ingest.volumes import convert
+    from raptorz import convert
 
     if not args.sources and args.manifest is None:
         raise RaptorzError("give at least one SOURCE or --manifest")

@@ -34,7 +34,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo."""
-    from raptorz.demo import run_demo
+    from raptorz import run_demo
 
     if args.labels is not None and args.data is None:
         parser_error = "--labels needs --data (the demo makes its own labels otherwise)"

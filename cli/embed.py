@@ -7,11 +7,12 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, cast, get_args
 
+from raptorz.defaults import ClusterKind
 from raptorz.errors import RaptorzError
 
-_KINDS = ("local", "cuda", "slurm", "pbs", "sge", "lsf")
+_KINDS = get_args(ClusterKind)
 
 
 def _planes(text: str) -> tuple[int, ...]:
@@ -87,9 +88,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Embed, with a progress bar and a summary; 1 when any volume failed."""
-    from raptorz.embedding.encoders import DEFAULT_ENCODER
-    from raptorz.embedding.kernel import KernelSettings
-    from raptorz.embedding.runner import embed
+    from raptorz import DEFAULT_ENCODER, KernelSettings, embed
 
     try:
         settings = KernelSettings(
@@ -120,9 +119,9 @@ def run(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def _cluster(args: argparse.Namespace) -> Any:
     """The cluster the options ask for and the torch threads per worker; closed on exit."""
-    from raptorz.cluster import ClusterKind, create_cluster, visible_gpus
+    from raptorz import create_cluster
 
-    kind = args.cluster or ("cuda" if visible_gpus() else "local")
+    kind = args.cluster or "auto"
     if "://" in kind:
         yield kind, args.threads
         return
@@ -131,10 +130,9 @@ def _cluster(args: argparse.Namespace) -> Any:
                            "address like tcp://HOST:8786")
     threads = args.threads
     options: dict[str, Any] = {"dashboard_address": args.dashboard_address}
-    if kind == "local":
-        workers = args.workers or 1
-        threads = threads or max(1, (os.cpu_count() or 1) // workers)
-        options["workers"] = workers
+    if kind in ("local", "auto"):
+        threads = threads or max(1, (os.cpu_count() or 1) // (args.workers or 1))
+        options["workers"] = args.workers
     elif kind == "cuda":
         options["workers"] = args.workers
     else:

@@ -23,7 +23,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export the volumes embedded so far."""
-    from raptorz.embedding.embeddings import export_npy
+    from raptorz import export_npy
 
     written = export_npy(args.embeddings, args.npy, args.projector)
     print(f"{args.npy}: wrote {written} .npy files")

@@ -70,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Fit; exit 1 where labelled volumes were left out, 0 otherwise."""
-    from raptorz.downstream.fitting import FitSettings, fit
+    from raptorz import FitSettings, fit
     from raptorz.errors import RaptorzError, RaptorzWarning
 
     if (min(args.layers, args.epochs, args.max_iter) < 1 or args.bootstrap < 0

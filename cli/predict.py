@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Predict and write the CSV."""
-    from raptorz.downstream.model import predict
+    from raptorz import predict
     from raptorz.errors import InputError
 
     ids = None

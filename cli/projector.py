@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     """Write the projector; refuse nonsensical sizes or seeds."""
     import numpy as np
 
-    from raptorz.embedding.projection import make_projector
+    from raptorz import make_projector
     from raptorz.errors import RaptorzError
 
     if args.dim < 1 or args.k < 1:

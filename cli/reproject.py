@@ -21,8 +21,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Add the projections that are not in the store yet."""
-    from raptorz.embedding.embeddings import add_projections
-    from raptorz.embedding.projection import load_projector
+    from raptorz import add_projections, load_projector
 
     added = add_projections(args.embeddings, [load_projector(p) for p in args.projector])
     print(f"{args.embeddings}: " + (f"added {', '.join(added)}" if added else "nothing to do"))

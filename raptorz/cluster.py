@@ -19,15 +19,15 @@ import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Final, Literal, get_args
+from typing import Any, Final, get_args
 
 import dask.config
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 from distributed.deploy import Cluster
 
+from raptorz.defaults import ClusterKind as ClusterKind  # re-exported
 from raptorz.errors import InputError, RaptorzError
 
-ClusterKind = Literal["local", "cuda", "slurm", "pbs", "sge", "lsf"]
 JOBQUEUE_KINDS: Final = ("slurm", "pbs", "sge", "lsf")
 
 #: The worker resource a GPU task asks for; every GPU worker advertises one.
@@ -79,6 +79,7 @@ def create_cluster(
     Parameters
     ----------
     kind
+        ``auto``: ``cuda`` where :func:`visible_gpus` finds GPUs, else ``local``.
         ``local``: worker processes on this machine (CPU). ``cuda``: one worker per GPU,
         each pinned to its device. ``slurm`` / ``pbs`` / ``sge`` / ``lsf``: workers
         started as batch jobs through dask-jobqueue.
@@ -117,6 +118,8 @@ def create_cluster(
     >>> cluster = create_cluster("slurm", jobs=4, queue="gpu", walltime="04:00:00",
     ...                          cores=8, memory="64GiB", gpus_per_job=1)  # doctest: +SKIP
     """
+    if kind == "auto":
+        kind = "cuda" if visible_gpus() else "local"
     if kind == "local":
         return LocalCluster(
             n_workers=workers or 1, threads_per_worker=threads_per_worker, processes=True,

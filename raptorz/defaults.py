@@ -13,6 +13,8 @@ from typing import Final, Literal
 
 SourceKind = Literal["nifti", "zip", "npz", "dicom"]
 HeadKind = Literal["linear", "mlp"]
+#: ``auto``: ``cuda`` where GPUs are visible, else ``local``.
+ClusterKind = Literal["auto", "local", "cuda", "slurm", "pbs", "sge", "lsf"]
 
 #: The UK Biobank zip member the original tool reads.
 DEFAULT_MEMBER: Final = "T1/T1_brain.nii.gz"
