@@ -2,7 +2,10 @@
 
 Slices of every selected plane of every volume of the block stream through the encoder
 in batches of ``batch_size``; a float64 running sum per (volume, plane) pools the tokens,
-so memory does not depend on the number of slices. Constant slices (all voxels equal)
+so memory does not depend on the number of slices. The block is uploaded to the
+encoder's device once and every batch is taken, resized and normalised there, the next
+batch prepared while the current one is encoded, with no host-device synchronisation
+inside the loop. Constant slices (all voxels equal)
 are encoded once per distinct (value, shape) and added with their count. Projections
 are applied once to the pooled tokens at the end (linearity: the mean of projections
 is the projection of the mean), in float64, then stored as float32.
@@ -12,7 +15,8 @@ Plain numpy / torch: the distributed stage maps :func:`embed_block` over chunks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,8 +28,7 @@ from raptorz.embedding.preprocessing import (
     PreprocessMode,
     ResizeMode,
     canvas_size,
-    iter_slices,
-    prepare_images,
+    prepare_slices,
     slice_indices,
 )
 from raptorz.embedding.projection import Projector, check_projectors
@@ -102,6 +105,9 @@ class BlockEmbedding:
         Slices pooled (all volumes and planes), constant ones included.
     constant_slices
         Of those, the constant slices served by the dedup shortcut (0 without it).
+    batch_size
+        The largest batch the encoder ran: ``settings.batch_size``, or less where a batch
+        ran out of device memory and was halved.
     """
 
     projections: dict[str, np.ndarray]
@@ -109,6 +115,7 @@ class BlockEmbedding:
     avgpool: np.ndarray
     slices: int
     constant_slices: int
+    batch_size: int
 
 
 def embed_volume(volume: np.ndarray, encoder: Encoder, projectors: Sequence[Projector],
@@ -128,7 +135,8 @@ def embed_volume(volume: np.ndarray, encoder: Encoder, projectors: Sequence[Proj
 
 
 def embed_block(volumes: np.ndarray, encoder: Encoder, projectors: Sequence[Projector],
-                settings: KernelSettings | None = None) -> BlockEmbedding:
+                settings: KernelSettings | None = None, *,
+                progress: Callable[[float], None] | None = None) -> BlockEmbedding:
     """Raptor embeddings of a block ``(B, X, Y, Z)`` of volumes in [0, 1].
 
     Parameters
@@ -141,6 +149,8 @@ def embed_block(volumes: np.ndarray, encoder: Encoder, projectors: Sequence[Proj
         Applied to the same pooled tokens (one pass over the slices for all).
     settings
         :class:`KernelSettings`; the defaults reproduce the original's layout.
+    progress
+        Called with each batch's share of the block, in volumes, as it is submitted.
 
     Returns
     -------
@@ -156,14 +166,16 @@ def embed_block(volumes: np.ndarray, encoder: Encoder, projectors: Sequence[Proj
     volumes = np.asarray(volumes)
     _check_block(volumes)
     check_projectors(tuple(projectors), encoder.embed_dim, encoder.name)
-    pooled, slices, constant = pool_tokens(volumes, encoder, settings)
+    result = pool_tokens(volumes, encoder, settings, progress=progress)
+    pooled = result.means
     if settings.tokens == "patch":
         pooled = pooled[:, :, encoder.num_prefix_tokens:]
     return BlockEmbedding(
         projections=project_tokens(pooled, projectors),
         tokens=pooled.astype(np.float32) if settings.keep_tokens else None,
         avgpool=pooled.mean(axis=(1, 2)).astype(np.float32),
-        slices=slices, constant_slices=constant,
+        slices=result.slices, constant_slices=result.constant_slices,
+        batch_size=result.batch_size,
     )
 
 
@@ -178,82 +190,218 @@ def project_tokens(tokens: np.ndarray, projectors: Sequence[Projector]) -> dict[
             for p in projectors}
 
 
-def pool_tokens(volumes: np.ndarray, encoder: Encoder,
-                settings: KernelSettings) -> tuple[np.ndarray, int, int]:
-    """Mean tokens ``(B, planes, T, dim)`` float64, slices pooled, constant slices shortcut."""
-    count, _, _, _ = volumes.shape
-    planes = settings.planes
-    groups = count * len(planes)
-    sums = torch.zeros(groups, encoder.num_tokens, encoder.embed_dim, dtype=torch.float64,
-                       device=encoder.device)
-    slices_per_group = np.zeros(groups, dtype=np.int64)
-    # (value, shape) -> a representative slice (a view), and its count in each group
-    constants: dict[tuple[float, tuple[int, ...]], tuple[np.ndarray, np.ndarray]] = {}
-    canvas = canvas_size(volumes.shape[1:], settings.resize)
+def pool_tokens(volumes: np.ndarray, encoder: Encoder, settings: KernelSettings, *,
+                progress: Callable[[float], None] | None = None) -> Pooled:
+    """Mean tokens ``(B, planes, T, dim)`` float64, slices pooled, constant slices shortcut.
 
-    def encode_into(batch: list[np.ndarray], rows: list[int], owners: list[int],
-                    weights: list[float] | None = None) -> None:
-        """Add the tokens of ``batch[rows]`` (times ``weights``) to the sums of ``owners``."""
-        tokens = encoder.encode(_images(batch, encoder, settings, canvas)).double()
-        picked = tokens[torch.as_tensor(rows, device=tokens.device)]
-        if weights is not None:
-            picked *= torch.as_tensor(weights, dtype=torch.float64,
-                                      device=tokens.device)[:, None, None]
-        sums.index_add_(0, torch.as_tensor(owners, device=sums.device), picked)
-
-    batch: list[np.ndarray] = []
-    owners: list[int] = []
-    for group, image in _stream(volumes, settings):
-        slices_per_group[group] += 1
-        if settings.dedup and image.min() == image.max():
-            key = (float(image.flat[0]), image.shape)
-            if key not in constants:
-                constants[key] = (image, np.zeros(groups, dtype=np.int64))
-            constants[key][1][group] += 1
-            continue
-        batch.append(image)
-        owners.append(group)
-        if len(batch) == settings.batch_size:
-            encode_into(batch, list(range(len(batch))), owners)
-            batch, owners = [], []
-    if batch:
-        encode_into(batch, list(range(len(batch))), owners)
-    reps = list(constants.values())
-    for start in range(0, len(reps), settings.batch_size):
-        chunk = reps[start:start + settings.batch_size]
-        # each representative is encoded once and added to every group with its count
-        uses = [(row, int(g), float(counts[g])) for row, (_, counts) in enumerate(chunk)
-                for g in np.flatnonzero(counts)]
-        encode_into([image for image, _ in chunk], [u[0] for u in uses],
-                    [u[1] for u in uses], [u[2] for u in uses])
-    means = sums.cpu().numpy() / slices_per_group[:, None, None]
-    n_constant = int(sum(int(c.sum()) for _, c in reps))
-    return (means.reshape(count, len(planes), *means.shape[1:]),
-            int(slices_per_group.sum()), n_constant)
+    The block is uploaded once; slices are taken, resized and normalised on the encoder's
+    device, batch ``n + 1`` prepared by a helper thread while batch ``n`` is encoded. The
+    only host-device synchronisations are the constant-slice check before the loop and the
+    pooled result after it. ``progress`` receives each batch's share of the block, in
+    volumes, as it is submitted.
+    """
+    plan = _plan(volumes, encoder, settings)
+    sums, batch_size = encode_batches(plan, encoder, settings.batch_size, progress)
+    means = sums.cpu().numpy() / plan.slices_per_group[:, None, None]
+    return Pooled(means.reshape(len(volumes), len(settings.planes), *means.shape[1:]),
+                  int(plan.slices_per_group.sum()), plan.constant_slices, batch_size)
 
 
-def _stream(volumes: np.ndarray, settings: KernelSettings) -> Iterator[tuple[int, np.ndarray]]:
-    """(group = volume * planes + plane position, slice) for every slice, in order."""
-    for b, volume in enumerate(volumes):
-        for position, axis in enumerate(settings.planes):
-            indices = slice_indices(volume.shape[axis], settings.subsample)
-            for image in iter_slices(volume, axis, indices):
-                yield b * len(settings.planes) + position, image
+def encode_batches(plan: _Plan, encoder: Encoder, batch_size: int,
+                   progress: Callable[[float], None] | None = None) -> tuple[torch.Tensor, int]:
+    """The hot loop: float64 token sums per group, on the device, and the batch size used.
+
+    Nothing in it waits for the device: batch ``n + 1`` is prepared by a helper thread
+    while batch ``n`` is encoded, and every index it needs was uploaded with the plan.
+    """
+    sums = torch.zeros(plan.groups, encoder.num_tokens, encoder.embed_dim,
+                       dtype=torch.float64, device=encoder.device)
+    forward = _Forward(encoder, batch_size)
+    with ThreadPoolExecutor(1, thread_name_prefix="raptorz-prepare") as pool:
+        ahead = pool.submit(plan.images, 0) if plan.batches else None
+        for n, batch in enumerate(plan.batches):
+            assert ahead is not None
+            images = ahead.result()
+            if n + 1 < len(plan.batches):
+                ahead = pool.submit(plan.images, n + 1)
+            tokens = forward(images).double()
+            if batch.rows is not None:  # constant slices: one encoding serves many groups
+                tokens = tokens[plan.index["rows"][batch.rows]]
+                tokens *= plan.weights[batch.rows][:, None, None]
+            sums.index_add_(0, plan.index["owners"][batch.owners], tokens)
+            if progress is not None:
+                progress(batch.volumes)
+    return sums, forward.limit
 
 
-def _images(batch: list[np.ndarray], encoder: Encoder, settings: KernelSettings,
-            canvas: int | None) -> torch.Tensor:
-    """Encoder input of slices of possibly different shapes (one resize per shape run)."""
-    runs: list[torch.Tensor] = []
-    start = 0
-    for end in range(1, len(batch) + 1):
-        if end == len(batch) or batch[end].shape != batch[start].shape:
-            runs.append(prepare_images(np.stack(batch[start:end]), img_size=encoder.img_size,
-                                       preprocess=settings.preprocess,
-                                       resize=settings.resize, canvas=canvas,
-                                       device=encoder.device))
-            start = end
-    return torch.cat(runs)
+@dataclass(frozen=True)
+class Pooled:
+    """What :func:`pool_tokens` returns: the means, slice counts and the batch size used."""
+
+    means: np.ndarray
+    slices: int
+    constant_slices: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """One forward: its slices by run of one plane, and where their tokens are added."""
+
+    runs: tuple[tuple[int, slice], ...]  # (plane position, span of the gather indices)
+    owners: slice  # span of the owner indices: the group each row's tokens are added to
+    rows: slice | None  # constant slices: span of the row and weight indices
+    volumes: float  # the block's share, in volumes, that this batch completes
+
+
+class _Plan:
+    """Every batch of a block, worked out on the host before the loop, indices uploaded once."""
+
+    def __init__(self, block: torch.Tensor, settings: KernelSettings, img_size: int,
+                 picks: list[np.ndarray], constant: list[np.ndarray] | None) -> None:
+        count, planes = block.shape[0], settings.planes
+        self.settings, self.img_size = settings, img_size
+        self.canvas = canvas_size(tuple(block.shape[1:]), settings.resize)
+        self.views = [block.movedim(axis + 1, 1) for axis in planes]  # (B, L, h, w) views
+        self.groups = count * len(planes)
+        per_volume = sum(len(p) for p in picks)
+        self.slices_per_group = np.array([len(picks[g % len(planes)])
+                                          for g in range(self.groups)], dtype=np.int64)
+        host: dict[str, list[int]] = {"b": [], "s": [], "owners": [], "rows": []}
+        weights: list[float] = []
+        entries: list[tuple[int, int, int, int]] = []  # (plane position, b, slice, group)
+        reps: dict[tuple[float, int], tuple[tuple[int, int, int], np.ndarray]] = {}
+        for b in range(count):
+            for position in range(len(planes)):
+                group = b * len(planes) + position
+                for s, value in zip(picks[position], _values(constant, position, b, picks),
+                                    strict=True):
+                    if np.isnan(value):
+                        entries.append((position, b, int(s), group))
+                        continue
+                    key = (float(value), position)  # the plane fixes the slice's shape
+                    if key not in reps:
+                        reps[key] = ((position, b, int(s)), np.zeros(self.groups, np.int64))
+                    reps[key][1][group] += 1
+        self.constant_slices = int(sum(int(c.sum()) for _, c in reps.values()))
+        self.batches: list[_Batch] = []
+        size = settings.batch_size
+        for first in range(0, len(entries), size):
+            chunk = entries[first:first + size]
+            runs = self._gather(host, [(p, b, s) for p, b, s, _ in chunk])
+            owners = slice(len(host["owners"]), len(host["owners"]) + len(chunk))
+            host["owners"] += [g for *_, g in chunk]
+            self.batches.append(_Batch(runs, owners, None, len(chunk) / per_volume))
+        items = list(reps.values())
+        for first in range(0, len(items), size):
+            represented = items[first:first + size]
+            runs = self._gather(host, [where for where, _ in represented])
+            uses = [(row, int(g), int(counts[g])) for row, (_, counts) in enumerate(represented)
+                    for g in np.flatnonzero(counts)]
+            owners = slice(len(host["owners"]), len(host["owners"]) + len(uses))
+            rows = slice(len(host["rows"]), len(host["rows"]) + len(uses))
+            host["owners"] += [g for _, g, _ in uses]
+            host["rows"] += [row for row, _, _ in uses]
+            weights += [float(n) for *_, n in uses]  # aligned with host["rows"]
+            self.batches.append(_Batch(runs, owners, rows,
+                                       sum(n for *_, n in uses) / per_volume))
+        device = block.device
+        self.index = {name: _upload(np.asarray(values, np.int64), device)
+                      for name, values in host.items()}
+        self.weights = _upload(np.asarray(weights, np.float64), device)
+
+    def _gather(self, host: dict[str, list[int]],
+                where: list[tuple[int, int, int]]) -> tuple[tuple[int, slice], ...]:
+        """Record the (b, slice) gather indices of ``where``, in runs of one plane."""
+        runs: list[tuple[int, slice]] = []
+        for position, b, s in where:
+            n = len(host["b"])
+            if runs and runs[-1][0] == position:
+                runs[-1] = (position, slice(runs[-1][1].start, n + 1))
+            else:
+                runs.append((position, slice(n, n + 1)))
+            host["b"].append(b)
+            host["s"].append(s)
+        return tuple(runs)
+
+    def images(self, n: int) -> torch.Tensor:
+        """The encoder input of batch ``n``, made on the device (no synchronisation)."""
+        with torch.inference_mode():
+            parts = [prepare_slices(self.views[position][self.index["b"][span],
+                                                         self.index["s"][span]],
+                                    img_size=self.img_size, preprocess=self.settings.preprocess,
+                                    resize=self.settings.resize, canvas=self.canvas)
+                     for position, span in self.batches[n].runs]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _plan(volumes: np.ndarray, encoder: Encoder, settings: KernelSettings) -> _Plan:
+    """Upload the block and plan its batches (one synchronisation: the constant check)."""
+    block = _upload(np.ascontiguousarray(volumes), encoder.device)
+    picks = [slice_indices(volumes.shape[axis + 1], settings.subsample)
+             for axis in settings.planes]
+    constant = _constant_values(block, settings.planes) if settings.dedup else None
+    return _Plan(block, settings, encoder.img_size, picks, constant)
+
+
+def _constant_values(block: torch.Tensor, planes: tuple[int, ...]) -> list[np.ndarray]:
+    """Per plane, ``(B, L)``: a constant slice's value, NaN where the slice varies."""
+    values = []
+    for axis in planes:
+        view = block.movedim(axis + 1, 1)
+        low, high = view.amin(dim=(-2, -1)), view.amax(dim=(-2, -1))
+        values.append(torch.where(low == high, low.float(), torch.nan))
+    shapes = [v.shape for v in values]
+    flat = torch.cat([v.reshape(-1) for v in values]).cpu().numpy()  # the one sync
+    out, start = [], 0
+    for shape in shapes:
+        size = int(np.prod(shape))
+        out.append(flat[start:start + size].reshape(shape))
+        start += size
+    return out
+
+
+def _values(constant: list[np.ndarray] | None, position: int, b: int,
+            picks: list[np.ndarray]) -> np.ndarray:
+    """The constant values of volume ``b``'s picked slices of a plane (NaN: not constant)."""
+    if constant is None:
+        return np.full(len(picks[position]), np.nan)
+    return constant[position][b, picks[position]]
+
+
+def _upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``array`` on ``device``; on CUDA through pinned memory, without waiting."""
+    tensor = torch.from_numpy(array)
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+class _Forward:
+    """The encoder's forward; a batch that runs out of device memory is halved and retried.
+
+    ``limit`` is the largest batch that has fitted: later batches are split to it.
+    """
+
+    def __init__(self, encoder: Encoder, limit: int) -> None:
+        self.encoder, self.limit = encoder, limit
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        outputs: list[torch.Tensor] = []
+        start = 0
+        while start < len(images):
+            part = images[start:start + self.limit]
+            try:
+                outputs.append(self.encoder.encode(part))
+            except torch.OutOfMemoryError:
+                if len(part) == 1:
+                    raise
+                self.limit = len(part) // 2
+                if self.encoder.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            start += len(part)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 def _check_block(volumes: np.ndarray) -> None:

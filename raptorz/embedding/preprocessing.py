@@ -18,6 +18,7 @@ padded to one square, the volume's largest side, so all planes share one scale).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Literal
 
@@ -96,11 +97,26 @@ def prepare_images(slices: np.ndarray, *, img_size: int = 224,
     torch.Tensor
         ``(n, 3, img_size, img_size)`` float32, normalized.
     """
-    device = torch.device(device)
+    images = torch.as_tensor(np.ascontiguousarray(slices)).to(torch.device(device))
+    return prepare_slices(images, img_size=img_size, preprocess=preprocess, resize=resize,
+                          canvas=canvas)
+
+
+def prepare_slices(slices: torch.Tensor, *, img_size: int = 224,
+                   preprocess: PreprocessMode = "default", resize: ResizeMode = "stretch",
+                   canvas: int | None = None) -> torch.Tensor:
+    """:func:`prepare_images` of slices already on their device (any float dtype).
+
+    The ``default`` mode runs where ``slices`` are, with no host-device synchronisation,
+    so that a CUDA stream prepares the next batch while the host moves on; ``reference``
+    reproduces the original's 8-bit NumPy step on the host and returns to the device.
+    """
+    device = slices.device
     # the reference interpolates on float64 as the original did; default works in float32
-    dtype = torch.float64 if preprocess == "reference" else torch.float32
-    where = torch.device("cpu") if preprocess == "reference" else device
-    images = torch.as_tensor(np.ascontiguousarray(slices), dtype=dtype).to(where)[:, None]
+    if preprocess == "reference":
+        images = slices.to("cpu", torch.float64)[:, None]
+    else:
+        images = slices.float()[:, None]
     if resize != "stretch":
         side = canvas if resize == "pad_shared" and canvas else max(images.shape[-2:])
         images = pad_to_square(images, side)
@@ -108,10 +124,17 @@ def prepare_images(slices: np.ndarray, *, img_size: int = 224,
         images = F.interpolate(images, size=(img_size, img_size), mode="bicubic",
                                align_corners=False)
     if preprocess == "reference":
-        images = _reference_quantize_crop(images, img_size).to(device)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device)[:, None, None]
+        images = _reference_quantize_crop(images, img_size).to(device, non_blocking=True)
+    mean, std = _normalisation(device, IMAGENET_MEAN, IMAGENET_STD)
     return (images.float().expand(-1, 3, -1, -1) - mean) / std
+
+
+@functools.lru_cache(maxsize=16)
+def _normalisation(device: torch.device, mean: tuple[float, ...],
+                   std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(3, 1, 1)`` mean and std on ``device``, uploaded once rather than per batch."""
+    return (torch.tensor(mean, dtype=torch.float32, device=device)[:, None, None],
+            torch.tensor(std, dtype=torch.float32, device=device)[:, None, None])
 
 
 def _reference_quantize_crop(images: torch.Tensor, img_size: int) -> torch.Tensor:
