@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
+import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast, get_args
 
@@ -63,8 +63,10 @@ def register(subparsers: Any) -> None:
                       "(default cuda where GPUs are visible, else local)")
     dask.add_argument("--workers", type=int, help="local/cuda: worker processes")
     dask.add_argument("--threads", type=int,
-                      help="torch threads per CPU worker (default: CPUs / workers, or "
-                      "--cores on a batch system)")
+                      help="torch threads per worker (default: each worker's share of the "
+                      "CPUs of its machine or batch job)")
+    dask.add_argument("--device", help="torch device of the workers, e.g. cpu or cuda:1 "
+                      "(default: each worker's own GPU, else the CPU); for one worker")
     dask.add_argument("--dashboard-address", default=":8787",
                       help="where the dashboard listens (':0' for any free port)")
     dask.add_argument("--jobs", type=int, default=1, help="batch: jobs to start (one worker each)")
@@ -97,12 +99,12 @@ def run(args: argparse.Namespace) -> int:
             keep_tokens=args.keep_tokens)
     except ValueError as error:
         raise RaptorzError(str(error)) from None
-    with _cluster(args) as (cluster, threads):
-        summary = embed(
-            args.volumes, args.output, args.projector, encoder=args.encoder or DEFAULT_ENCODER,
-            weights=args.weights, settings=settings, precision=args.precision,
-            cluster=cluster, start=args.start, many=args.many, torch_threads=threads,
-        )
+    summary = embed(
+        args.volumes, args.output, args.projector, encoder=args.encoder or DEFAULT_ENCODER,
+        weights=args.weights, settings=settings, precision=args.precision,
+        device=args.device, cluster=_cluster(args), start=args.start, many=args.many,
+        torch_threads=args.threads,
+    )
     for name, problem in summary.errors.items():
         print(f"failed: {name}: {problem}", file=sys.stderr)
     if summary.nothing_to_do:
@@ -116,27 +118,20 @@ def run(args: argparse.Namespace) -> int:
     return 0 if summary.failed == 0 and summary.pending == 0 else 1
 
 
-@contextlib.contextmanager
-def _cluster(args: argparse.Namespace) -> Any:
-    """The cluster the options ask for and the torch threads per worker; closed on exit."""
-    from raptorz import create_cluster
+def _cluster(args: argparse.Namespace) -> str | Callable[[], Any]:
+    """The scheduler address, or a function that starts the cluster the options ask for.
 
+    ``raptorz.embed`` calls it only once it has checked its inputs and found work to do.
+    """
     kind = args.cluster or "auto"
     if "://" in kind:
-        yield kind, args.threads
-        return
+        return str(kind)
     if kind not in _KINDS:
         raise RaptorzError(f"--cluster {kind!r}: expected one of {', '.join(_KINDS)} or an "
                            "address like tcp://HOST:8786")
-    threads = args.threads
-    options: dict[str, Any] = {"dashboard_address": args.dashboard_address}
-    if kind in ("local", "auto"):
-        threads = threads or max(1, (os.cpu_count() or 1) // (args.workers or 1))
-        options["workers"] = args.workers
-    elif kind == "cuda":
-        options["workers"] = args.workers
-    else:
-        threads = threads or args.cores
+    options: dict[str, Any] = {"dashboard_address": args.dashboard_address,
+                               "workers": args.workers}
+    if kind not in ("auto", "local", "cuda"):
         options.update(
             jobs=args.jobs, queue=args.queue, account=args.account, walltime=args.walltime,
             cores=args.cores, memory=args.memory, gpus_per_job=args.gpus_per_job,
@@ -145,5 +140,6 @@ def _cluster(args: argparse.Namespace) -> Any:
             options["job_script_prologue"] = args.job_prologue
         if args.job_log_dir:
             options["log_directory"] = str(args.job_log_dir)
-    with create_cluster(cast(ClusterKind, kind), **options) as cluster:
-        yield cluster, threads
+    from raptorz import create_cluster
+
+    return functools.partial(create_cluster, cast(ClusterKind, kind), **options)

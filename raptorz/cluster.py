@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, get_args
@@ -26,12 +27,14 @@ from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 from distributed.deploy import Cluster
 
 from raptorz.defaults import ClusterKind as ClusterKind  # re-exported
-from raptorz.errors import InputError, RaptorzError
+from raptorz.errors import InputError, RaptorzError, RaptorzWarning
 
 JOBQUEUE_KINDS: Final = ("slurm", "pbs", "sge", "lsf")
 
 #: The worker resource a GPU task asks for; every GPU worker advertises one.
 GPU_RESOURCE: Final = "GPU"
+#: The environment variable that tells a worker how many workers share its host's CPUs.
+WORKERS_PER_HOST: Final = "RAPTORZ_WORKERS_PER_HOST"
 
 
 def visible_gpus() -> list[str]:
@@ -51,16 +54,98 @@ def visible_gpus() -> list[str]:
             ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
             capture_output=True, text=True, timeout=30, check=True,
         ).stdout
-    except (subprocess.SubprocessError, OSError):
+    except (subprocess.SubprocessError, OSError) as error:
+        detail = getattr(error, "stderr", None) or error
+        warnings.warn(f"nvidia-smi is installed but failed ({str(detail).strip()}): no GPU "
+                      "is used; set CUDA_VISIBLE_DEVICES to use GPUs anyway",
+                      RaptorzWarning, stacklevel=2)
         return []
     return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def worker_device() -> str:
+    """The torch device of this (worker) process: its pinned GPU, else the CPU.
+
+    A worker that advertises the ``GPU`` resource must have been given its devices in
+    ``CUDA_VISIBLE_DEVICES`` (by raptorz's local clusters, or by the batch system for a
+    job that requested GPUs): it is refused rather than left to guess, since a batch job
+    sees every GPU of its node through the driver, those of other jobs included.
+    """
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if GPU_RESOURCE in _worker_resources():
+        if not listed or listed.strip() == "-1":
+            raise RaptorzError(
+                "this worker offers a GPU but its job gives it no device list "
+                "(CUDA_VISIBLE_DEVICES is unset): request GPUs from the batch system "
+                "(e.g. --gpus-per-job 1, which adds --gres=gpu:1 on SLURM) so that it "
+                "assigns them; raptorz does not guess which GPU of the node is free")
+        return "cuda:0"
+    if listed is not None and (not listed.strip() or listed.strip() == "-1"):
+        return "cpu"
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def pinned_gpu() -> str | None:
+    """The GPU (index or UUID, as the driver names it) that ``cuda:0`` is in this process.
+
+    With ``CUDA_VISIBLE_DEVICES=1,0`` (dask-cuda rotates the list for each worker) torch's
+    ``cuda:0`` is physical GPU 1. ``None`` where nothing is pinned.
+    """
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    return listed[0] if listed and listed[0] not in ("", "-1") else None
+
+
+#: Torch threads this worker process was given by :func:`share_cpus` (None: not yet).
+_THREADS: list[int] = []
+
+
+def worker_threads() -> int:
+    """Torch threads for this worker: its share of the CPUs it may run on.
+
+    The CPUs of this process (its affinity: a batch job's allocation) divided among the
+    workers of its host, as counted by :func:`share_cpus`, or as the cluster recorded in
+    ``RAPTORZ_WORKERS_PER_HOST`` when it started the worker.
+    """
+    if _THREADS:
+        return _THREADS[-1]
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
+    return max(1, cpus // max(1, int(os.environ.get(WORKERS_PER_HOST, "1"))))
+
+
+def share_cpus(client: Client) -> None:
+    """Give each connected worker its share of its host's CPUs (see :func:`worker_threads`)."""
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    per_host: dict[str, int] = {}
+    for worker in workers:
+        per_host[worker["host"]] = per_host.get(worker["host"], 0) + 1
+    client.run(_take_share, per_host)
+
+
+def _take_share(per_host: dict[str, int], dask_worker: Any = None) -> None:
+    host = str(dask_worker.address).split("://")[-1].rsplit(":", 1)[0] if dask_worker else ""
+    os.environ[WORKERS_PER_HOST] = str(per_host.get(host, 1))
+    _THREADS.clear()
+    _THREADS.append(worker_threads())
+
+
+def _worker_resources() -> dict[str, float]:
+    """The resources this process's Dask worker advertises (none outside a worker)."""
+    try:
+        from distributed import get_worker
+
+        return dict(get_worker().state.total_resources)
+    except ValueError:
+        return {}
 
 
 def create_cluster(
     kind: ClusterKind = "local",
     *,
     workers: int | None = None,
-    threads_per_worker: int = 1,
+    threads_per_worker: int = 2,
     gpus: Sequence[str] | None = None,
     dashboard_address: str | None = ":8787",
     jobs: int = 1,
@@ -80,17 +165,19 @@ def create_cluster(
     ----------
     kind
         ``auto``: ``cuda`` where :func:`visible_gpus` finds GPUs, else ``local``.
-        ``local``: worker processes on this machine (CPU). ``cuda``: one worker per GPU,
+        ``local``: worker processes on this machine, each pinned to one of the visible
+        GPUs in turn where there are any, else on the CPU. ``cuda``: one worker per GPU,
         each pinned to its device. ``slurm`` / ``pbs`` / ``sge`` / ``lsf``: workers
         started as batch jobs through dask-jobqueue.
     workers
         Local kinds: the number of worker processes (``cuda``: at most one per GPU;
         default one per GPU, or one for ``local``).
     threads_per_worker
-        ``local``: Dask threads per worker. raptorz runs one kernel at a time per
-        worker, so 1 is right; the kernel's torch threads are set separately.
+        Local kinds: Dask threads per worker. A worker encodes one task at a time; its
+        second thread reads and writes the next and the previous task meanwhile. The
+        kernel's torch threads are set separately (:func:`worker_threads`).
     gpus
-        ``cuda``: the device ids to use (default: :func:`visible_gpus`).
+        ``cuda`` and ``local``: the device ids to use (default: :func:`visible_gpus`).
     dashboard_address
         Where the scheduler serves its dashboard (``":0"`` picks a free port).
     jobs, queue, account, walltime, cores, memory
@@ -119,14 +206,20 @@ def create_cluster(
     ...                          cores=8, memory="64GiB", gpus_per_job=1)  # doctest: +SKIP
     """
     if kind == "auto":
-        kind = "cuda" if visible_gpus() else "local"
+        kind = "cuda" if (gpus if gpus is not None else visible_gpus()) else "local"
     if kind == "local":
+        devices = list(gpus) if gpus is not None else visible_gpus()
+        if devices:  # never every worker on cuda:0: each pinned to a GPU in turn
+            count = workers or 1
+            return _pinned_cluster([devices[i % len(devices)] for i in range(count)],
+                                   threads_per_worker, dashboard_address, options)
         return LocalCluster(
             n_workers=workers or 1, threads_per_worker=threads_per_worker, processes=True,
-            dashboard_address=dashboard_address, **options,
+            dashboard_address=dashboard_address,
+            env={WORKERS_PER_HOST: str(workers or 1)}, **options,
         )
     if kind == "cuda":
-        return _cuda_cluster(gpus, workers, dashboard_address, options)
+        return _cuda_cluster(gpus, workers, threads_per_worker, dashboard_address, options)
     if kind in JOBQUEUE_KINDS:
         return _jobqueue_cluster(
             kind, jobs=jobs, config=config, gpus_per_job=gpus_per_job, job_extra=job_extra,
@@ -138,8 +231,8 @@ def create_cluster(
 
 
 def _cuda_cluster(
-    gpus: Sequence[str] | None, workers: int | None, dashboard_address: str | None,
-    options: dict[str, Any],
+    gpus: Sequence[str] | None, workers: int | None, threads: int,
+    dashboard_address: str | None, options: dict[str, Any],
 ) -> Cluster:
     devices = list(gpus) if gpus is not None else visible_gpus()
     if not devices:
@@ -148,20 +241,30 @@ def _cuda_cluster(
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError:
-        # A SpecCluster of Nannies gives each worker its own environment, hence its device.
-        spec = {
-            f"gpu-{device}": {"cls": Nanny, "options": {
-                "nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": device},
-                "resources": {GPU_RESOURCE: 1}, **options,
-            }}
-            for device in devices
-        }
-        scheduler = {"cls": Scheduler, "options": {"dashboard_address": dashboard_address}}
-        return SpecCluster(workers=spec, scheduler=scheduler, name="raptorz-cuda")
+        return _pinned_cluster(devices, threads, dashboard_address, options)
     return LocalCUDACluster(
-        CUDA_VISIBLE_DEVICES=devices, threads_per_worker=1,
-        resources={GPU_RESOURCE: 1}, dashboard_address=dashboard_address, **options,
+        CUDA_VISIBLE_DEVICES=devices, threads_per_worker=threads,
+        resources={GPU_RESOURCE: 1}, dashboard_address=dashboard_address,
+        env={WORKERS_PER_HOST: str(len(devices))}, **options,
     )
+
+
+def _pinned_cluster(devices: Sequence[str], threads: int, dashboard_address: str | None,
+                    options: dict[str, Any]) -> Cluster:
+    """One worker process per entry of ``devices``, pinned to it, advertising ``GPU=1``.
+
+    A SpecCluster of Nannies gives each worker its own environment, hence its device.
+    """
+    spec = {
+        f"gpu-{device}-{i}": {"cls": Nanny, "options": {
+            "nthreads": threads, "resources": {GPU_RESOURCE: 1},
+            "env": {"CUDA_VISIBLE_DEVICES": device, WORKERS_PER_HOST: str(len(devices))},
+            **options,
+        }}
+        for i, device in enumerate(devices)
+    }
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": dashboard_address}}
+    return SpecCluster(workers=spec, scheduler=scheduler, name="raptorz-gpus")
 
 
 #: Per batch system: the job-script directive that requests ``n`` GPUs. These are the
@@ -206,6 +309,11 @@ def _jobqueue_cluster(
             configured = section.get(key) or dask.config.get(
                 f"jobqueue.{kind}.{key.replace('_', '-')}", default=[])
             kwargs[key] = [*configured, *extra]
+    # the workers of a job share its CPUs (:func:`worker_threads`)
+    prologue = kwargs.get("job_script_prologue") or dask.config.get(
+        f"jobqueue.{kind}.job-script-prologue", default=None) or []
+    kwargs["job_script_prologue"] = [
+        *prologue, f"export {WORKERS_PER_HOST}={kwargs.get('processes', 1)}"]
     for key, default in (("python", sys.executable),  # the workers run this environment
                          ("processes", 1),  # one worker per job: one model per job
                          ("cores", 1), ("memory", "4GiB")):
@@ -261,7 +369,12 @@ def dask_setup(worker: Any) -> None:
     worker with suffix ``i`` keeps the ``i``-th device the batch system gave the job.
     It runs in the worker process before any task, hence before CUDA is initialised.
     """
-    devices = visible_gpus()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    devices = [d.strip() for d in listed.split(",") if d.strip() not in ("", "-1")]
     suffix = str(worker.name).rsplit("-", 1)[-1]
-    if devices and suffix.isdigit():
+    if not devices:
+        # the batch system gave no device list: pinning by nvidia-smi's list of the whole
+        # node could take another job's GPU; worker_device() refuses the first task
+        return
+    if suffix.isdigit():
         os.environ["CUDA_VISIBLE_DEVICES"] = devices[int(suffix) % len(devices)]

@@ -8,10 +8,19 @@ import sys
 from pathlib import Path
 
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 
-from raptorz.cluster import GPU_RESOURCE, advertises_gpus, connect, create_cluster, visible_gpus
-from raptorz.errors import InputError, RaptorzError
+from raptorz.cluster import (
+    GPU_RESOURCE,
+    WORKERS_PER_HOST,
+    advertises_gpus,
+    connect,
+    create_cluster,
+    pinned_gpu,
+    visible_gpus,
+    worker_device,
+)
+from raptorz.errors import InputError, RaptorzError, RaptorzWarning
 
 
 def test_cuda_cluster_pins_one_device_per_worker() -> None:
@@ -75,3 +84,52 @@ def test_refusals(tmp_path: Path) -> None:
     bad.write_text("distributed: {}\n")
     with pytest.raises(InputError, match="no 'jobqueue:' section"):
         create_cluster("slurm", config=bad, jobs=0)
+
+
+def test_local_workers_take_the_gpus_in_turn() -> None:
+    """`--cluster local` on a GPU machine: never every worker on cuda:0."""
+    with create_cluster("local", workers=3, gpus=["0", "1"], dashboard_address=":0") \
+            as cluster, Client(cluster) as client:
+        client.wait_for_workers(3)
+        assert sorted(client.run(os.getenv, "CUDA_VISIBLE_DEVICES").values()) == ["0", "0", "1"]
+        assert sorted(client.run(os.getenv, WORKERS_PER_HOST).values()) == ["3"] * 3
+
+
+def _device_and_gpu() -> tuple[str, str | None]:
+    return worker_device(), pinned_gpu()
+
+
+def test_each_worker_uses_its_own_device_with_rotated_lists() -> None:
+    """dask-cuda gives worker i the list rotated by i ("0,1", "1,0"): cuda:0 is then
+    physical GPU 0 for one worker and GPU 1 for the other. Checked by the code that
+    decides it, in real worker processes, without CUDA."""
+    spec = {f"w{i}": {"cls": Nanny, "options": {
+        "nthreads": 1, "resources": {GPU_RESOURCE: 1},
+        "env": {"CUDA_VISIBLE_DEVICES": devices}}}
+        for i, devices in enumerate(["0,1", "1,0"])}
+    with SpecCluster(workers=spec, scheduler={"cls": Scheduler, "options": {
+            "dashboard_address": ":0"}}) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
+        seen = sorted(client.submit(_device_and_gpu, workers=[w], pure=False).result()
+                      for w in client.scheduler_info()["workers"])  # as in a task
+    assert seen == [("cuda:0", "0"), ("cuda:0", "1")]
+
+
+def test_a_gpu_worker_without_a_device_list_is_refused() -> None:
+    """A batch job that offers GPU=1 but no CUDA_VISIBLE_DEVICES: refuse, never guess."""
+    env = {"CUDA_VISIBLE_DEVICES": ""}
+    with LocalCluster(n_workers=1, threads_per_worker=1, resources={GPU_RESOURCE: 1},
+                      dashboard_address=":0", env=env) as cluster, Client(cluster) as client, \
+            pytest.raises(RaptorzError, match="no device list"):
+        client.submit(worker_device, resources={GPU_RESOURCE: 1}).result()
+    assert worker_device() in ("cpu", "cuda:0")  # outside a GPU worker: no refusal
+
+
+def test_a_failing_nvidia_smi_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed: driver mismatch' >&2\nexit 9\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.warns(RaptorzWarning, match="nvidia-smi is installed but failed.*mismatch"):
+        assert visible_gpus() == []

@@ -161,3 +161,17 @@ def test_the_cuda_hot_loop_never_synchronises(tiny_vit_weights: tuple[str, Path]
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(sums).all()
+
+
+def test_bf16_only_where_the_gpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from raptorz.embedding.encoders import device_precision
+    from raptorz.errors import RaptorzWarning
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation: True)
+    assert (device_precision(cuda), device_precision(cpu)) == ("bf16", "fp32")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation: False)
+    assert device_precision(cuda) == "fp16"  # a V100 or T4: fp16 tensor cores instead
+    with pytest.warns(RaptorzWarning, match="no native bf16: using fp16"):
+        assert device_precision(cuda, "bf16") == "fp16"
+    assert device_precision(cpu, "bf16") == "bf16"  # asked for on a CPU: as asked

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -27,7 +28,7 @@ from typing import Any, Literal, cast
 
 import torch
 
-from raptorz.errors import InputError, RaptorzError
+from raptorz.errors import InputError, RaptorzError, RaptorzWarning
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -178,9 +179,7 @@ def create_encoder(name: str = DEFAULT_ENCODER, *, weights: str | Path | None = 
                               **model_kwargs}
     torch_device = torch.device(device if device is not None else
                                 "cuda" if torch.cuda.is_available() else "cpu")
-    chosen: Precision = precision or ("bf16" if torch_device.type == "cuda" else "fp32")
-    if chosen not in _PRECISION_DTYPES:
-        raise RaptorzError(f"precision {chosen!r} is not one of fp32, bf16, fp16")
+    chosen = device_precision(torch_device, precision)
     if isinstance(weights, str) and weights == RANDOM_WEIGHTS:
         # a private RNG state: seeded, and the caller's global generator is left alone
         with torch.random.fork_rng(devices=[]):
@@ -198,6 +197,25 @@ def create_encoder(name: str = DEFAULT_ENCODER, *, weights: str | Path | None = 
     model.eval().requires_grad_(False).to(torch_device)
     return Encoder(name, model, device=torch_device, precision=chosen, img_size=img_size,
                    weights_source=source)
+
+
+def device_precision(device: torch.device, precision: Precision | None = None) -> Precision:
+    """The autocast precision to use on ``device``: ``precision``, or the device's default.
+
+    bf16 by default on CUDA, fp32 on the CPU. A GPU without bf16 (before Ampere) gets fp16
+    instead, with a warning where bf16 was asked for; the store's provenance records the
+    precision used.
+    """
+    chosen: Precision = precision or ("bf16" if device.type == "cuda" else "fp32")
+    if chosen not in _PRECISION_DTYPES:
+        raise RaptorzError(f"precision {chosen!r} is not one of fp32, bf16, fp16")
+    if chosen == "bf16" and device.type == "cuda" and \
+            not torch.cuda.is_bf16_supported(including_emulation=False):
+        if precision is not None:
+            warnings.warn(f"{device} has no native bf16: using fp16 instead", RaptorzWarning,
+                          stacklevel=3)
+        chosen = "fp16"
+    return chosen
 
 
 def weights_available(name: str = DEFAULT_ENCODER) -> bool:

@@ -414,3 +414,16 @@ def _check_block(volumes: np.ndarray) -> None:
         raise InputError("volumes", f"empty block of shape {volumes.shape}")
     if not np.isfinite(volumes).all():
         raise InputError("volumes", "holds NaN or infinite values")
+
+
+def volume_problem(volume: np.ndarray) -> str:
+    """Why the kernel would refuse this one ``(X, Y, Z)`` volume; empty where it would not.
+
+    The run checks each volume before the block reaches the device, so that only a
+    volume's own problem marks it failed and any later error is the task's.
+    """
+    try:
+        _check_block(np.asarray(volume)[None])
+    except InputError as error:
+        return f"InputError: {error}"
+    return ""

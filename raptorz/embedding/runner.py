@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
+import functools
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,20 @@ from typing import Any
 import numpy as np
 import xarray as xr
 import zarr
-from distributed import Client, as_completed
+from distributed import Client, as_completed, default_client, get_worker
 from distributed.deploy import Cluster
 
 from raptorz import stores
-from raptorz.cluster import GPU_RESOURCE, advertises_gpus, connect, create_cluster, visible_gpus
+from raptorz.cluster import (
+    GPU_RESOURCE,
+    advertises_gpus,
+    connect,
+    create_cluster,
+    pinned_gpu,
+    share_cpus,
+    worker_device,
+    worker_threads,
+)
 from raptorz.embedding.embeddings import (
     KIND,
     check_identity,
@@ -52,11 +62,24 @@ from raptorz.embedding.encoders import (
     Precision,
     create_encoder,
 )
-from raptorz.embedding.kernel import PLANE_NAMES, KernelSettings, embed_block
+from raptorz.embedding.kernel import (
+    PLANE_NAMES,
+    BlockEmbedding,
+    KernelSettings,
+    embed_block,
+    volume_problem,
+)
+from raptorz.embedding.preprocessing import slice_indices
 from raptorz.embedding.projection import Projector, load_projector
 from raptorz.errors import InputError
 
 VOLUMES_KIND = "volumes"
+#: Slices a task aims at: enough to fill a few batches, few enough that the tail of a run
+#: is short and progress moves. Fewer where that leaves under TASKS_PER_WORKER per worker.
+TASK_SLICES = 4096
+TASKS_PER_WORKER = 4
+#: How often, at most, a task reports its progress to the client.
+PROGRESS_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -67,11 +90,12 @@ class EncoderOptions:
     weights: str | None = None
     precision: Precision | None = None
     img_size: int = 224
+    device: str | None = None
 
 
 @dataclass(frozen=True)
-class ChunkJob:
-    """One task: embed volumes ``indices`` (sorted, within one volumes chunk)."""
+class EmbedTask:
+    """One task: embed volumes ``indices`` (sorted), sized by their slices, not by chunks."""
 
     volumes: str
     output: str
@@ -79,6 +103,12 @@ class ChunkJob:
     encoder: EncoderOptions
     settings: KernelSettings
     torch_threads: int | None
+    topic: str | None = None  # where the task reports its progress
+
+    @property
+    def key(self) -> str:
+        """Progress events and results of this task carry its first index."""
+        return str(self.indices[0])
 
 
 @dataclass(frozen=True)
@@ -98,6 +128,9 @@ class EmbedSummary:
         Failed volume id -> error, over the range.
     seconds
         Wall time of the call.
+    batch_size
+        The smallest batch the encoder ran in this call (less than the settings' where a
+        batch ran out of device memory and was halved); ``None`` when nothing ran.
     """
 
     output: Path
@@ -107,6 +140,7 @@ class EmbedSummary:
     computed: int
     errors: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    batch_size: int | None = None
 
     @property
     def pending(self) -> int:
@@ -128,13 +162,18 @@ def embed(
     weights: str | Path | None = None,
     settings: KernelSettings | None = None,
     precision: Precision | None = None,
-    cluster: Client | Cluster | str | None = None,
+    device: str | None = None,
+    cluster: Client | Cluster | str | Callable[[], Cluster] | None = None,
     start: int = 0,
     many: int | None = None,
     torch_threads: int | None = None,
     progress: bool = True,
 ) -> EmbedSummary:
     """Embed the volumes of ``volumes`` into the store ``output`` on a Dask cluster.
+
+    Everything that can be checked without the encoder (the stores, the projectors, the
+    range, a resumed store's settings) is checked before any cluster is started, and a
+    store that is already complete starts none.
 
     Parameters
     ----------
@@ -149,16 +188,21 @@ def embed(
         per worker.
     settings
         :class:`~raptorz.embedding.kernel.KernelSettings` (planes, preprocessing, tokens, ...).
+    device
+        The torch device of every worker (``"cpu"``, ``"cuda:1"``); by default each
+        worker uses the GPU it is pinned to, else the CPU. For single-worker runs.
     cluster
-        A :class:`~distributed.Client`, a cluster, a scheduler address, or ``None`` for
-        a cluster started for this call (one worker per GPU, else one CPU worker).
+        A :class:`~distributed.Client`, a cluster, a scheduler address, a function that
+        starts a cluster (called only when there is work; the cluster is closed after
+        the call), or ``None``: the active client if there is one (Dask's convention),
+        else a cluster started for this call (one worker per GPU, else one CPU worker).
     start, many
         Embed only ids ``start`` to ``start + many`` (the original's job splitting).
     torch_threads
-        Torch threads per worker for CPU work (default: every CPU for the default
-        cluster, else the worker's own setting, which a Dask nanny sets to 1).
+        Torch threads per worker. By default each worker takes its share of the CPUs it
+        may run on (:func:`raptorz.cluster.worker_threads`).
     progress
-        Show a progress bar (a widget in Jupyter) and print the dashboard address.
+        Show a progress bar in volumes (a widget in Jupyter) and the dashboard address.
 
     Returns
     -------
@@ -169,9 +213,9 @@ def embed(
     volumes, output = Path(volumes).resolve(), Path(output).resolve()
     loaded = [p if isinstance(p, Projector) else load_projector(p) for p in projectors]
     source = stores.open_store(volumes, VOLUMES_KIND)
-    ids = np.asarray(source["id"].values.tolist(), dtype=str)
+    ids = stores.store_ids(source)
     selected = _selection(len(ids), start, many)
-    options = EncoderOptions(encoder, _weights_option(weights), precision)
+    options = EncoderOptions(encoder, _weights_option(weights), precision, device=device)
     attrs = _attrs(volumes, source.attrs, settings, projectors=loaded)
     exists = stores.store_kind(output) is not None
     if exists:
@@ -181,14 +225,14 @@ def embed(
     todo = _todo(volumes, output if exists else None, selected)
     if not todo.any():
         return _summary(output, ids, selected, 0, began)
-    if cluster is None and torch_threads is None:
-        torch_threads = os.cpu_count()  # the default cluster's one CPU worker gets them all
     with _client(cluster) as client:
         if progress:
             print(f"raptorz embed: dashboard at {client.dashboard_link}", file=sys.stderr)
+        if torch_threads is None:
+            share_cpus(client)
         resources = {GPU_RESOURCE: 1} if advertises_gpus(client) else None
-        info = client.submit(_encoder_provenance, options, resources=resources,
-                             pure=False).result()
+        info = client.submit(_encoder_provenance, options, resources=resources, pure=False,
+                             key=f"embed-load-encoder-{uuid.uuid4().hex[:8]}").result()
         template = embeddings_template(
             list(ids), plane_names=[PLANE_NAMES[p] for p in settings.planes], projectors=loaded,
             token_kind=token_kinds(info["num_tokens"], info["num_prefix_tokens"],
@@ -198,12 +242,17 @@ def embed(
         )
         create_embeddings(output, template)
         todo = _todo(volumes, output, selected)  # another process may have done some
-        jobs = [ChunkJob(str(volumes), str(output), tuple(int(i) for i in group), options,
-                         settings, torch_threads)
-                for group in _groups(np.flatnonzero(todo), _id_chunk(source))]
-        _run(client, jobs, resources, total=int(selected.sum()),
-             done=int(selected.sum() - todo.sum()), progress=progress)
-    return _summary(output, ids, selected, int(todo.sum()), began)
+        topic = f"raptorz-progress-{uuid.uuid4().hex}"
+        tasks = [EmbedTask(str(volumes), str(output), tuple(int(i) for i in group), options,
+                           settings, torch_threads, topic)
+                 for group in _tasks(np.flatnonzero(todo), _slices_per_volume(source, settings),
+                                     _expected_workers(client))]
+        used = _run(client, tasks, resources, ids, total=int(selected.sum()),
+                    done=int(selected.sum() - todo.sum()), progress=progress)
+    if used is not None and used < settings.batch_size:
+        print(f"raptorz embed: a batch ran out of device memory; batches of {used} were used",
+              file=sys.stderr)
+    return _summary(output, ids, selected, int(todo.sum()), began, batch_size=used)
 
 
 def _weights_option(weights: str | Path | None) -> str | None:
@@ -233,16 +282,29 @@ def _todo(volumes: Path, output: Path | None, selected: np.ndarray) -> np.ndarra
     return selected & ((mine == stores.PENDING) | retry)
 
 
-def _id_chunk(source: xr.Dataset) -> int:
-    """Volumes per chunk of the volumes store (a task reads one chunk)."""
-    return int(source["volume"].encoding.get("chunks", source["volume"].shape)[0])
+def _slices_per_volume(source: xr.Dataset, settings: KernelSettings) -> int:
+    """Slices the kernel encodes per volume of the store (every volume has one shape)."""
+    shape = source["volume"].shape[1:]
+    return sum(len(slice_indices(shape[axis], settings.subsample)) for axis in settings.planes)
 
 
-def _groups(indices: np.ndarray, chunk: int) -> list[np.ndarray]:
-    """``indices`` grouped by the volumes chunk that holds them."""
-    if len(indices) == 0:
-        return []
-    return list(np.split(indices, np.flatnonzero(np.diff(indices // chunk)) + 1))
+def _expected_workers(client: Client) -> int:
+    """Workers the run can count on: those connected, or those a cluster will start."""
+    connected = len(client.scheduler_info(n_workers=-1)["workers"])
+    planned = len(getattr(client.cluster, "worker_spec", None) or {})
+    return max(connected, planned, 1)
+
+
+def _tasks(indices: np.ndarray, slices_per_volume: int, workers: int) -> list[np.ndarray]:
+    """``indices`` split into tasks of about :data:`TASK_SLICES` slices.
+
+    Smaller where that would leave fewer than :data:`TASKS_PER_WORKER` tasks a worker,
+    so that every worker stays busy until the tail of the run; at least one volume.
+    """
+    by_work = max(1, TASK_SLICES // max(1, slices_per_volume))
+    by_workers = max(1, -(-len(indices) // (TASKS_PER_WORKER * workers)))
+    size = min(by_work, by_workers)
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
 
 
 def _attrs(volumes: Path, source_attrs: dict[str, Any], settings: KernelSettings, *,
@@ -257,38 +319,95 @@ def _attrs(volumes: Path, source_attrs: dict[str, Any], settings: KernelSettings
 
 
 @contextlib.contextmanager
-def _client(cluster: Client | Cluster | str | None) -> Iterator[Client]:
-    """A client for ``cluster``; a default cluster lives only for the call."""
-    if cluster is not None:
-        with connect(cluster) as client:
+def _client(cluster: Client | Cluster | str | Callable[[], Cluster] | None) -> Iterator[Client]:
+    """A client for ``cluster``; a cluster started here lives only for the call."""
+    if cluster is None:
+        try:
+            cluster = default_client()  # the active client, as dask's compute() uses
+        except ValueError:
+            cluster = functools.partial(create_cluster, "auto")
+    if callable(cluster) and not isinstance(cluster, (Client, Cluster)):
+        with cluster() as made, connect(made) as client:
             yield client
         return
-    with create_cluster("cuda" if visible_gpus() else "local") as made, connect(made) as client:
+    with connect(cluster) as client:
         yield client
 
 
-def _run(client: Client, jobs: list[ChunkJob], resources: dict[str, int] | None, *,
-         total: int, done: int, progress: bool) -> None:
-    """Submit the jobs and follow them; a job that dies leaves its volumes pending."""
-    from tqdm.auto import tqdm
+class _Progress:
+    """A progress bar in volumes, moved by finished tasks and by running tasks' reports."""
 
-    futures = [client.submit(_embed_chunk, job, resources=resources, pure=False,
-                             key=f"raptorz-embed-{job.indices[0]}-{os.getpid()}-{time.time_ns()}")
-               for job in jobs]
-    with tqdm(total=total, initial=done, unit="vol", disable=not progress,
-              desc="embed", file=sys.stderr) as bar:
-        for future in as_completed(futures):
+    def __init__(self, total: int, done: int, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=done, unit="vol", disable=not enabled,
+                        desc="embed", file=sys.stderr)
+        self.done = float(done)
+        self.running: dict[str, float] = {}
+        self.lock = threading.Lock()
+
+    def report(self, event: tuple[float, dict[str, Any]]) -> None:
+        """A running task's report (from the client's event loop)."""
+        _, message = event
+        with self.lock:
+            if message["task"] in self.running:
+                self.running[message["task"]] += message["volumes"]
+                self._show()
+
+    def start(self, tasks: Sequence[EmbedTask]) -> None:
+        self.running = {task.key: 0.0 for task in tasks}
+
+    def finish(self, task: EmbedTask, volumes: int) -> None:
+        with self.lock:
+            self.running.pop(task.key, None)
+            self.done += volumes
+            self._show()
+
+    def _show(self) -> None:
+        self.bar.n = round(self.done + sum(self.running.values()), 1)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _run(client: Client, tasks: list[EmbedTask], resources: dict[str, int] | None,
+         ids: np.ndarray, *, total: int, done: int, progress: bool) -> int | None:
+    """Submit the tasks and follow them; returns the smallest batch size a task used.
+
+    A task that fails is retried by Dask on another worker; one that keeps failing
+    leaves its volumes pending and its error is printed (a rerun retries them).
+    """
+    bar = _Progress(total, done, progress)
+    bar.start(tasks)
+    if progress and tasks:
+        client.subscribe_topic(tasks[0].topic, bar.report)
+    run = uuid.uuid4().hex[:8]
+    futures = {client.submit(_embed_task, task, resources=resources, pure=False, retries=2,
+                             key=f"embed-{ids[task.indices[0]]}-{ids[task.indices[-1]]}-{run}"):
+               task for task in tasks}
+    used: list[int] = []
+    try:
+        for future in as_completed(futures, loop=client.loop):
+            task = futures[future]
             if future.status == "error":
                 error = future.exception()
-                print(f"raptorz embed: a task failed and its volumes stay pending "
-                      f"({type(error).__name__}: {error}); rerun to retry", file=sys.stderr)
+                print(f"raptorz embed: a task failed and its {len(task.indices)} volumes stay "
+                      f"pending ({type(error).__name__}: {error}); rerun to retry",
+                      file=sys.stderr)
             else:
-                bar.update(future.result())
+                used.append(future.result()["batch_size"])
+            bar.finish(task, len(task.indices))
             future.release()
+    finally:
+        if progress and tasks:
+            client.unsubscribe_topic(tasks[0].topic)
+        bar.close()
+    return min(used) if used else None
 
 
 def _summary(output: Path, ids: np.ndarray, selected: np.ndarray, computed: int,
-             began: float) -> EmbedSummary:
+             began: float, batch_size: int | None = None) -> EmbedSummary:
     status = stores.read_status(output) if output.exists() else np.zeros(len(ids), np.int8)
     failed = selected & (status == stores.FAILED)
     errors: dict[str, str] = {}
@@ -296,7 +415,8 @@ def _summary(output: Path, ids: np.ndarray, selected: np.ndarray, computed: int,
         error = zarr.open_array(output / "error", mode="r")
         errors = {str(ids[i]): str(error[int(i)]) for i in np.flatnonzero(failed)}
     return EmbedSummary(output, int(selected.sum()), int((selected & (status == stores.OK)).sum()),
-                        int(failed.sum()), computed, errors, time.perf_counter() - began)
+                        int(failed.sum()), computed, errors, time.perf_counter() - began,
+                        batch_size)
 
 
 # --- On the workers --------------------------------------------------------------------
@@ -304,6 +424,8 @@ def _summary(output: Path, ids: np.ndarray, selected: np.ndarray, computed: int,
 _ENCODERS: dict[EncoderOptions, Encoder] = {}
 _PROJECTORS: dict[tuple[str, str], list[Projector]] = {}
 #: One kernel at a time per worker process: it already fills the device or the cores.
+#: Only device work holds it: a task reads its volumes and writes its results outside it,
+#: so that a worker's second thread reads the next task while this one encodes.
 _KERNEL_LOCK = threading.Lock()
 
 
@@ -313,13 +435,18 @@ def worker_encoder(options: EncoderOptions) -> Encoder:
         _ENCODERS.clear()  # one model per worker: free the previous one first
         _ENCODERS[options] = create_encoder(options.name, weights=options.weights,
                                             precision=options.precision,
-                                            img_size=options.img_size)
+                                            img_size=options.img_size,
+                                            device=options.device or worker_device())
     return _ENCODERS[options]
 
 
 def _encoder_provenance(options: EncoderOptions) -> dict[str, Any]:
     with _KERNEL_LOCK:
-        return worker_encoder(options).provenance()
+        info = worker_encoder(options).provenance()
+    gpu = pinned_gpu()
+    if gpu is not None and info["device"].startswith("cuda"):
+        info["device"] += f" (GPU {gpu})"  # the physical device, whatever the worker's index
+    return info
 
 
 def _worker_projectors(output: str) -> list[Projector]:
@@ -332,84 +459,114 @@ def _worker_projectors(output: str) -> list[Projector]:
     return _PROJECTORS[key]
 
 
-def _embed_chunk(job: ChunkJob) -> int:
-    """Embed and write one job's volumes; returns how many it wrote."""
+@dataclass
+class _Read:
+    """A task's volumes as read: the good ones' voxels, and an error per volume."""
+
+    block: np.ndarray  # (good volumes, X, Y, Z)
+    good: np.ndarray  # positions in the task of the volumes in ``block``
+    errors: list[str]
+
+
+def _read(task: EmbedTask) -> _Read:
+    """Read a task's volumes; a volume that failed conversion or is unusable gets an error."""
+    indices = np.asarray(task.indices)
+    source = xr.open_zarr(task.volumes, consolidated=False, chunks=None)
+    lo, hi = int(indices[0]), int(indices[-1]) + 1
+    status = np.asarray(source["status"][lo:hi].values)[indices - lo]
+    source_error = source["error"][lo:hi].values[indices - lo]
+    errors = ["" if s == stores.OK else
+              f"volume not converted ({stores.STATUS_NAMES[s]})" + (f": {e}" if e else "")
+              for s, e in zip(status, source_error, strict=True)]
+    good = np.flatnonzero(status == stores.OK)
+    parts = [np.asarray(source["volume"][run].values) for run in contiguous_runs(indices[good])]
+    block = np.concatenate(parts) if parts else np.empty((0, *source["volume"].shape[1:]))
+    usable = []
+    for position, volume in zip(good, block, strict=True):
+        problem = volume_problem(volume)  # an error this volume causes, before the device
+        if problem:
+            errors[position] = problem
+        usable.append(not problem)
+    keep = np.asarray(usable, bool)
+    return _Read(block[keep], good[keep], errors)
+
+
+def _embed_task(task: EmbedTask) -> dict[str, int]:
+    """Read, embed and write one task's volumes; returns counts and the batch size used.
+
+    Only errors caused by a volume mark it failed (:func:`volume_problem`); any other
+    error (out of device memory at batch size 1, a lost device, a bug) fails the task,
+    which Dask retries on another worker, with the original error in the worker's log.
+    """
     import torch
 
+    read = _read(task)
+    report = _reporter(task)
+    batch_size = task.settings.batch_size
     with _KERNEL_LOCK:
-        if job.torch_threads:
-            torch.set_num_threads(job.torch_threads)
-        encoder = worker_encoder(job.encoder)
-        projectors = _worker_projectors(job.output)
-        indices = np.asarray(job.indices)
-        lo, hi = int(indices[0]), int(indices[-1]) + 1
-        source = xr.open_zarr(job.volumes, consolidated=False, chunks=None)
-        status = np.asarray(source["status"][lo:hi].values)[indices - lo]
-        source_error = source["error"][lo:hi].values[indices - lo]
-        errors = ["" if s == stores.OK else
-                  f"volume not converted ({stores.STATUS_NAMES[s]})" + (f": {e}" if e else "")
-                  for s, e in zip(status, source_error, strict=True)]
-        good = np.flatnonzero(status == stores.OK)
-        results = _embed_volumes(source["volume"], indices[good], encoder, projectors,
-                                 job.settings)
-        for position, outcome in zip(good, results, strict=True):
-            if isinstance(outcome, str):
-                errors[position] = outcome
-        for run in contiguous_runs(indices):
-            _write(job.output, run, indices, results, good, errors, projectors, job.settings)
-    return len(indices)
+        torch.set_num_threads(task.torch_threads or worker_threads())
+        encoder = worker_encoder(task.encoder)
+        projectors = _worker_projectors(task.output)
+        embedded = None
+        if len(read.block):
+            embedded = embed_block(read.block, encoder, projectors, task.settings,
+                                   progress=report)
+            batch_size = embedded.batch_size
+    _write(task, read, embedded, projectors)
+    return {"volumes": len(task.indices), "batch_size": batch_size}
 
 
-def _embed_volumes(volume: xr.DataArray, indices: np.ndarray, encoder: Encoder,
-                   projectors: list[Projector], settings: KernelSettings) -> list[Any]:
-    """Per volume: its :class:`BlockEmbedding` row, or the error text."""
-    if len(indices) == 0:
-        return []
-    block = np.asarray(volume[int(indices[0]): int(indices[-1]) + 1].values)
-    block = block[indices - indices[0]]
-    try:
-        embedded = embed_block(block, encoder, projectors, settings)
-        return [_row(embedded, i) for i in range(len(indices))]
-    except Exception:  # find the culprit: one bad volume must not fail the others
-        outcomes: list[Any] = []
-        for one in block:
-            try:
-                outcomes.append(_row(embed_block(one[None], encoder, projectors, settings), 0))
-            except Exception as error:
-                outcomes.append(f"{type(error).__name__}: {error}")
-        return outcomes
+def _reporter(task: EmbedTask) -> Callable[[float], None] | None:
+    """A progress callback sending a task's progress to the client every second or so."""
+    topic = task.topic
+    if topic is None:
+        return None
+    worker = get_worker()
+    pending = [0.0, time.monotonic()]
+
+    def report(volumes: float) -> None:
+        pending[0] += volumes
+        if time.monotonic() - pending[1] >= PROGRESS_SECONDS:
+            worker.log_event(topic, {"task": task.key, "volumes": pending[0]})
+            pending[:] = [0.0, time.monotonic()]
+
+    return report
 
 
-def _row(embedded: Any, i: int) -> dict[str, np.ndarray]:
-    """Volume ``i`` of a :class:`BlockEmbedding` as store variable -> array."""
-    row = {name: value[i] for name, value in embedded.projections.items()}
-    if embedded.tokens is not None:
-        row["tokens"] = embedded.tokens[i]
-    row["avgpool"] = embedded.avgpool[i]
-    return row
-
-
-def _write(output: str, run: slice, indices: np.ndarray, results: list[Any], good: np.ndarray,
-           errors: list[str], projectors: list[Projector], settings: KernelSettings) -> None:
-    """Write one contiguous run of volumes: NaN rows where a volume failed.
+def _write(task: EmbedTask, read: _Read, embedded: BlockEmbedding | None,
+           projectors: list[Projector]) -> None:
+    """Write a task's volumes, one contiguous run at a time: NaN rows where one failed.
 
     Any run is made of whole chunks, since the embeddings store has one volume per chunk.
     """
-    positions = np.flatnonzero((indices >= run.start) & (indices < run.stop))
-    by_position = {int(p): r for p, r in zip(good, results, strict=True) if not isinstance(r, str)}
-    rows = [by_position.get(int(p)) for p in positions]
+    indices = np.asarray(task.indices)
+    rows = dict(zip(read.good.tolist(), range(len(read.good)), strict=True))
+    names = [p.name for p in projectors] + \
+        (["tokens"] if task.settings.keep_tokens else []) + ["avgpool"]
     dims: dict[str, tuple[str, ...]] = {
         p.name: ("id", "plane", k_dim(p.name), "token") for p in projectors}
     dims |= {"tokens": ("id", "plane", "token", "dim"), "avgpool": ("id", "dim")}
-    names = [p.name for p in projectors] + (["tokens"] if settings.keep_tokens else []) + \
-        ["avgpool"]
-    data = {}
-    if any(row is not None for row in rows):
-        template = next(row for row in rows if row is not None)
-        for name in names:
-            stacked = np.stack([row[name] if row is not None else
-                                np.full_like(template[name], np.nan) for row in rows])
-            data[name] = xr.DataArray(stacked, dims=dims[name])
-    status = [stores.OK if row is not None else stores.FAILED for row in rows]
-    stores.write_chunk(output, data, run, np.asarray(status), [errors[p] for p in positions])
+    for run in contiguous_runs(indices):
+        positions = np.flatnonzero((indices >= run.start) & (indices < run.stop))
+        data = {}
+        if embedded is not None:
+            for name in names:
+                values = _variable(embedded, name)
+                stacked = np.full((len(positions), *values.shape[1:]), np.nan, values.dtype)
+                for out, position in enumerate(positions):
+                    if position in rows:
+                        stacked[out] = values[rows[position]]
+                data[name] = xr.DataArray(stacked, dims=dims[name])
+        status = [stores.OK if p in rows else stores.FAILED for p in positions]
+        stores.write_chunk(task.output, data, run, np.asarray(status),
+                           [read.errors[p] for p in positions])
 
+
+def _variable(embedded: BlockEmbedding, name: str) -> np.ndarray:
+    """One store variable of a :class:`BlockEmbedding`, all its volumes."""
+    if name == "avgpool":
+        return embedded.avgpool
+    if name == "tokens":
+        assert embedded.tokens is not None
+        return embedded.tokens
+    return embedded.projections[name]

@@ -247,7 +247,7 @@ def convert(
                     create_cluster("local", workers=count, dashboard_address=None))
             client = stack.enter_context(connect(cluster))
             futures = [client.submit(convert_chunk, *task, pure=False) for task in tasks]
-            for future in as_completed(futures):
+            for future in as_completed(futures, loop=client.loop):
                 done(future.result())
     failures = {i: e for r in results for i, s, e in zip(r.ids, r.status, r.errors,
                                                           strict=True) if s != stores.OK}

@@ -1,0 +1,197 @@
+"""The embedding run around the kernel: tasks sized by work, errors, progress, clients.
+
+Real LocalClusters, real stores and the tiny real ViT; a worker's cached encoder is
+swapped (through ``client.run``) for one that fails the way a device does.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from distributed import Client, get_task_stream
+
+from raptorz import stores
+from raptorz.cluster import create_cluster
+from raptorz.embedding import runner
+from raptorz.embedding.embeddings import open_embeddings
+from raptorz.embedding.kernel import KernelSettings
+from raptorz.embedding.projection import create_projector
+from raptorz.embedding.runner import _tasks, embed
+from raptorz.ingest.volumes import convert
+
+SETTINGS = KernelSettings(batch_size=16, subsample=4)
+PROJECTOR = create_projector(0, 64, 4, "p4")
+
+
+def _store(folder: Path, count: int, size: int = 16) -> Path:
+    """``count`` random volumes of ``size``^3 in one volumes chunk (the default layout)."""
+    images = np.random.default_rng(3).integers(0, 256, (count, size, size, size), np.uint8)
+    np.savez(folder / "m.npz", train_images=images, train_labels=np.zeros((count, 1)),
+             val_images=images[:0], val_labels=np.zeros((0, 1)), test_images=images[:0],
+             test_labels=np.zeros((0, 1)))
+    store = folder / "volumes.zarr"
+    convert([folder / "m.npz"], store, workers=1)
+    return store
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[Client]:
+    with create_cluster("local", workers=2, threads_per_worker=2, dashboard_address=":0") \
+            as cluster, Client(cluster, set_as_default=False) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _store(tmp_path_factory.mktemp("volumes"), 12)
+
+
+def test_tasks_are_sized_by_slices_and_by_workers() -> None:
+    indices = np.arange(100)
+    assert [len(t) for t in _tasks(indices, 4096, workers=1)] == [1] * 100  # one volume each
+    sizes = [len(t) for t in _tasks(indices, 10, workers=2)]  # 8 tasks of 13 or fewer
+    assert sum(sizes) == 100 and len(sizes) >= 8 and max(sizes) == 13
+    assert [len(t) for t in _tasks(indices, 10, workers=1000)] == [1] * 100
+    assert np.concatenate(_tasks(indices[::3], 50, workers=2)).tolist() == indices[::3].tolist()
+
+
+def test_one_volumes_chunk_keeps_both_workers_busy(client: Client, volumes: Path,
+                                                   tmp_path: Path,
+                                                   tiny_vit_weights: tuple[str, Path]) -> None:
+    assert stores.open_store(volumes, "volumes")["volume"].encoding["chunks"][0] == 12
+    name, weights = tiny_vit_weights
+    with get_task_stream(client) as stream:
+        summary = embed(volumes, tmp_path / "e.zarr", [PROJECTOR], encoder=name,
+                        weights=weights, settings=SETTINGS, cluster=client, progress=False)
+    assert (summary.ok, summary.batch_size) == (12, 16)
+    tasks = [t for t in stream.data if t["key"].startswith("embed-train_")]
+    assert len(tasks) == 6  # a few tasks per worker, though the store has one chunk
+    assert len({t["worker"] for t in tasks}) == 2
+    first, last = tasks[0]["key"].split("-")[1:3]  # the dashboard names the ids
+    assert first.startswith("train_") and last.startswith("train_")
+
+
+def _swap_encoder(kind: str, dask_worker: object = None) -> int:
+    """On a worker: wrap its cached encoders in one that fails like a device does."""
+
+    class Failing:
+        def __init__(self, inner: object) -> None:
+            self.inner, self.__dict__["calls"] = inner, 0
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+        def encode(self, images: torch.Tensor) -> torch.Tensor:
+            if kind == "lost":
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            if len(images) > 5:
+                raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+            return self.inner.encode(images)  # type: ignore[attr-defined]
+
+    cache = sys.modules["raptorz.embedding.runner"]._ENCODERS
+    for key, encoder in list(cache.items()):
+        cache[key] = Failing(getattr(encoder, "inner", encoder))  # type: ignore[assignment]
+    return len(cache)
+
+
+def _restore_encoder(dask_worker: object = None) -> None:
+    cache = sys.modules["raptorz.embedding.runner"]._ENCODERS
+    for key, encoder in list(cache.items()):
+        cache[key] = getattr(encoder, "inner", encoder)
+
+
+def test_a_device_error_fails_the_task_not_the_volumes(
+        client: Client, volumes: Path, tmp_path: Path, tiny_vit_weights: tuple[str, Path],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    name, weights = tiny_vit_weights
+    output = tmp_path / "e.zarr"
+    embed(volumes, output, [PROJECTOR], encoder=name, weights=weights, settings=SETTINGS,
+          cluster=client, many=2, progress=False)  # every worker has its encoder now
+    assert all(client.run(_swap_encoder, "lost").values())
+    try:
+        summary = embed(volumes, output, [PROJECTOR], encoder=name, weights=weights,
+                        settings=SETTINGS, cluster=client, progress=False)
+    finally:
+        client.run(_restore_encoder)
+    assert (summary.ok, summary.failed, summary.pending) == (2, 0, 10)
+    assert "illegal memory access" in capsys.readouterr().err  # the original error, kept
+    again = embed(volumes, output, [PROJECTOR], encoder=name, weights=weights,
+                  settings=SETTINGS, cluster=client, progress=False)
+    assert (again.ok, again.failed, again.computed) == (12, 0, 10)
+
+
+def test_out_of_memory_halves_the_batch_and_the_run_says_so(
+        client: Client, volumes: Path, tmp_path: Path, tiny_vit_weights: tuple[str, Path],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    name, weights = tiny_vit_weights
+    reference = tmp_path / "reference.zarr"
+    embed(volumes, reference, [PROJECTOR], encoder=name, weights=weights, settings=SETTINGS,
+          cluster=client, progress=False)
+    client.run(_swap_encoder, "small")
+    try:
+        summary = embed(volumes, tmp_path / "e.zarr", [PROJECTOR], encoder=name,
+                        weights=weights, settings=SETTINGS, cluster=client, progress=False)
+    finally:
+        client.run(_restore_encoder)
+    assert (summary.ok, summary.batch_size) == (12, 4)
+    assert "batches of 4 were used" in capsys.readouterr().err
+    np.testing.assert_allclose(open_embeddings(tmp_path / "e.zarr")["p4"].values,
+                               open_embeddings(reference)["p4"].values, rtol=1e-5, atol=1e-6)
+
+
+def test_running_tasks_report_progress_in_volumes(client: Client, volumes: Path,
+                                                  tmp_path: Path,
+                                                  tiny_vit_weights: tuple[str, Path]) -> None:
+    name, weights = tiny_vit_weights
+    client.run(setattr, runner, "PROGRESS_SECONDS", 0.0)
+    try:
+        embed(volumes, tmp_path / "e.zarr", [PROJECTOR], encoder=name, weights=weights,
+              settings=KernelSettings(batch_size=4, subsample=4), cluster=client,
+              progress=True)
+    finally:
+        client.run(setattr, runner, "PROGRESS_SECONDS", 1.0)
+    topics = {t: e for t, e in client.get_events().items() if t.startswith("raptorz-progress")}
+    newest = max(topics.values(), key=lambda events: events[-1][0])  # this run's topic
+    reports = [message for _, message in newest]
+    assert len(reports) > 12  # more often than tasks finish
+    assert sum(r["volumes"] for r in reports) == pytest.approx(12, abs=1e-6)
+
+
+def test_the_active_client_is_used_and_no_cluster_started(
+        volumes: Path, tmp_path: Path, tiny_vit_weights: tuple[str, Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    name, weights = tiny_vit_weights
+
+    def no_cluster(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cluster was started although a client is active")
+
+    monkeypatch.setattr(runner, "create_cluster", no_cluster)
+    with create_cluster("local", workers=1, dashboard_address=":0") as cluster, \
+            Client(cluster) as active, get_task_stream(active) as stream:
+        summary = embed(volumes, tmp_path / "e.zarr", [PROJECTOR], encoder=name,
+                        weights=weights, settings=SETTINGS, many=3, progress=False)
+        assert active.status == "running"  # left open for the notebook
+        workers = set(active.scheduler_info()["workers"])
+    assert summary.ok == 3
+    ran = {t["worker"] for t in stream.data if t["key"].startswith("embed-")}
+    assert ran and ran <= workers
+
+
+def test_inputs_are_checked_before_any_cluster_starts(volumes: Path, tmp_path: Path) -> None:
+    np.save(tmp_path / "p.npy", PROJECTOR.matrix)
+    for args, problem in (
+        ([str(tmp_path / "missing.zarr"), "--projector", str(tmp_path / "p.npy")], "missing"),
+        ([str(volumes), "--projector", str(tmp_path / "nope.npy")], "nope.npy"),
+        ([str(volumes), "--projector", str(tmp_path / "p.npy"), "--start", "99"], "past"),
+    ):
+        run = subprocess.run([sys.executable, "-m", "raptorz.cli.main", "embed", *args,
+                              "-o", str(tmp_path / "e.zarr"), "--cluster", "local"],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and problem in run.stderr, run.stderr
+        assert "dashboard" not in run.stderr.lower(), run.stderr  # no cluster was started
