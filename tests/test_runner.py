@@ -53,12 +53,29 @@ def volumes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_tasks_are_sized_by_slices_and_by_workers() -> None:
-    indices = np.arange(100)
-    assert [len(t) for t in _tasks(indices, 4096, workers=1)] == [1] * 100  # one volume each
-    sizes = [len(t) for t in _tasks(indices, 10, workers=2)]  # 8 tasks of 13 or fewer
-    assert sum(sizes) == 100 and len(sizes) >= 8 and max(sizes) == 13
-    assert [len(t) for t in _tasks(indices, 10, workers=1000)] == [1] * 100
-    assert np.concatenate(_tasks(indices[::3], 50, workers=2)).tolist() == indices[::3].tolist()
+    todo = np.ones(100, bool)
+
+    def sizes(*args: int) -> list[int]:
+        return [s.stop - s.start for s in _tasks(todo, *args)]
+
+    assert sizes(1, 4096, 1) == [1] * 100  # a volume of 4096 slices is a task
+    assert sizes(1, 10, 2) == [13] * 7 + [9]  # at least 4 tasks per worker
+    assert sizes(10, 10, 2) == [10] * 10  # whole units of the output, never less
+    assert sizes(10, 1, 1) == [20] * 5  # 25 volumes a task, rounded down to units
+    todo[:] = False
+    todo[[5, 6, 42, 99]] = True  # units with nothing to do are left out
+    assert [(s.start, s.stop) for s in _tasks(todo, 10, 1, 1)] == [(0, 10), (40, 50),
+                                                                   (90, 100)]
+
+
+def test_ranges_must_hold_whole_units() -> None:
+    from raptorz.embedding.runner import _selection
+    from raptorz.errors import InputError
+
+    assert _selection(250, 100, 100, unit=100).sum() == 100
+    assert _selection(250, 200, 80, unit=100).sum() == 50  # to the end of the store
+    with pytest.raises(InputError, match="use --start 0 --many 200"):
+        _selection(250, 50, 100, unit=100)
 
 
 def test_one_volumes_chunk_keeps_both_workers_busy(client: Client, volumes: Path,

@@ -42,11 +42,25 @@ from raptorz.embedding.projection import Projector
 from raptorz.errors import InputError
 
 KIND: Final = "embeddings"
-#: Volumes per id-chunk: one, so any split of the ids gives disjoint chunks to writers.
-ID_CHUNK: Final = 1
+#: Volumes per written unit (a Zarr shard of one-volume chunks) in a large store: one
+#: file per 100 volumes per variable. Writers never share a unit; a task writes whole ones.
+UNIT_VOLUMES: Final = 100
+#: Units at least, in a smaller store, so that that many workers can share its work.
+MIN_UNITS: Final = 16
 MATRIX_PREFIX: Final = "matrix_"
 RESERVED: Final = frozenset({"tokens", "avgpool", "status", "error", "id", "plane", "token",
                              "token_kind", "dim"})
+
+
+def unit_size(n: int) -> int:
+    """Volumes per written unit of a new store of ``n`` volumes (see :data:`UNIT_VOLUMES`)."""
+    return max(1, min(UNIT_VOLUMES, n // MIN_UNITS))
+
+
+def store_unit(path: str | Path) -> int:
+    """Volumes per written unit of the store at ``path`` (its status chunk; 1 in stores
+    written before units existed)."""
+    return int(zarr.open_array(Path(path) / "status", mode="r").chunks[0])
 
 
 def k_dim(name: str) -> str:
@@ -70,9 +84,16 @@ def embeddings_template(
     embed_dim: int,
     keep_tokens: bool,
     attrs: Mapping[str, Any],
+    unit: int | None = None,
 ) -> xr.Dataset:
-    """The lazy template of an embeddings store (nothing computed)."""
+    """The lazy template of an embeddings store (nothing computed).
+
+    Every ``id``-indexed variable is stored in units of ``unit`` volumes (default
+    :func:`unit_size`): Zarr shards of one-volume chunks, so that one volume still reads
+    alone while a unit is one file.
+    """
     n, p, t = len(ids), len(plane_names), len(token_kind)
+    unit = unit or unit_size(n)
     for projector in projectors:
         if projector.name in RESERVED or projector.name.startswith(MATRIX_PREFIX):
             raise InputError(projector.name, "this projector name is reserved in the store; "
@@ -80,13 +101,13 @@ def embeddings_template(
     variables: dict[str, xr.DataArray] = {}
     for projector in projectors:
         variables[projector.name] = _lazy((n, p, projector.k, t),
-                                          ("id", "plane", k_dim(projector.name), "token"))
+                                          ("id", "plane", k_dim(projector.name), "token"), unit)
         variables[MATRIX_PREFIX + projector.name] = xr.DataArray(
             projector.matrix, dims=("dim", k_dim(projector.name)))
     if keep_tokens:
-        variables["tokens"] = _lazy((n, p, t, embed_dim), ("id", "plane", "token", "dim"))
-    variables["avgpool"] = _lazy((n, embed_dim), ("id", "dim"))
-    variables.update(stores.status_variables(n, ID_CHUNK))
+        variables["tokens"] = _lazy((n, p, t, embed_dim), ("id", "plane", "token", "dim"), unit)
+    variables["avgpool"] = _lazy((n, embed_dim), ("id", "dim"), unit)
+    variables.update(stores.status_variables(n, unit))
     coords = {
         "id": stores.as_strings(ids),
         "plane": stores.as_strings(plane_names),
@@ -96,9 +117,13 @@ def embeddings_template(
     return xr.Dataset(variables, coords=coords, attrs=stores.json_attr(dict(attrs)))
 
 
-def _lazy(shape: tuple[int, ...], dims: tuple[str, ...]) -> xr.DataArray:
-    chunks = (ID_CHUNK, *shape[1:])
-    return xr.DataArray(da.zeros(shape, chunks=chunks, dtype=np.float32), dims=dims)
+def _lazy(shape: tuple[int, ...], dims: tuple[str, ...], unit: int) -> xr.DataArray:
+    array = xr.DataArray(da.zeros(shape, chunks=(unit, *shape[1:]), dtype=np.float32),
+                         dims=dims)
+    array.encoding["chunks"] = (1, *shape[1:])
+    if unit > 1:
+        array.encoding["shards"] = (unit, *shape[1:])
+    return array
 
 
 def create_embeddings(path: str | Path, template: xr.Dataset) -> bool:
@@ -275,23 +300,28 @@ def add_projections(path: str | Path, projectors: Sequence[Projector],
                              f"have width {ds.sizes['dim']}")
     if not new:
         return []
+    unit = store_unit(path)
     template = embeddings_template(
         list(ds["id"].values), plane_names=list(ds["plane"].values), projectors=new,
         token_kind=ds["token_kind"].values, embed_dim=ds.sizes["dim"], keep_tokens=False,
-        attrs={})
+        attrs={}, unit=unit)
     added = template[[name for p in new for name in (p.name, MATRIX_PREFIX + p.name)]]
     added.attrs = dict(ds.attrs)  # appending rewrites the group's attributes
     added.drop_vars(["id", "plane", "token", "token_kind"]).to_zarr(
         path, mode="a", compute=False, consolidated=False)
-    status = stores.read_status(path)
-    done = np.flatnonzero(status == stores.OK)
-    for start in range(0, len(done), block):
-        for run in contiguous_runs(done[start:start + block]):
-            tokens = ds["tokens"][run].values
-            projected = project_tokens(tokens, new)
-            xr.Dataset({name: (("id", "plane", k_dim(name), "token"), value)
-                        for name, value in projected.items()}).to_zarr(
-                path, region={"id": run}, consolidated=False)
+    ok = stores.read_status(path) == stores.OK
+    per_write = max(1, block // unit) * unit  # whole units: a shard is written whole
+    for start in range(0, len(ok), per_write):
+        span = slice(start, min(start + per_write, len(ok)))
+        if not ok[span].any():
+            continue
+        tokens = np.where(ok[span, None, None, None], ds["tokens"][span].values, np.nan)
+        projected = project_tokens(np.nan_to_num(tokens), new)
+        for value in projected.values():
+            value[~ok[span]] = np.nan  # volumes without tokens get no projection
+        xr.Dataset({name: (("id", "plane", k_dim(name), "token"), value)
+                    for name, value in projected.items()}).to_zarr(
+            path, region={"id": span}, consolidated=False)
     group = zarr.open_group(path, mode="r+")
     group.attrs["projectors"] = {**stored, **{p.name: stores.json_attr(p.provenance())
                                               for p in new}}

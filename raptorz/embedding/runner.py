@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,10 @@ from raptorz.embedding.embeddings import (
     contiguous_runs,
     create_embeddings,
     embeddings_template,
-    k_dim,
+    store_unit,
     stored_projectors,
     token_kinds,
+    unit_size,
 )
 from raptorz.embedding.encoders import (
     DEFAULT_ENCODER,
@@ -95,10 +97,13 @@ class EncoderOptions:
 
 @dataclass(frozen=True)
 class EmbedTask:
-    """One task: embed volumes ``indices`` (sorted), sized by their slices, not by chunks."""
+    """One task: the whole units ``start:stop`` of the output, of which it embeds the
+    volumes ``indices`` (sorted) and keeps the others as they are; sized by slices."""
 
     volumes: str
     output: str
+    start: int
+    stop: int
     indices: tuple[int, ...]
     encoder: EncoderOptions
     settings: KernelSettings
@@ -107,8 +112,8 @@ class EmbedTask:
 
     @property
     def key(self) -> str:
-        """Progress events and results of this task carry its first index."""
-        return str(self.indices[0])
+        """Progress events and results of this task carry its first volume."""
+        return str(self.start)
 
 
 @dataclass(frozen=True)
@@ -214,10 +219,12 @@ def embed(
     loaded = [p if isinstance(p, Projector) else load_projector(p) for p in projectors]
     source = stores.open_store(volumes, VOLUMES_KIND)
     ids = stores.store_ids(source)
-    selected = _selection(len(ids), start, many)
+    exists = stores.store_kind(output) is not None
+    unit = store_unit(output) if exists and stores.store_kind(output) == KIND else \
+        unit_size(len(ids))
+    selected = _selection(len(ids), start, many, unit)
     options = EncoderOptions(encoder, _weights_option(weights), precision, device=device)
     attrs = _attrs(volumes, source.attrs, settings, projectors=loaded)
-    exists = stores.store_kind(output) is not None
     if exists:
         stores.require_kind(output, KIND)
         check_identity(output, ids, attrs, [p.provenance() for p in loaded],
@@ -243,10 +250,12 @@ def embed(
         create_embeddings(output, template)
         todo = _todo(volumes, output, selected)  # another process may have done some
         topic = f"raptorz-progress-{uuid.uuid4().hex}"
-        tasks = [EmbedTask(str(volumes), str(output), tuple(int(i) for i in group), options,
-                           settings, torch_threads, topic)
-                 for group in _tasks(np.flatnonzero(todo), _slices_per_volume(source, settings),
-                                     _expected_workers(client))]
+        tasks = [EmbedTask(str(volumes), str(output), span.start, span.stop,
+                           tuple(int(i) for i in np.flatnonzero(todo[span]) + span.start),
+                           options, settings, torch_threads, topic)
+                 for span in _tasks(todo, store_unit(output),
+                                    _slices_per_volume(source, settings),
+                                    _expected_workers(client))]
         used = _run(client, tasks, resources, ids, total=int(selected.sum()),
                     done=int(selected.sum() - todo.sum()), progress=progress)
     if used is not None and used < settings.batch_size:
@@ -262,14 +271,24 @@ def _weights_option(weights: str | Path | None) -> str | None:
     return str(Path(weights).resolve())
 
 
-def _selection(n: int, start: int, many: int | None) -> np.ndarray:
-    """Boolean mask of the ids ``start`` to ``start + many``."""
+def _selection(n: int, start: int, many: int | None, unit: int = 1) -> np.ndarray:
+    """Boolean mask of the ids ``start`` to ``start + many``, whole units of the output.
+
+    Separate processes may write disjoint ranges of one store at once, so a range must
+    start and end on unit boundaries (or at the last volume): never two writers in a unit.
+    """
     if start < 0 or (many is not None and many < 1):
         raise InputError("--start/--many", f"need start >= 0 and many >= 1, got {start}, {many}")
     if start >= n:
         raise InputError("--start", f"{start} is past the last of the {n} volumes")
+    stop = n if many is None else min(n, start + many)
+    if start % unit or (stop % unit and stop != n):
+        low, high = start // unit * unit, min(n, -(-stop // unit) * unit)
+        raise InputError("--start/--many", f"the output is written in units of {unit} "
+                         f"volumes and a range must hold whole units: use --start {low} "
+                         f"--many {high - low} (or another multiple of {unit})")
     mask = np.zeros(n, bool)
-    mask[start: None if many is None else start + many] = True
+    mask[start:stop] = True
     return mask
 
 
@@ -295,16 +314,28 @@ def _expected_workers(client: Client) -> int:
     return max(connected, planned, 1)
 
 
-def _tasks(indices: np.ndarray, slices_per_volume: int, workers: int) -> list[np.ndarray]:
-    """``indices`` split into tasks of about :data:`TASK_SLICES` slices.
+def _tasks(todo: np.ndarray, unit: int, slices_per_volume: int, workers: int) -> list[slice]:
+    """The output's units holding a volume to do, as tasks of about :data:`TASK_SLICES`.
 
     Smaller where that would leave fewer than :data:`TASKS_PER_WORKER` tasks a worker,
-    so that every worker stays busy until the tail of the run; at least one volume.
+    so that every worker stays busy until the tail of the run; at least one unit, and a
+    task only joins neighbouring units.
     """
+    n = len(todo)
+    units = [slice(s, min(s + unit, n)) for s in range(0, n, unit)]
+    wanted = [u for u in units if todo[u].any()]
+    volumes = int(todo.sum())
     by_work = max(1, TASK_SLICES // max(1, slices_per_volume))
-    by_workers = max(1, -(-len(indices) // (TASKS_PER_WORKER * workers)))
-    size = min(by_work, by_workers)
-    return [indices[i:i + size] for i in range(0, len(indices), size)]
+    by_workers = max(1, -(-volumes // (TASKS_PER_WORKER * workers)))
+    size = max(1, min(by_work, by_workers) // unit)  # units per task
+    tasks: list[slice] = []
+    for u in wanted:
+        last = tasks[-1] if tasks else None
+        if last is not None and last.stop == u.start and (last.stop - last.start) < size * unit:
+            tasks[-1] = slice(last.start, u.stop)
+        else:
+            tasks.append(u)
+    return tasks
 
 
 def _attrs(volumes: Path, source_attrs: dict[str, Any], settings: KernelSettings, *,
@@ -384,7 +415,7 @@ def _run(client: Client, tasks: list[EmbedTask], resources: dict[str, int] | Non
         client.subscribe_topic(tasks[0].topic, bar.report)
     run = uuid.uuid4().hex[:8]
     futures = {client.submit(_embed_task, task, resources=resources, pure=False, retries=2,
-                             key=f"embed-{ids[task.indices[0]]}-{ids[task.indices[-1]]}-{run}"):
+                             key=f"embed-{ids[task.start]}-{ids[task.stop - 1]}-{run}"):
                task for task in tasks}
     used: list[int] = []
     try:
@@ -461,59 +492,75 @@ def _worker_projectors(output: str) -> list[Projector]:
 
 @dataclass
 class _Read:
-    """A task's volumes as read: the good ones' voxels, and an error per volume."""
+    """Some of a task's volumes as read: the usable ones' voxels, and an error per volume."""
 
-    block: np.ndarray  # (good volumes, X, Y, Z)
-    good: np.ndarray  # positions in the task of the volumes in ``block``
-    errors: list[str]
+    block: np.ndarray  # (usable volumes, X, Y, Z)
+    usable: np.ndarray  # their ids' indices
+    errors: dict[int, str]  # index -> why it failed (not converted, or unusable)
 
 
-def _read(task: EmbedTask) -> _Read:
-    """Read a task's volumes; a volume that failed conversion or is unusable gets an error."""
-    indices = np.asarray(task.indices)
-    source = xr.open_zarr(task.volumes, consolidated=False, chunks=None)
+def _read(volumes: str, indices: np.ndarray) -> _Read:
+    """Read volumes ``indices`` (sorted); one that failed conversion or is unusable gets
+    an error instead."""
+    source = xr.open_zarr(volumes, consolidated=False, chunks=None)
     lo, hi = int(indices[0]), int(indices[-1]) + 1
     status = np.asarray(source["status"][lo:hi].values)[indices - lo]
     source_error = source["error"][lo:hi].values[indices - lo]
-    errors = ["" if s == stores.OK else
-              f"volume not converted ({stores.STATUS_NAMES[s]})" + (f": {e}" if e else "")
-              for s, e in zip(status, source_error, strict=True)]
-    good = np.flatnonzero(status == stores.OK)
-    parts = [np.asarray(source["volume"][run].values) for run in contiguous_runs(indices[good])]
+    errors = {int(i): f"volume not converted ({stores.STATUS_NAMES[s]})" + (f": {e}" if e else "")
+              for i, s, e in zip(indices, status, source_error, strict=True) if s != stores.OK}
+    good = indices[status == stores.OK]
+    parts = [np.asarray(source["volume"][run].values) for run in contiguous_runs(good)]
     block = np.concatenate(parts) if parts else np.empty((0, *source["volume"].shape[1:]))
-    usable = []
-    for position, volume in zip(good, block, strict=True):
+    keep = np.ones(len(good), bool)
+    for n, (index, volume) in enumerate(zip(good, block, strict=True)):
         problem = volume_problem(volume)  # an error this volume causes, before the device
         if problem:
-            errors[position] = problem
-        usable.append(not problem)
-    keep = np.asarray(usable, bool)
+            errors[int(index)], keep[n] = problem, False
     return _Read(block[keep], good[keep], errors)
 
 
 def _embed_task(task: EmbedTask) -> dict[str, int]:
-    """Read, embed and write one task's volumes; returns counts and the batch size used.
+    """Embed one task's volumes and write its units once; returns counts and batch size.
 
-    Only errors caused by a volume mark it failed (:func:`volume_problem`); any other
-    error (out of device memory at batch size 1, a lost device, a bug) fails the task,
-    which Dask retries on another worker, with the original error in the worker's log.
+    The volumes are read and embedded in blocks of about :data:`TASK_SLICES` slices, the
+    next block read by a helper thread while the current one is encoded. Only errors
+    caused by a volume mark it failed (:func:`volume_problem`); any other error (out of
+    device memory at batch size 1, a lost device, a bug) fails the task, which Dask
+    retries on another worker, with the original error in the worker's log.
     """
     import torch
 
-    read = _read(task)
+    indices = np.asarray(task.indices, dtype=np.int64)
+    per_block = max(1, TASK_SLICES // max(1, _slices_per_task_volume(task)))
+    blocks = [indices[i:i + per_block] for i in range(0, len(indices), per_block)]
     report = _reporter(task)
     batch_size = task.settings.batch_size
-    with _KERNEL_LOCK:
-        torch.set_num_threads(task.torch_threads or worker_threads())
-        encoder = worker_encoder(task.encoder)
-        projectors = _worker_projectors(task.output)
-        embedded = None
-        if len(read.block):
-            embedded = embed_block(read.block, encoder, projectors, task.settings,
-                                   progress=report)
-            batch_size = embedded.batch_size
-    _write(task, read, embedded, projectors)
-    return {"volumes": len(task.indices), "batch_size": batch_size}
+    results: list[tuple[_Read, BlockEmbedding | None]] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="raptorz-read") as reader:
+        ahead = reader.submit(_read, task.volumes, blocks[0]) if blocks else None
+        for n in range(len(blocks)):
+            assert ahead is not None
+            read = ahead.result()
+            if n + 1 < len(blocks):
+                ahead = reader.submit(_read, task.volumes, blocks[n + 1])
+            embedded = None
+            with _KERNEL_LOCK:
+                torch.set_num_threads(task.torch_threads or worker_threads())
+                encoder = worker_encoder(task.encoder)
+                projectors = _worker_projectors(task.output)
+                if len(read.block):
+                    embedded = embed_block(read.block, encoder, projectors, task.settings,
+                                           progress=report)
+                    batch_size = min(batch_size, embedded.batch_size)
+            results.append((read, embedded))
+    _write(task, results, _worker_projectors(task.output))
+    return {"volumes": len(indices), "batch_size": batch_size}
+
+
+def _slices_per_task_volume(task: EmbedTask) -> int:
+    source = zarr.open_array(Path(task.volumes) / "volume", mode="r")
+    return sum(len(slice_indices(source.shape[1 + axis], task.settings.subsample))
+               for axis in task.settings.planes)
 
 
 def _reporter(task: EmbedTask) -> Callable[[float], None] | None:
@@ -533,33 +580,37 @@ def _reporter(task: EmbedTask) -> Callable[[float], None] | None:
     return report
 
 
-def _write(task: EmbedTask, read: _Read, embedded: BlockEmbedding | None,
+def _write(task: EmbedTask, results: list[tuple[_Read, BlockEmbedding | None]],
            projectors: list[Projector]) -> None:
-    """Write a task's volumes, one contiguous run at a time: NaN rows where one failed.
+    """Write the task's whole units in one region write, data first, then status.
 
-    Any run is made of whole chunks, since the embeddings store has one volume per chunk.
+    Volumes it embedded get their rows; those that failed get NaN rows and their error;
+    the others of its units (already done) are written back as they are.
     """
-    indices = np.asarray(task.indices)
-    rows = dict(zip(read.good.tolist(), range(len(read.good)), strict=True))
+    region = slice(task.start, task.stop)
     names = [p.name for p in projectors] + \
         (["tokens"] if task.settings.keep_tokens else []) + ["avgpool"]
-    dims: dict[str, tuple[str, ...]] = {
-        p.name: ("id", "plane", k_dim(p.name), "token") for p in projectors}
-    dims |= {"tokens": ("id", "plane", "token", "dim"), "avgpool": ("id", "dim")}
-    for run in contiguous_runs(indices):
-        positions = np.flatnonzero((indices >= run.start) & (indices < run.stop))
-        data = {}
-        if embedded is not None:
-            for name in names:
-                values = _variable(embedded, name)
-                stacked = np.full((len(positions), *values.shape[1:]), np.nan, values.dtype)
-                for out, position in enumerate(positions):
-                    if position in rows:
-                        stacked[out] = values[rows[position]]
-                data[name] = xr.DataArray(stacked, dims=dims[name])
-        status = [stores.OK if p in rows else stores.FAILED for p in positions]
-        stores.write_chunk(task.output, data, run, np.asarray(status),
-                           [read.errors[p] for p in positions])
+    existing = xr.open_zarr(task.output, consolidated=False, chunks=None)
+    status = np.asarray(existing["status"][region].values).copy()
+    errors = np.asarray(existing["error"][region].values, dtype=object).copy()
+    kept = np.setdiff1d(np.arange(task.start, task.stop), task.indices) - task.start
+    data = {}
+    for name in names:
+        variable = existing[name]
+        values = np.full((task.stop - task.start, *variable.shape[1:]),
+                         np.nan, np.float32)
+        if len(kept):
+            values[kept] = variable[kept + task.start].values
+        for read, embedded in results:
+            if embedded is not None:
+                values[read.usable - task.start] = _variable(embedded, name)
+        data[name] = xr.DataArray(values, dims=variable.dims)
+    for read, _ in results:
+        status[read.usable - task.start] = stores.OK
+        for index, problem in read.errors.items():
+            status[index - task.start], errors[index - task.start] = stores.FAILED, problem
+        errors[read.usable - task.start] = ""
+    stores.write_chunk(task.output, data, region, status, [str(e) for e in errors])
 
 
 def _variable(embedded: BlockEmbedding, name: str) -> np.ndarray:
