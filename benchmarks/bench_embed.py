@@ -1,12 +1,15 @@
 """End-to-end ``raptorz embed`` throughput against the in-process kernel.
 
-CPU (default): converts ``--volumes`` random volumes of ``--size``^3, then times
+CPU (default): converts ``--volumes`` random volumes of ``--size``^3 (24 of 28^3: one
+volumes chunk), then times, for each precision,
 
-* the in-process kernel (:func:`raptorz.embedding.kernel.embed_block`, model already loaded);
+* the in-process kernel (:func:`raptorz.embedding.kernel.embed_block` on all volumes,
+  model already loaded, every CPU);
 * ``raptorz embed`` as a user runs it (a fresh process, its own LocalCluster, model
-  loading, store writes) with 1 and 2 workers, splitting the CPUs between them;
+  loading, store writes): 1 worker with every CPU (against the kernel), and 1 worker x 1
+  thread against 2 workers x 1 thread (do 2 workers share one volumes chunk?);
 
-and prints volumes/s and the overhead of the end-to-end run over the kernel.
+and prints the start-up and the run after it against the kernel's time.
 
 GPU (``--gpu``): slices/s of the kernel with the default DINOv2 ViT-L/14 architecture in
 bf16 (random weights: speed does not depend on them) on one 182 x 218 x 182 volume (the
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -47,6 +51,23 @@ def random_weights(name: str, path: Path) -> Path:
     return path
 
 
+def _embed_cli(volumes: Path, output: Path, folder: Path, weights: Path, args: argparse.Namespace,
+               precision: str, workers: int, threads: int) -> tuple[float, float, float]:
+    """``raptorz embed`` as a user runs it: (wall s, start-up s, s after start-up)."""
+    command = [sys.executable, "-m", "raptorz.cli.main", "embed", str(volumes),
+               "-o", str(output), "--projector", str(folder / "p.npy"),
+               "--encoder", args.encoder, "--weights", str(weights), "--precision", precision,
+               "--cluster", "local", "--workers", str(workers), "--threads", str(threads),
+               "--dashboard-address", ":0"]
+    start = time.perf_counter()
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    seconds, startup = (float(x) for x in re.search(  # type: ignore[union-attr]
+        r"this run, ([\d.]+) s, ([\d.]+) s of it to start", done.stdout).groups())
+    outside = wall - seconds  # the interpreter, imports, printing the summary
+    return wall, outside + startup, seconds - startup
+
+
 def cpu(args: argparse.Namespace) -> None:
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,49 +79,38 @@ def cpu(args: argparse.Namespace) -> None:
                  val_labels=np.zeros((0, 1)), test_images=images[:0],
                  test_labels=np.zeros((0, 1)))
         volumes = folder / "volumes.zarr"
-        convert([folder / "m.npz"], volumes, chunk=1, workers=1)
+        convert([folder / "m.npz"], volumes, workers=1)  # the default chunking
         weights = random_weights(args.encoder, folder / "weights.safetensors")
         projector = create_projector(0, create_encoder(args.encoder, weights=weights,
                                                        device="cpu").embed_dim, 100)
         np.save(folder / "p.npy", projector.matrix)
-
-        torch.set_num_threads(cores)
-        start = time.perf_counter()
-        encoder = create_encoder(args.encoder, weights=weights, device="cpu")
-        load = time.perf_counter() - start
         block = open_volumes(volumes)["volume"].values
-        start = time.perf_counter()
-        for one in block:  # one volume at a time, as each task of the run embeds its chunk
-            embed_block(one[None], encoder, [projector], KernelSettings())
-        kernel = time.perf_counter() - start
-        rows = [("in-process kernel", cores, kernel, kernel, args.volumes / kernel, 1.0)]
-        print(f"(model load in process: {load:.2f} s, not counted in the kernel row)")
-        for workers in (1, 2):
-            output = folder / f"e{workers}.zarr"
-            command = [sys.executable, "-m", "raptorz.cli.main", "embed", str(volumes),
-                       "-o", str(output), "--projector", str(folder / "p.npy"),
-                       "--encoder", args.encoder, "--weights", str(weights),
-                       "--cluster", "local", "--workers", str(workers),
-                       "--threads", str(max(1, cores // workers)),
-                       "--dashboard-address", ":0"]
+        rows = []
+        for precision in args.precisions:
+            torch.set_num_threads(cores)
+            encoder = create_encoder(args.encoder, weights=weights, device="cpu",
+                                     precision=precision)
             start = time.perf_counter()
-            done = subprocess.run(command, check=True, capture_output=True, text=True)
-            wall = time.perf_counter() - start
-            # the run itself, after the cluster started: "(8 this run, 5.1 s)"
-            inside = float(re.search(r"this run, ([\d.]+) s", done.stdout)[1])  # type: ignore[index]
-            rows.append((f"raptorz embed, {workers} worker(s)", max(1, cores // workers),
-                         wall, inside, args.volumes / wall, wall / kernel))
+            embed_block(block, encoder, [projector], KernelSettings())
+            kernel = time.perf_counter() - start
+            rows.append((f"in-process kernel, {cores} threads", precision, kernel, 0.0, kernel,
+                         1.0))
+            runs = [(1, cores), (1, 1), (2, max(1, cores // 2))]
+            for n, (workers, threads) in enumerate(runs):
+                wall, startup, run = _embed_cli(volumes, folder / f"e{precision}{n}.zarr",
+                                                folder, weights, args, precision, workers,
+                                                threads)
+                rows.append((f"raptorz embed, {workers} worker(s) x {threads} thread(s)",
+                             precision, wall, startup, run, run / kernel))
     print(f"\n{args.volumes} volumes of {args.size}^3 ({3 * args.size} slices each), "
-          f"encoder {args.encoder}, K=100, {cores} CPU cores\n")
-    print(f"| {'run':<28} | threads/worker | wall s | of which run s | volumes/s "
-          "| x kernel time |")
-    print(f"|{'-' * 30}|{'-' * 16}|{'-' * 8}|{'-' * 16}|{'-' * 11}|{'-' * 15}|")
-    for name, threads, wall, inside, rate, ratio in rows:
-        print(f"| {name:<28} | {threads:>14} | {wall:>6.2f} | {inside:>14.2f} | {rate:>9.2f} "
-              f"| {ratio:>13.2f} |")
-    print("\nwall: the whole command (interpreter start, cluster start, model load per "
-          "worker, writes);\nrun: embed() after the cluster is up (model load and writes "
-          "included).")
+          f"encoder {args.encoder}, K=100, {cores} CPU cores ({platform.processor()})\n")
+    print("| run | precision | wall s | start-up s | run after start-up s | x kernel time |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for name, precision, wall, startup, run, ratio in rows:
+        print(f"| {name} | {precision} | {wall:.2f} | {startup:.2f} | {run:.2f} | "
+              f"{ratio:.2f} |")
+    print("\nwall: the whole command; start-up: interpreter, imports, cluster start, model "
+          "load, store creation;\nrun after start-up: the tasks (reads, kernel, writes).")
 
 
 def gpu(args: argparse.Namespace) -> None:
@@ -142,8 +152,9 @@ def gpu(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--volumes", type=int, default=8)
-    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--volumes", type=int, default=24)
+    parser.add_argument("--size", type=int, default=28)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--encoder", default="raptorz_tiny_dinov2")
     parser.add_argument("--gpu", action="store_true", help="DINOv2-L bf16 slices/s on CUDA")
     parser.add_argument("--gpu-encoder", default=DEFAULT_ENCODER, help="--gpu: architecture")

@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
               f"{summary.failed} failed)")
     else:
         print(f"{summary.output}: {summary.ok} embedded, {summary.failed} failed, of "
-              f"{summary.total} ({summary.computed} this run, {summary.seconds:.1f} s)")
+              f"{summary.total} ({summary.computed} this run, {summary.seconds:.1f} s, "
+              f"{summary.startup:.1f} s of it to start)")
     if summary.pending:
         print(f"{summary.pending} volumes still pending: rerun to retry them", file=sys.stderr)
     return 0 if summary.failed == 0 and summary.pending == 0 else 1

@@ -16,6 +16,14 @@ HeadKind = Literal["linear", "mlp"]
 #: ``auto``: ``cuda`` where GPUs are visible, else ``local``.
 ClusterKind = Literal["auto", "local", "cuda", "slurm", "pbs", "sge", "lsf"]
 
+Precision = Literal["fp32", "bf16", "fp16"]
+
+#: The encoder of the Raptor paper.
+DEFAULT_ENCODER: Final = "vit_large_patch14_dinov2.lvd142m"
+#: ``weights=RANDOM_WEIGHTS``: timm's initial weights drawn with seed 0, for demos and
+#: benchmarks where no real weights can be had. The pipeline runs; the embeddings mean
+#: nothing. The provenance says so (``weights_source == "random"``).
+RANDOM_WEIGHTS: Final = "random"
 #: The UK Biobank zip member the original tool reads.
 DEFAULT_MEMBER: Final = "T1/T1_brain.nii.gz"
 #: The scaling used for each reader where the run chooses none.

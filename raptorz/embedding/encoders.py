@@ -24,16 +24,14 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 
+from raptorz.defaults import DEFAULT_ENCODER as DEFAULT_ENCODER  # re-exported
+from raptorz.defaults import RANDOM_WEIGHTS as RANDOM_WEIGHTS  # re-exported
+from raptorz.defaults import Precision as Precision  # re-exported
 from raptorz.errors import InputError, RaptorzError, RaptorzWarning
-
-Precision = Literal["fp32", "bf16", "fp16"]
-
-#: The encoder of the Raptor paper.
-DEFAULT_ENCODER = "vit_large_patch14_dinov2.lvd142m"
 
 #: Small DINOv2-style architectures (name -> timm architecture and overrides) for tests,
 #: examples and benchmarks; they have no published weights, so they need ``weights=FILE``.
@@ -43,11 +41,6 @@ SMALL_ENCODERS: Mapping[str, tuple[str, Mapping[str, Any]]] = MappingProxyType({
                                                       "num_heads": 2}),
     ),
 })
-
-#: ``weights=RANDOM_WEIGHTS``: timm's initial weights drawn with seed 0, for demos and
-#: benchmarks where no real weights can be had. The pipeline runs; the embeddings mean
-#: nothing. The provenance says so (``weights_source == "random"``).
-RANDOM_WEIGHTS = "random"
 
 #: Hugging Face transformers copies of the DINOv2 weights, by timm architecture.
 TRANSFORMERS_REPOS: Mapping[str, str] = MappingProxyType({

@@ -18,73 +18,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
 from raptorz.embedding.encoders import Encoder
-from raptorz.embedding.preprocessing import (
-    PreprocessMode,
-    ResizeMode,
-    canvas_size,
-    prepare_slices,
-    slice_indices,
-)
+from raptorz.embedding.preprocessing import canvas_size, prepare_slices
 from raptorz.embedding.projection import Projector, check_projectors
+from raptorz.embedding.settings import PLANE_NAMES as PLANE_NAMES  # re-exported
+from raptorz.embedding.settings import KernelSettings as KernelSettings  # re-exported
+from raptorz.embedding.settings import slice_indices
 from raptorz.errors import InputError
-
-#: The original's names of planes 0, 1, 2 (slices along array axes 0, 1, 2).
-PLANE_NAMES = ("A", "C", "S")
-
-
-@dataclass(frozen=True)
-class KernelSettings:
-    """How slices become pooled tokens (recorded verbatim in store provenance).
-
-    Parameters
-    ----------
-    planes
-        Array axes whose slices are encoded, in output order.
-    preprocess
-        ``default`` or ``reference`` (see :mod:`raptorz.embedding.preprocessing`).
-    resize
-        ``stretch``, ``pad`` or ``pad_shared``.
-    tokens
-        ``all`` (prefix + patch tokens, the original layout) or ``patch`` (patch only).
-    subsample
-        Keep every n-th slice along each axis (centered); 1 keeps all.
-    batch_size
-        Images per encoder forward.
-    dedup
-        Encode each distinct constant slice once (exact up to fp32 rounding).
-    keep_tokens
-        Also return the pooled tokens, so later projections need no encoder run.
-    """
-
-    planes: tuple[int, ...] = (0, 1, 2)
-    preprocess: PreprocessMode = "default"
-    resize: ResizeMode = "stretch"
-    tokens: Literal["all", "patch"] = "all"
-    subsample: int = 1
-    batch_size: int = 64
-    dedup: bool = True
-    keep_tokens: bool = False
-
-    def __post_init__(self) -> None:
-        planes = tuple(int(p) for p in self.planes)
-        if not planes or len(set(planes)) != len(planes) or not set(planes) <= {0, 1, 2}:
-            raise ValueError(f"planes must be distinct axes among 0, 1, 2, got {self.planes}")
-        object.__setattr__(self, "planes", planes)
-        if self.subsample < 1 or self.batch_size < 1:
-            raise ValueError("subsample and batch_size must be >= 1")
-        for name, value, allowed in (
-            ("preprocess", self.preprocess, ("default", "reference")),
-            ("resize", self.resize, ("stretch", "pad", "pad_shared")),
-            ("tokens", self.tokens, ("all", "patch")),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 @dataclass

@@ -20,35 +20,18 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-PreprocessMode = Literal["default", "reference"]
-ResizeMode = Literal["stretch", "pad", "pad_shared"]
+from raptorz.embedding.settings import PreprocessMode as PreprocessMode  # re-exported
+from raptorz.embedding.settings import ResizeMode as ResizeMode  # re-exported
+from raptorz.embedding.settings import slice_indices as slice_indices  # re-exported
 
 #: ImageNet normalization of the DINOv2 family.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def slice_indices(length: int, subsample: int = 1) -> np.ndarray:
-    """Equidistant slice positions along an axis of ``length`` slices.
-
-    Every ``subsample``-th slice, the unused remainder split evenly between both ends so
-    that the kept slices are centered (``subsample=1`` keeps all).
-
-    Examples
-    --------
-    >>> slice_indices(12, 3).tolist()
-    [1, 4, 7, 10]
-    """
-    if subsample < 1:
-        raise ValueError(f"subsample must be >= 1, got {subsample}")
-    start = ((length - 1) % subsample) // 2
-    return np.arange(start, length, subsample)
 
 
 def iter_slices(volume: np.ndarray, axis: int,

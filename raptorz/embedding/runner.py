@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
@@ -46,6 +46,7 @@ from raptorz.cluster import (
     worker_device,
     worker_threads,
 )
+from raptorz.defaults import DEFAULT_ENCODER, RANDOM_WEIGHTS, Precision
 from raptorz.embedding.embeddings import (
     KIND,
     check_identity,
@@ -57,23 +58,13 @@ from raptorz.embedding.embeddings import (
     token_kinds,
     unit_size,
 )
-from raptorz.embedding.encoders import (
-    DEFAULT_ENCODER,
-    RANDOM_WEIGHTS,
-    Encoder,
-    Precision,
-    create_encoder,
-)
-from raptorz.embedding.kernel import (
-    PLANE_NAMES,
-    BlockEmbedding,
-    KernelSettings,
-    embed_block,
-    volume_problem,
-)
-from raptorz.embedding.preprocessing import slice_indices
 from raptorz.embedding.projection import Projector, load_projector
+from raptorz.embedding.settings import PLANE_NAMES, KernelSettings, slice_indices
 from raptorz.errors import InputError
+
+if TYPE_CHECKING:  # torch is imported on the workers only: checks and resumes stay fast
+    from raptorz.embedding.encoders import Encoder
+    from raptorz.embedding.kernel import BlockEmbedding
 
 VOLUMES_KIND = "volumes"
 #: Slices a task aims at: enough to fill a few batches, few enough that the tail of a run
@@ -136,6 +127,9 @@ class EmbedSummary:
     batch_size
         The smallest batch the encoder ran in this call (less than the settings' where a
         batch ran out of device memory and was halved); ``None`` when nothing ran.
+    startup
+        Of ``seconds``, the time before the first task was submitted: checks, cluster
+        start, the encoder's first load on a worker, the store's creation.
     """
 
     output: Path
@@ -146,6 +140,7 @@ class EmbedSummary:
     errors: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     batch_size: int | None = None
+    startup: float = 0.0
 
     @property
     def pending(self) -> int:
@@ -256,12 +251,14 @@ def embed(
                  for span in _tasks(todo, store_unit(output),
                                     _slices_per_volume(source, settings),
                                     _expected_workers(client))]
+        startup = time.perf_counter() - began
         used = _run(client, tasks, resources, ids, total=int(selected.sum()),
                     done=int(selected.sum() - todo.sum()), progress=progress)
     if used is not None and used < settings.batch_size:
         print(f"raptorz embed: a batch ran out of device memory; batches of {used} were used",
               file=sys.stderr)
-    return _summary(output, ids, selected, int(todo.sum()), began, batch_size=used)
+    return _summary(output, ids, selected, int(todo.sum()), began, batch_size=used,
+                    startup=startup)
 
 
 def _weights_option(weights: str | Path | None) -> str | None:
@@ -438,7 +435,7 @@ def _run(client: Client, tasks: list[EmbedTask], resources: dict[str, int] | Non
 
 
 def _summary(output: Path, ids: np.ndarray, selected: np.ndarray, computed: int,
-             began: float, batch_size: int | None = None) -> EmbedSummary:
+             began: float, batch_size: int | None = None, startup: float = 0.0) -> EmbedSummary:
     status = stores.read_status(output) if output.exists() else np.zeros(len(ids), np.int8)
     failed = selected & (status == stores.FAILED)
     errors: dict[str, str] = {}
@@ -447,7 +444,7 @@ def _summary(output: Path, ids: np.ndarray, selected: np.ndarray, computed: int,
         errors = {str(ids[i]): str(error[int(i)]) for i in np.flatnonzero(failed)}
     return EmbedSummary(output, int(selected.sum()), int((selected & (status == stores.OK)).sum()),
                         int(failed.sum()), computed, errors, time.perf_counter() - began,
-                        batch_size)
+                        batch_size, startup)
 
 
 # --- On the workers --------------------------------------------------------------------
@@ -462,6 +459,8 @@ _KERNEL_LOCK = threading.Lock()
 
 def worker_encoder(options: EncoderOptions) -> Encoder:
     """The encoder of ``options``, built once per process and kept for later tasks."""
+    from raptorz.embedding.encoders import create_encoder
+
     if options not in _ENCODERS:
         _ENCODERS.clear()  # one model per worker: free the previous one first
         _ENCODERS[options] = create_encoder(options.name, weights=options.weights,
@@ -502,6 +501,8 @@ class _Read:
 def _read(volumes: str, indices: np.ndarray) -> _Read:
     """Read volumes ``indices`` (sorted); one that failed conversion or is unusable gets
     an error instead."""
+    from raptorz.embedding.kernel import volume_problem
+
     source = xr.open_zarr(volumes, consolidated=False, chunks=None)
     lo, hi = int(indices[0]), int(indices[-1]) + 1
     status = np.asarray(source["status"][lo:hi].values)[indices - lo]
@@ -529,6 +530,8 @@ def _embed_task(task: EmbedTask) -> dict[str, int]:
     retries on another worker, with the original error in the worker's log.
     """
     import torch
+
+    from raptorz.embedding.kernel import embed_block
 
     indices = np.asarray(task.indices, dtype=np.int64)
     per_block = max(1, TASK_SLICES // max(1, _slices_per_task_volume(task)))

@@ -1,0 +1,118 @@
+"""Cost per volume at scale: N tiny volumes through convert, embed, rerun, info and fit.
+
+Each volume is 8^3 and gives one slice (``--planes 0 --subsample 8``) to the tiny random
+ViT, so that the encoder's own work is small and raptorz's cost per volume outside it
+shows. Prints one table row per N: seconds of each step, the cost per volume outside the
+encoder (embed wall time less the in-process kernel's time on the same volumes, over N),
+the peak resident memory of the client, the scheduler and the worker, the files of
+``embeddings.zarr`` and the time of a rerun that finds nothing to do.
+
+    python benchmarks/bench_scale.py 1000 10000 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from distributed import Client
+from safetensors.torch import save_file
+
+import raptorz
+from raptorz.embedding.encoders import SMALL_ENCODERS, create_encoder
+from raptorz.embedding.kernel import KernelSettings, embed_block
+
+ENCODER = "raptorz_tiny_dinov2"
+SETTINGS = KernelSettings(planes=(0,), subsample=8, batch_size=256)
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timed(step: str, times: dict[str, float], function, *args, **kwargs):  # type: ignore[no-untyped-def]
+    began = time.perf_counter()
+    result = function(*args, **kwargs)
+    times[step] = time.perf_counter() - began
+    return result
+
+
+def one(n: int, folder: Path, weights: Path) -> dict[str, float | int]:
+    images = np.random.default_rng(n).integers(0, 256, (n, 8, 8, 8), np.uint8)
+    labels = np.random.default_rng(1).integers(0, 2, (n, 1))
+    np.savez(folder / "m.npz", train_images=images[: n // 2], train_labels=labels[: n // 2],
+             val_images=images[n // 2: 3 * n // 4], val_labels=labels[n // 2: 3 * n // 4],
+             test_images=images[3 * n // 4:], test_labels=labels[3 * n // 4:])
+    times: dict[str, float] = {}
+    volumes, output = folder / "volumes.zarr", folder / "embeddings.zarr"
+    _timed("convert", times, raptorz.convert, [folder / "m.npz"], volumes, workers=1)
+    projector = raptorz.create_projector(0, 64, 10, "p10")
+    np.save(folder / "p10.npy", projector.matrix)
+    with raptorz.create_cluster("local", workers=1, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        client.run(lambda: None)
+        summary = _timed("embed", times, raptorz.embed, volumes, output, [projector],
+                         encoder=ENCODER, weights=weights, settings=SETTINGS,
+                         cluster=client, progress=False)
+        assert summary.ok == n, summary
+        client_mib = _peak_mib()  # before the in-process kernel below
+        worker = max(client.run(_peak_mib).values())
+        scheduler = client.run_on_scheduler(_peak_mib)
+    encoder = create_encoder(ENCODER, weights=weights, device="cpu")
+    block = raptorz.open_volumes(volumes)["volume"].values
+    _timed("kernel", times, embed_block, block, encoder, [projector], SETTINGS)
+    del block
+    files = sum(1 for p in output.rglob("*") if p.is_file())
+    command = [sys.executable, "-m", "raptorz.cli.main", "embed", str(volumes), "-o",
+               str(output), "--projector", str(folder / "p10.npy"), "--encoder", ENCODER,
+               "--weights", str(weights), "--planes", "0", "--subsample", "8",
+               "--batch-size", "256"]
+    rerun = _timed("rerun", times, subprocess.run, command, capture_output=True, text=True,
+                   check=True)
+    assert "nothing to do" in rerun.stdout, rerun.stdout
+    _timed("info", times, subprocess.run,
+           [sys.executable, "-m", "raptorz.cli.main", "info", str(output)],
+           capture_output=True, check=True)
+    _timed("fit", times, raptorz.fit, output, folder / "volumes.labels.csv",
+           folder / "results")
+    return {"n": n, **times, "outside_ms": 1000 * (times["embed"] - times["kernel"]) / n,
+            "client_mib": client_mib, "scheduler_mib": scheduler, "worker_mib": worker,
+            "files": files, "files_per_100": 100 * files / n}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sizes", type=int, nargs="+")
+    args = parser.parse_args()
+    rows = []
+    for n in args.sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            architecture, kwargs = SMALL_ENCODERS[ENCODER]
+            model = timm.create_model(architecture, pretrained=False, img_size=224,
+                                      num_classes=0, **kwargs)
+            weights = Path(tmp) / "tiny.safetensors"
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+            rows.append(one(n, Path(tmp), weights))
+            print(rows[-1], file=sys.stderr)
+    print(f"\n{platform.processor() or platform.machine()}, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads; each volume 8^3, one "
+          f"slice, tiny ViT; peak memory is each process's maximum resident set\n")
+    columns = list(rows[0])
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "|".join(" ---: " for _ in columns) + "|")
+    for row in rows:
+        print("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v)
+                                for v in row.values()) + " |")
+
+
+if __name__ == "__main__":
+    main()
