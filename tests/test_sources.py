@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from volume_files import volume, write_dicom_series, write_nifti, write_npz
 
-from raptorz.errors import InputError, RaptorzError
+from raptorz.errors import InputError, RaptorzError, RaptorzWarning
 from raptorz.ingest.sources import resolve_sources, write_labels
 
 
@@ -93,3 +93,24 @@ def test_folder_of_dicom_series(tmp_path: Path) -> None:
     write_dicom_series(tmp_path / "dicom" / "s2", data)
     chosen = resolve_sources([tmp_path / "dicom"])
     assert [(s.id, s.kind) for s in chosen] == [("s1", "dicom"), ("s2", "dicom")]
+
+
+def test_unreadable_npz_labels_are_reported(tmp_path: Path) -> None:
+    """Images fine, labels missing, unreadable or short: a warning naming file and array."""
+    images = np.zeros((2, 4, 4, 4), np.uint8)
+    np.savez(tmp_path / "m.npz", train_images=images, train_labels=np.array([[1], [0]]),
+             val_images=images, test_images=images,
+             test_labels=np.array([{"a": 1}, None], dtype=object))
+    chosen = resolve_sources([tmp_path / "m.npz"])
+    with pytest.warns(RaptorzWarning) as caught:
+        csv = write_labels(chosen, tmp_path / "labels.csv")
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2
+    assert messages[0].startswith(f"{tmp_path / 'm.npz'}: labels val_labels has no such array")
+    assert messages[1].startswith(f"{tmp_path / 'm.npz'}: labels test_labels cannot be read")
+    assert csv is not None and csv.read_text().splitlines() == [
+        "id,split,label", "train_0,train,1", "train_1,train,0"]
+    np.savez(tmp_path / "short.npz", train_images=images, train_labels=np.array([1]))
+    with pytest.warns(RaptorzWarning, match=r"short.npz: labels train_labels has shape "
+                      r"\(1, 1\), but there are 2 images"):
+        assert write_labels(resolve_sources([tmp_path / "short.npz"]), tmp_path / "s.csv") is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import glob
 import os
+import warnings
 import zipfile
 from collections import defaultdict
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from typing import Final
 
 import numpy as np
 
-from raptorz.errors import InputError, RaptorzError
+from raptorz.errors import InputError, RaptorzError, RaptorzWarning
 from raptorz.ingest.readers import NPZ_SPLITS, Source, SourceKind, npz_images
 
 #: File endings the readers know, longest first so that ``.nii.gz`` wins over ``.gz``.
@@ -156,11 +157,36 @@ def resolve_sources(
     return selected
 
 
+def _labels(path: str, key: str, images: int) -> np.ndarray:
+    """Array ``key`` of the npz at ``path`` as rows; warns and gives no rows if unusable."""
+    problem = ""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            labels = np.asarray(archive[key])
+    except KeyError:
+        problem = "has no such array"
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        problem = f"cannot be read ({type(error).__name__}: {error})"
+    else:
+        labels = labels.reshape(-1, 1) if labels.ndim == 1 else labels
+        if labels.ndim != 2 or len(labels) != images:
+            problem = (f"has shape {labels.shape}, but there are {images} images: one "
+                       "row of labels per image is expected")
+    if problem:
+        warnings.warn(f"{path}: labels {key} {problem}; no labels written for these "
+                      "images (they are converted all the same)", RaptorzWarning,
+                      stacklevel=3)
+        return np.empty((0, 0))
+    return labels
+
+
 def write_labels(sources: Sequence[Source], path: str | Path) -> Path | None:
     """Write the labels of the npz volumes among ``sources`` as the original's CSV.
 
     Columns: ``id``, ``split``, then ``label`` (or ``label_0``, ``label_1``... for
     several targets). Returns the CSV's path, or ``None`` where no source has labels.
+    An images array whose labels are missing, unreadable or of the wrong length gets no
+    labels, with a :class:`~raptorz.errors.RaptorzWarning` naming the file and the array.
     """
     rows: list[list[object]] = []
     width = 0
@@ -171,12 +197,8 @@ def write_labels(sources: Sequence[Source], path: str | Path) -> Path | None:
         split = source.entry.removesuffix("_images")
         key = (source.path, f"{split}_labels")
         if key not in arrays:
-            try:
-                with np.load(source.path, allow_pickle=False) as archive:
-                    arrays[key] = np.asarray(archive[key[1]]).reshape(-1, 1) if (
-                        np.ndim(archive[key[1]]) == 1) else np.asarray(archive[key[1]])
-            except (KeyError, OSError, ValueError):
-                arrays[key] = np.empty((0, 0))
+            arrays[key] = _labels(source.path, key[1],
+                                  npz_images(source.path, source.entry)[0])
         labels = arrays[key]
         if source.index < len(labels):
             width = max(width, labels.shape[1])
