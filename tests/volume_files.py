@@ -43,6 +43,36 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray = OBLIQUE) -> P
     return path
 
 
+def write_itk(path: Path, data: np.ndarray, affine: np.ndarray = OBLIQUE, *,
+              compress: bool = False) -> Path:
+    """An NRRD or MetaImage (by ``path``'s ending) written by SimpleITK, geometry in LPS.
+
+    A 4D ``data`` gets a fourth axis of unit spacing.
+    """
+    import SimpleITK as sitk
+
+    n = data.ndim
+    geometry = np.eye(n + 1)
+    geometry[:3, :3], geometry[:3, n] = affine[:3, :3], affine[:3, 3]
+    spacing = np.linalg.norm(geometry[:n, :n], axis=0)
+    to_lps = np.diag([-1.0, -1.0] + [1.0] * (n - 2))
+    # ITK's index order is the reverse of the array's
+    image = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(*range(n)[::-1])),
+                                   isVector=False)
+    image.SetSpacing(spacing.tolist())
+    image.SetOrigin((to_lps @ geometry[:n, n]).tolist())
+    image.SetDirection((to_lps @ geometry[:n, :n] / spacing).ravel().tolist())
+    sitk.WriteImage(image, str(path), useCompression=compress)
+    return path
+
+
+def write_nibabel(path: Path, data: np.ndarray, affine: np.ndarray = OBLIQUE) -> Path:
+    """An MGH/MGZ or Analyze (``.hdr`` + ``.img``) file, by ``path``'s ending."""
+    kind = nib.MGHImage if path.suffix in (".mgh", ".mgz") else nib.AnalyzeImage
+    nib.save(kind(data, affine), path)
+    return path
+
+
 def nifti_bytes(data: np.ndarray, affine: np.ndarray = OBLIQUE) -> bytes:
     """A ``.nii.gz`` file's bytes."""
     return gzip.compress(nib.Nifti1Image(data, affine).to_bytes())

@@ -24,6 +24,8 @@ from raptorz.ingest.readers import NPZ_SPLITS, Source, SourceKind, npz_images
 #: File endings the readers know, longest first so that ``.nii.gz`` wins over ``.gz``.
 SUFFIXES: Final[dict[str, SourceKind]] = {
     ".nii.gz": "nifti", ".nii": "nifti", ".zip": "zip", ".npz": "npz",
+    ".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "metaimage", ".mhd": "metaimage",
+    ".mgz": "mgh", ".mgh": "mgh", ".hdr": "analyze", ".img": "analyze", ".mnc": "minc",
 }
 _GLOB_CHARS: Final = frozenset("*?[")
 
@@ -55,7 +57,9 @@ def _expand(path: Path) -> list[Source]:
         return _npz_sources(path)
     if path.is_dir():
         entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
-        inside = [p for p in entries if _suffix(p)]
+        # an Analyze pair is one volume: its header stands for it
+        inside = [p for p in entries if _suffix(p) and not (
+            _suffix(p) == ".img" and p.with_suffix(".hdr") in entries)]
         if not inside and not any(p.is_file() for p in entries):  # a folder of series
             inside = [p for p in entries if p.is_dir()]
         if inside:

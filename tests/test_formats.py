@@ -1,0 +1,178 @@
+"""The research formats: NRRD, MetaImage, MGH/MGZ, Analyze and MINC, on files the tests write.
+
+One oblique anatomy written in every format converts to one array and one spacing (ITK's
+LPS geometry and nibabel's RAS agree); every reader refuses truncated files, wrong magic,
+4D data, headers that lie about the size and NaN voxels, naming the file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import sys
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from volume_files import (
+    OBLIQUE_RAS_SPACING,
+    to_ras,
+    volume,
+    write_itk,
+    write_nibabel,
+    write_nifti,
+)
+
+from raptorz.errors import InputError, RaptorzWarning
+from raptorz.ingest.readers import ReadOptions, probe_shape, read_volume
+from raptorz.ingest.sources import resolve_sources
+from raptorz.ingest.volumes import convert, open_volumes
+
+#: Every writable format but Analyze, by file name (the id is the stem).
+WRITERS: dict[str, Callable[[Path, np.ndarray], Path]] = {
+    "a.nii.gz": write_nifti, "b.nrrd": write_itk, "c.nhdr": write_itk,
+    "d.mha": partial(write_itk, compress=True), "e.mhd": write_itk,
+    "f.mgz": write_nibabel, "g.mgh": write_nibabel,
+}
+NEW_FORMATS = [name for name in WRITERS if not name.endswith(".nii.gz")] + ["h.hdr"]
+#: Where each file's voxels live (detached headers point to a second file).
+_DATA_FILE = {".nhdr": ".raw", ".mhd": ".raw", ".hdr": ".img"}
+MINC_DATA = Path(nib.__file__).parent / "tests" / "data"
+
+
+def _write(folder: Path, name: str, data: np.ndarray) -> Path:
+    writer = WRITERS.get(name, write_nibabel)
+    return writer(folder / name, data)
+
+
+def _source(path: Path):  # noqa: ANN202 - a Source
+    (source,) = resolve_sources([path])
+    return source
+
+
+def test_one_oblique_anatomy_gives_one_array_in_every_format(tmp_path: Path) -> None:
+    data = volume()  # int16, every voxel different: any flip or transposition shows
+    for name in WRITERS:
+        _write(tmp_path, name, data)
+    write_nibabel(tmp_path / "h.hdr", data)
+    sources = resolve_sources([tmp_path])
+    assert [(s.id, s.kind) for s in sources] == [
+        ("a", "nifti"), ("b", "nrrd"), ("c", "nrrd"), ("d", "metaimage"), ("e", "metaimage"),
+        ("f", "mgh"), ("g", "mgh"), ("h", "analyze")]
+    for source in sources[:-1]:
+        read = read_volume(source, ReadOptions())
+        np.testing.assert_array_equal(read.data, to_ras(data), err_msg=source.id)
+        np.testing.assert_allclose(read.spacing, OBLIQUE_RAS_SPACING, rtol=1e-6)
+        assert probe_shape(source, ReadOptions()) == read.data.shape and not read.note
+    store = tmp_path / "v.zarr"
+    summary = convert([tmp_path / name for name in WRITERS], store, intensity="range:0,210",
+                      dtype="float32")
+    assert summary.converted == 7 and not summary.notes
+    ds = open_volumes(store)
+    nifti = ds.volume.sel(id="a").values
+    for name in "bcdefg":
+        np.testing.assert_array_equal(ds.volume.sel(id=name).values, nifti, err_msg=name)
+        np.testing.assert_allclose(ds.spacing.sel(id=name), OBLIQUE_RAS_SPACING, rtol=1e-6)
+    # Analyze keeps the voxel sizes but not the rotation: its stored order, with the
+    # first axis flipped by the radiological (LAS) assumption the note reports
+    analyze = read_volume(sources[-1], ReadOptions())
+    np.testing.assert_array_equal(analyze.data, data[::-1])
+    np.testing.assert_allclose(analyze.spacing, (2, 3, 1))
+    with pytest.warns(RaptorzWarning, match="h: Analyze 7.5 stores no orientation"):
+        summary = convert([tmp_path / "h.hdr"], tmp_path / "h.zarr", workers=1)
+    assert summary.converted == 1 and "check left and right" in summary.notes["h"]
+
+
+def _truncate(path: Path) -> None:
+    data_file = path.with_suffix(_DATA_FILE.get(path.suffix, path.suffix))
+    content = data_file.read_bytes()
+    data_file.write_bytes(content[: len(content) - 100])
+
+
+def _lie(path: Path) -> None:
+    """Make the header claim 3000^3 voxels (over 50 GB) without touching the data."""
+    if path.suffix in (".nrrd", ".nhdr", ".mha", ".mhd"):
+        text = path.read_bytes()
+        path.write_bytes(re.sub(rb"(sizes: |DimSize = )6 7 5", rb"\g<1>3000 3000 3000",
+                                text))
+        return
+    header = nib.load(path).header
+    header.set_data_shape((3000, 3000, 3000))
+    if path.suffix == ".hdr":
+        path.write_bytes(header.binaryblock)
+        return
+    compressed = path.suffix == ".mgz"
+    content = gzip.decompress(path.read_bytes()) if compressed else path.read_bytes()
+    content = header.binaryblock + content[len(header.binaryblock):]
+    path.write_bytes(gzip.compress(content) if compressed else content)
+
+
+@pytest.mark.parametrize("name", NEW_FORMATS)
+@pytest.mark.parametrize(("problem", "message"), [
+    ("truncated", "truncated|cannot read the voxels|cannot be read as"),
+    ("magic", "is not a|cannot be read as|lies about the size"),
+    ("4d", "is a 4D series of 2 frames"),
+    ("lies", "lies about the size"),
+    ("nan", "1 of 210 voxels are NaN or infinite"),
+])
+def test_bad_files_are_refused_naming_the_file(tmp_path: Path, name: str, problem: str,
+                                               message: str) -> None:
+    data = volume(dtype="float32")
+    if problem == "4d":
+        data = np.stack([data, data], axis=-1)
+    if problem == "nan":
+        data[2, 3, 4] = np.nan
+    path = _write(tmp_path, name, data)
+    if problem == "truncated":
+        _truncate(path)
+    elif problem == "magic":
+        path.write_bytes(b"this is not a volume\n" * 30)
+    elif problem == "lies":
+        _lie(path)
+    with pytest.raises(InputError, match=f"{re.escape(str(path))}: .*({message})"):
+        read_volume(_source(path), ReadOptions())
+
+
+def test_missing_simpleitk_names_the_extra(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    source = _source(write_itk(tmp_path / "v.nrrd", volume()))
+    monkeypatch.setitem(sys.modules, "SimpleITK", None)  # what an install without it sees
+    with pytest.raises(InputError, match=r'v.nrrd: reading NRRD and MetaImage needs '
+                       r'SimpleITK: pip install "raptorz\[itk\]"'):
+        read_volume(source, ReadOptions())
+
+
+def test_a_nifti_renamed_nrrd_is_not_read_as_nifti(tmp_path: Path) -> None:
+    path = tmp_path / "v.nrrd"
+    path.write_bytes(write_nifti(tmp_path / "v.nii", volume()).read_bytes())
+    with pytest.raises(InputError, match="v.nrrd: is not a NRRD file"):
+        read_volume(_source(path), ReadOptions())
+
+
+@pytest.mark.parametrize("name", ["minc1_1_scale.mnc", "minc2_1_scale.mnc", "tiny.mnc"])
+def test_minc_files_shipped_with_nibabel(name: str) -> None:
+    source = _source(MINC_DATA / name)
+    assert source.kind == "minc"
+    read = read_volume(source, ReadOptions())
+    canonical = nib.as_closest_canonical(nib.load(source.path))
+    np.testing.assert_allclose(read.data, canonical.get_fdata(), rtol=1e-6)
+    np.testing.assert_allclose(read.spacing, canonical.header.get_zooms())
+
+
+def test_bad_minc_files_are_refused(tmp_path: Path) -> None:
+    for name in ("minc1_4d.mnc", "minc2_4d.mnc"):
+        with pytest.raises(InputError, match=f"{name}: is a 4D series of 2 frames"):
+            read_volume(_source(MINC_DATA / name), ReadOptions())
+    for name in ("minc1_1_scale.mnc", "minc2_1_scale.mnc"):
+        content = (MINC_DATA / name).read_bytes()
+        cut = tmp_path / f"cut_{name}"
+        cut.write_bytes(content[: len(content) // 2])
+        with pytest.raises(InputError, match=f"cut_{name}: (cannot|.*truncated)"):
+            read_volume(_source(cut), ReadOptions())
+    junk = tmp_path / "junk.mnc"
+    junk.write_bytes(b"this is not a volume\n" * 30)
+    with pytest.raises(InputError, match="junk.mnc: cannot be read as minc"):
+        read_volume(_source(junk), ReadOptions())
