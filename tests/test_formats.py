@@ -176,3 +176,43 @@ def test_bad_minc_files_are_refused(tmp_path: Path) -> None:
     junk.write_bytes(b"this is not a volume\n" * 30)
     with pytest.raises(InputError, match="junk.mnc: cannot be read as minc"):
         read_volume(_source(junk), ReadOptions())
+
+
+@pytest.mark.slow
+@pytest.mark.requires_data
+def test_real_nrrd_and_metaimage_convert_and_embed_through_the_cli(
+        shared_data: Path, tmp_path: Path, tiny_vit_weights: tuple[str, Path]) -> None:
+    """A real scan written by SimpleITK as NRRD and MetaImage: the same volume, the same
+    embedding as the NIfTI it came from, through ``raptorz convert / projector / embed``."""
+    import SimpleITK as sitk
+
+    from raptorz import open_embeddings
+    from raptorz.cli.main import main
+
+    scan = shared_data / "small" / "itk_KmeansTest_T1UCharRaw.nii.gz"  # axes permuted
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    (folder / "nifti.nii.gz").write_bytes(scan.read_bytes())
+    image = sitk.ReadImage(str(scan))
+    sitk.WriteImage(image, str(folder / "nrrd.nrrd"), useCompression=True)
+    sitk.WriteImage(image, str(folder / "meta.mhd"))  # header + raw data file
+    store, projector, output = tmp_path / "v.zarr", tmp_path / "p.npy", tmp_path / "e.zarr"
+    assert main(["convert", str(folder), "-o", str(store), "--shape", "64,32,64",
+                 "--dtype", "float32", "--workers", "1"]) == 0
+    volumes = open_volumes(store)
+    assert list(volumes.id.values) == ["meta", "nifti", "nrrd"]
+    assert volumes.original_shape.sel(id="nifti").values.tolist() == [128, 62, 128]
+    for name in ("meta", "nrrd"):
+        np.testing.assert_array_equal(volumes.volume.sel(id=name), volumes.volume.sel(id="nifti"))
+        np.testing.assert_allclose(volumes.spacing.sel(id=name), volumes.spacing.sel(id="nifti"))
+    assert main(["projector", "--seed", "0", "--dim", "64", "--k", "5", "-o", str(projector)]) == 0
+    encoder, weights = tiny_vit_weights
+    assert main(["embed", str(store), "-o", str(output), "--projector", str(projector),
+                 "--encoder", encoder, "--weights", str(weights), "--workers", "1",
+                 "--dashboard-address", ":0"]) == 0
+    embeddings = open_embeddings(output)
+    (name,) = embeddings.attrs["projectors"]
+    values = embeddings[name].load()
+    assert np.isfinite(values).all() and float(np.abs(values).max()) > 0
+    for volume_id in ("meta", "nrrd"):
+        np.testing.assert_array_equal(values.sel(id=volume_id), values.sel(id="nifti"))
