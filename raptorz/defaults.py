@@ -25,6 +25,8 @@ DEFAULT_INTENSITY: Final[dict[SourceKind, str]] = {
     "zip": "range:0,1280", "npz": "divide:256",
     **dict.fromkeys(("nrrd", "metaimage", "mgh", "analyze", "minc"), "percentile:0.5,99.5"),
 }
+#: In a DICOM folder of several series, series of fewer slices are skipped (localizers).
+DEFAULT_MIN_SLICES: Final = 10
 #: Projection width of the Raptor paper.
 DEFAULT_K: Final = 100
 #: Rows per batch: the unit of every streaming pass and the MLP's minibatch (as the original).

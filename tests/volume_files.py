@@ -101,17 +101,20 @@ def write_npz(path: Path, sizes: dict[str, int], side: int = 8, seed: int = 0) -
 
 def write_dicom_series(folder: Path, data: np.ndarray, *, slope: float = 2.0,
                        intercept: float = -100.0, step: float = 2.5, seed: int = 0,
-                       series: str | None = None, names: str = "slice") -> Path:
+                       series: str | None = None, names: str = "slice",
+                       number: int | None = None, description: str | None = None,
+                       image_type: tuple[str, ...] = ()) -> Path:
     """A single-frame DICOM series of ``data`` (columns, rows, slices) in shuffled files.
 
     Axial slices (patient LPS axes), pixel spacing 0.5 (rows) x 0.8 (columns) mm, slice
-    ``k`` at z = ``k * step``; stored values are ``(data - intercept) / slope``.
+    ``k`` at z = ``k * step``; stored values are ``(data - intercept) / slope``. The
+    series number, description and image type are written where given.
     """
     folder.mkdir(parents=True, exist_ok=True)
     series = series or generate_uid()
     order = np.random.default_rng(seed).permutation(data.shape[2])
     stored = np.round((data - intercept) / slope).astype(np.uint16)
-    for number, k in enumerate(order):
+    for instance, k in enumerate(order):
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = MRImageStorage
         meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -119,7 +122,13 @@ def write_dicom_series(folder: Path, data: np.ndarray, *, slope: float = 2.0,
         ds = Dataset()
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.SeriesInstanceUID, ds.Modality, ds.InstanceNumber = series, "MR", number + 1
+        ds.SeriesInstanceUID, ds.Modality, ds.InstanceNumber = series, "MR", instance + 1
+        if number is not None:
+            ds.SeriesNumber = number
+        if description is not None:
+            ds.SeriesDescription = description
+        if image_type:
+            ds.ImageType = list(image_type)
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.ImagePositionPatient = [-30.0, -40.0, float(k) * step]
         ds.PixelSpacing = [0.5, 0.8]
@@ -129,7 +138,7 @@ def write_dicom_series(folder: Path, data: np.ndarray, *, slope: float = 2.0,
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
-        ds.save_as(folder / f"{names}{number:03d}.dcm", enforce_file_format=True)
+        ds.save_as(folder / f"{names}{instance:03d}.dcm", enforce_file_format=True)
     return folder
 
 

@@ -46,7 +46,8 @@ class Source:
     kind
         Which reader reads it.
     entry
-        ``npz``: the images array (``train_images``...); unused otherwise.
+        ``npz``: the images array (``train_images``...); ``dicom``: the series
+        (SeriesInstanceUID) to read from a folder of several; unused otherwise.
     index
         ``npz``: the volume's row in ``entry``.
     """
@@ -58,7 +59,7 @@ class Source:
     index: int = 0
 
     def __str__(self) -> str:
-        return f"{self.path}::{self.id}" if self.kind == "npz" else self.path
+        return f"{self.path}::{self.id}" if self.kind == "npz" or self.entry else self.path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +221,7 @@ def _open_npz(source: Source, options: ReadOptions) -> _Image:
 def _open_dicom(source: Source, options: ReadOptions) -> _Image:
     from raptorz.ingest._dicom import open_dicom  # pydicom is only imported where needed
 
-    shape, affine, load = open_dicom(source.path)
+    shape, affine, load = open_dicom(source.path, source.entry)
     return _Image(shape, affine, load)
 
 
