@@ -1,6 +1,7 @@
 """Ingest: sources in, ``volumes.zarr`` out (``raptorz convert``).
 
-Reads NIfTI, UK Biobank zips, MedMNIST npz and DICOM series (:mod:`.sources`,
+Reads NIfTI, NRRD, MetaImage, MGH, Analyze, MINC, UK Biobank zips, MedMNIST npz and
+DICOM series (:mod:`.sources`,
 :mod:`.readers`), orients them to RAS, scales intensities to [0, 1] with a recorded
 preset (:mod:`.intensity`), fixes their shape, and writes them, a few whole volumes per
 chunk, into the resumable volumes store (:mod:`.volumes`; one chunk's work is
