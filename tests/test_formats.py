@@ -216,3 +216,28 @@ def test_real_nrrd_and_metaimage_convert_and_embed_through_the_cli(
     assert np.isfinite(values).all() and float(np.abs(values).max()) > 0
     for volume_id in ("meta", "nrrd"):
         np.testing.assert_array_equal(values.sel(id=volume_id), values.sel(id="nifti"))
+
+
+def test_size_checks_bound_gzip_by_its_ratio_and_other_data_by_the_cap(tmp_path: Path) -> None:
+    from raptorz.ingest._guard import check_size
+
+    small = ReadOptions(max_member_bytes=100)  # the cap binds only what nothing else bounds
+    for name in ("f.mgz", "a.nii.gz", "d.mha"):  # all gzip-compressed
+        path = _write(tmp_path, name, volume(dtype="float32"))  # 840 bytes of voxels
+        assert read_volume(_source(path), small).data.shape == (5, 6, 7)
+    check_size("x.nrrd", 10**6, 1000, "gzip", cap=1)
+    with pytest.raises(InputError, match="x.nrrd: .* more than 100 gzip-compressed bytes"):
+        check_size("x.nrrd", 1100 * 100 + 4097, 100, "gzip", cap=10**12)
+    with pytest.raises(InputError, match="x.nrrd: .* over the cap of 1000 for compressed"):
+        check_size("x.nrrd", 1001, 10, "other", cap=1000)
+    check_size("x.nrrd", 1000, None, "raw", cap=1000)
+
+
+def test_vector_images_are_refused(tmp_path: Path) -> None:
+    import SimpleITK as sitk
+
+    path = tmp_path / "rgb.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((5, 6, 7, 3), np.uint8), isVector=True),
+                    str(path))
+    with pytest.raises(InputError, match="rgb.mha: has 3 values per voxel"):
+        read_volume(_source(path), ReadOptions())

@@ -48,17 +48,18 @@ def check_size(source: str | Path, claimed: int, stored: int | None,
     cap
         The largest voxel size accepted for compressed or unmeasurable data.
     """
-    if stored is not None and compression == "raw" and stored < claimed:
-        raise InputError(source, f"the header describes {claimed} bytes of voxels but the "
-                         f"file holds {stored}: truncated, or a header that lies about the "
-                         "size")
-    if compression == "raw" and stored is not None:
+    if stored is not None and compression == "raw":
+        if stored < claimed:
+            raise InputError(source, f"the header describes {claimed} bytes of voxels but "
+                             f"the file holds {stored}: truncated, or a header that lies "
+                             "about the size")
         return
-    if stored is not None and compression == "gzip" and (
-            claimed > GZIP_RATIO * stored + _GZIP_SLACK):
-        raise InputError(source, f"the header describes {claimed} bytes of voxels, more "
-                         f"than {stored} gzip-compressed bytes can hold: truncated, or a "
-                         "header that lies about the size")
+    if stored is not None and compression == "gzip":
+        if claimed > GZIP_RATIO * stored + _GZIP_SLACK:
+            raise InputError(source, f"the header describes {claimed} bytes of voxels, more "
+                             f"than {stored} gzip-compressed bytes can hold: truncated, or "
+                             "a header that lies about the size")
+        return
     if claimed > cap:
         raise InputError(source, f"the header describes {claimed} bytes of voxels, over the "
                          f"cap of {cap} for compressed data (raise --max-member-mb if real)")
