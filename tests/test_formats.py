@@ -145,6 +145,14 @@ def test_missing_simpleitk_names_the_extra(tmp_path: Path,
         read_volume(source, ReadOptions())
 
 
+def test_a_missing_data_file_is_named(tmp_path: Path) -> None:
+    for name in ("c.nhdr", "e.mhd"):
+        path = _write(tmp_path, name, volume())
+        path.with_suffix(".raw").unlink()
+        with pytest.raises(InputError, match=f"{name}: its data file .*{name[0]}.raw is missing"):
+            read_volume(_source(path), ReadOptions())
+
+
 def test_a_nifti_renamed_nrrd_is_not_read_as_nifti(tmp_path: Path) -> None:
     path = tmp_path / "v.nrrd"
     path.write_bytes(write_nifti(tmp_path / "v.nii", volume()).read_bytes())

@@ -10,6 +10,7 @@ as ITK does itself when it writes a NIfTI, so one anatomy gives one array in eve
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -49,20 +50,23 @@ def _data_files(header: Path, name: str) -> list[Path] | None:
     words = name.split()
     if len(words) > 1 or "%" in name:
         return None
-    return [header.parent / name]
+    data = header.parent / name
+    if not data.is_file():
+        raise InputError(header, f"its data file {data} is missing")
+    return [data]
 
 
 def _stored(files: list[Path] | None, skip: int) -> int | None:
     if files is None:
         return None
-    return sum(f.stat().st_size if f.is_file() else 0 for f in files) - max(skip, 0)
+    return sum(f.stat().st_size for f in files) - max(skip, 0)
 
 
 def _nrrd_layout(path: Path, text: bytes) -> _Layout:
     if not text.startswith(b"NRRD000"):
         raise InputError(path, "is not a NRRD file: it does not start with the NRRD magic")
-    end = text.find(b"\n\n")  # a detached header (.nhdr) may end with the file instead
-    end = len(text) if end < 0 else end
+    blank = re.search(rb"\r?\n\r?\n", text)  # a detached header may end with the file
+    end, start = (blank.start(), blank.end()) if blank else (len(text), len(text))
     fields = {}
     for line in text[:end].decode("latin-1").splitlines()[1:]:
         key, sep, value = line.partition(":")
@@ -74,10 +78,10 @@ def _nrrd_layout(path: Path, text: bytes) -> _Layout:
     skip = int(fields.get("byteskip", "0"))
     name = fields.get("datafile")
     files: list[Path] | None = [path]
-    if name is None and end == len(text):
+    if name is None and not blank:
         raise InputError(path, "has no end to its NRRD header and no data file (truncated?)")
     if name is None:
-        skip = skip + end + 2 if skip >= 0 else skip
+        skip = skip + start if skip >= 0 else skip
     else:
         files = _data_files(path, name)
     if name is not None and name.upper().startswith("LIST"):
