@@ -81,6 +81,12 @@ class Series:
     frames: int
     localizer: bool
 
+    @property
+    def label(self) -> str:
+        """How a user names it: number and description, else the UID."""
+        described = repr(self.description) if self.description else ""
+        return " ".join(filter(None, (str(self.number or ""), described))) or self.uid
+
 
 _SERIES_TAGS: Final = ["SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "ImageType",
                        "NumberOfFrames"]

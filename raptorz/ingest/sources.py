@@ -104,19 +104,20 @@ def _dicom_sources(folder: Path, selection: SeriesSelection) -> list[Source]:
     wanted = {name.lower() for name in selection.names}
     sources: list[Source] = []
     for item, volume_id in zip(series, _series_ids(folder, series), strict=True):
-        named = {str(item.number), item.description.lower(), volume_id.lower(), item.uid}
+        source = Source(volume_id, str(folder), "dicom", entry=item.uid)
+        if wanted:  # named series are kept whatever their size
+            if wanted & {str(item.number), item.description.lower(), volume_id.lower(),
+                          item.uid}:
+                sources.append(source)
+            continue
         why = ("a localizer" if item.localizer else
                f"{item.frames} slices, under --min-slices {selection.min_slices}"
                if item.frames < selection.min_slices else "")
-        if wanted and not wanted & named:
+        if why and len(series) > 1:
+            warnings.warn(f"{folder}: skipped DICOM series {item.label} ({why})",
+                          RaptorzWarning, stacklevel=4)
             continue
-        if why and not wanted and len(series) > 1:
-            label = " ".join(filter(None, (str(item.number or ""), repr(item.description)
-                                           if item.description else ""))) or item.uid
-            warnings.warn(f"{folder}: skipped DICOM series {label} ({why})", RaptorzWarning,
-                          stacklevel=4)
-            continue
-        sources.append(Source(volume_id, str(folder), "dicom", entry=item.uid))
+        sources.append(source)
     if wanted and not sources:
         warnings.warn(f"{folder}: none of its DICOM series is named by --series "
                       f"{' '.join(selection.names)}; skipped", RaptorzWarning, stacklevel=4)
