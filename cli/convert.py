@@ -1,4 +1,5 @@
-"""``raptorz convert``: volumes (NIfTI, UK Biobank zip, MedMNIST npz, DICOM) to a store."""
+"""``raptorz convert``: volumes (NIfTI, NRRD, MetaImage, MGH, Analyze, MINC, UK Biobank zip,
+MedMNIST npz, DICOM) to a store."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from raptorz.defaults import DEFAULT_INTENSITY, DEFAULT_MEMBER
+from raptorz.defaults import DEFAULT_INTENSITY, DEFAULT_MEMBER, DEFAULT_MIN_SLICES
 from raptorz.errors import RaptorzError
 
 
@@ -26,11 +27,14 @@ def register(subparsers: Any) -> None:
     defaults = ", ".join(f"{k} {v}" for k, v in DEFAULT_INTENSITY.items())
     parser = subparsers.add_parser(
         "convert", help="convert volumes into a volumes.zarr store",
-        description="Read NIfTI files, UK Biobank zips, MedMNIST npz files or DICOM series, "
-        "orient and scale them and write one chunked, compressed volumes.zarr. Rerun the "
-        "same command to resume an interrupted or partly failed conversion.")
+        description="Read NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, "
+        ".mhd), MGH/MGZ, Analyze (.hdr/.img), MINC (.mnc), UK Biobank zips, MedMNIST npz "
+        "files or DICOM series, orient and scale them and write one chunked, compressed "
+        "volumes.zarr. Rerun the same command to resume an interrupted or partly failed "
+        "conversion.")
     parser.add_argument("sources", nargs="*", metavar="SOURCE",
-                        help="files, folders (of volumes, or one DICOM series) or globs")
+                        help="files, folders (of volumes, or of DICOM files: one volume per "
+                        "series) or globs")
     parser.add_argument("-o", "--output", required=True, type=Path, help="the store to write")
     parser.add_argument("--folder", type=Path,
                         help="folder of the manifest's names (or an .npz whose ids they are)")
@@ -54,6 +58,12 @@ def register(subparsers: Any) -> None:
                         help="local Dask worker processes (default: one per CPU)")
     parser.add_argument("--cluster", metavar="tcp://HOST:PORT",
                         help="a running Dask scheduler to convert on (instead of --workers)")
+    parser.add_argument("--series", action="append", default=[], metavar="NAME",
+                        help="in DICOM folders of several series, convert only this series "
+                        "(number, description, id or UID; repeat for more)")
+    parser.add_argument("--min-slices", type=int, default=DEFAULT_MIN_SLICES,
+                        help="in DICOM folders of several series, skip localizers and "
+                        f"series of fewer slices (default {DEFAULT_MIN_SLICES})")
     parser.add_argument("--labels-out", type=Path,
                         help="labels CSV of MedMNIST sources (default STORE.labels.csv)")
     parser.set_defaults(func=run)
@@ -79,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
             max_member_bytes=args.max_member_mb * 2**20, intensity=args.intensity,
             orientation=args.orientation, shape=args.shape, fit=args.fit, dtype=args.dtype,
             chunk=args.chunk, workers=args.workers, cluster=args.cluster,
-            labels_out=args.labels_out,
+            labels_out=args.labels_out, series=args.series, min_slices=args.min_slices,
             progress=progress,
         )
     for error in summary.failures.values():

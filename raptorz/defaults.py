@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Literal
 
-SourceKind = Literal["nifti", "zip", "npz", "dicom"]
+SourceKind = Literal["nifti", "zip", "npz", "dicom", "nrrd", "metaimage", "mgh", "analyze",
+                     "minc"]
 HeadKind = Literal["linear", "mlp"]
 #: ``auto``: ``cuda`` where GPUs are visible, else ``local``.
 ClusterKind = Literal["auto", "local", "cuda", "slurm", "pbs", "sge", "lsf"]
@@ -30,7 +31,10 @@ DEFAULT_MEMBER: Final = "T1/T1_brain.nii.gz"
 DEFAULT_INTENSITY: Final[dict[SourceKind, str]] = {
     "nifti": "percentile:0.5,99.5", "dicom": "percentile:0.5,99.5",
     "zip": "range:0,1280", "npz": "divide:256",
+    **dict.fromkeys(("nrrd", "metaimage", "mgh", "analyze", "minc"), "percentile:0.5,99.5"),
 }
+#: In a DICOM folder of several series, series of fewer slices are skipped (localizers).
+DEFAULT_MIN_SLICES: Final = 10
 #: Projection width of the Raptor paper.
 DEFAULT_K: Final = 100
 #: Rows per batch: the unit of every streaming pass and the MLP's minibatch (as the original).

@@ -146,8 +146,10 @@ def test_dicom_folder_mixing_series_is_refused(tmp_path: Path) -> None:
     data = volume((4, 4, 3)).astype(np.float32)
     write_dicom_series(tmp_path / "mixed", data, names="a")
     write_dicom_series(tmp_path / "mixed", data, names="b")
-    with pytest.raises(InputError, match="mixed: mixes 2 DICOM series"):
+    with pytest.raises(InputError, match="mixed: mixes 2 DICOM series.*one volume per series"):
         read_volume(Source("mixed", str(tmp_path / "mixed"), "dicom"), RAS)
+    with pytest.raises(InputError, match="mixed: holds no DICOM series 9.9.9"):
+        read_volume(Source("mixed", str(tmp_path / "mixed"), "dicom", entry="9.9.9"), RAS)
 
 
 def test_multiframe_dicom_with_functional_groups(tmp_path: Path) -> None:

@@ -96,8 +96,8 @@ def test_every_bad_input_fails_alone(tmp_path: Path, niftis: dict) -> None:
     write_nifti(bad / "nan.nii.gz", nan)
     write_nifti(bad / "constant.nii.gz", np.full((6, 7, 5), 42, np.int16))
     mixed = tmp_path / "mixed"
-    write_dicom_series(mixed, volume((4, 4, 3)).astype(np.float32), names="a")
-    write_dicom_series(mixed, volume((4, 4, 3)).astype(np.float32), names="b")
+    write_dicom_series(mixed, volume((4, 4, 3)).astype(np.float32), names="a", series="1.2.3")
+    write_dicom_series(mixed, volume((4, 4, 3)).astype(np.float32), names="b", series="1.2.3")
     store = tmp_path / "volumes.zarr"
     sources = [bad, mixed, tmp_path / "missing.nii.gz"]
     with pytest.warns(RaptorzWarning, match=r"constant: constant volume \(every voxel is 42"):
@@ -109,7 +109,7 @@ def test_every_bad_input_fails_alone(tmp_path: Path, niftis: dict) -> None:
         "text": "text.nii.gz: cannot be read as nifti",
         "flat2d": "flat2d.nii: is not a 3D volume (shape (6, 7))",
         "nan": "nan.nii.gz: 1 of 210 voxels are NaN or infinite",
-        "mixed": "mixed: mixes 2 DICOM series",
+        "mixed": "mixed: holds two slices at the same position",
         "missing": "missing.nii.gz: no such file or folder",
     }
     assert set(summary.failures) == set(expected)

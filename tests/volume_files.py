@@ -43,6 +43,36 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray = OBLIQUE) -> P
     return path
 
 
+def write_itk(path: Path, data: np.ndarray, affine: np.ndarray = OBLIQUE, *,
+              compress: bool = False) -> Path:
+    """An NRRD or MetaImage (by ``path``'s ending) written by SimpleITK, geometry in LPS.
+
+    A 4D ``data`` gets a fourth axis of unit spacing.
+    """
+    import SimpleITK as sitk
+
+    n = data.ndim
+    geometry = np.eye(n + 1)
+    geometry[:3, :3], geometry[:3, n] = affine[:3, :3], affine[:3, 3]
+    spacing = np.linalg.norm(geometry[:n, :n], axis=0)
+    to_lps = np.diag([-1.0, -1.0] + [1.0] * (n - 2))
+    # ITK's index order is the reverse of the array's
+    image = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(*range(n)[::-1])),
+                                   isVector=False)
+    image.SetSpacing(spacing.tolist())
+    image.SetOrigin((to_lps @ geometry[:n, n]).tolist())
+    image.SetDirection((to_lps @ geometry[:n, :n] / spacing).ravel().tolist())
+    sitk.WriteImage(image, str(path), useCompression=compress)
+    return path
+
+
+def write_nibabel(path: Path, data: np.ndarray, affine: np.ndarray = OBLIQUE) -> Path:
+    """An MGH/MGZ or Analyze (``.hdr`` + ``.img``) file, by ``path``'s ending."""
+    kind = nib.MGHImage if path.suffix in (".mgh", ".mgz") else nib.AnalyzeImage
+    nib.save(kind(data, affine), path)
+    return path
+
+
 def nifti_bytes(data: np.ndarray, affine: np.ndarray = OBLIQUE) -> bytes:
     """A ``.nii.gz`` file's bytes."""
     return gzip.compress(nib.Nifti1Image(data, affine).to_bytes())
@@ -71,17 +101,20 @@ def write_npz(path: Path, sizes: dict[str, int], side: int = 8, seed: int = 0) -
 
 def write_dicom_series(folder: Path, data: np.ndarray, *, slope: float = 2.0,
                        intercept: float = -100.0, step: float = 2.5, seed: int = 0,
-                       series: str | None = None, names: str = "slice") -> Path:
+                       series: str | None = None, names: str = "slice",
+                       number: int | None = None, description: str | None = None,
+                       image_type: tuple[str, ...] = ()) -> Path:
     """A single-frame DICOM series of ``data`` (columns, rows, slices) in shuffled files.
 
     Axial slices (patient LPS axes), pixel spacing 0.5 (rows) x 0.8 (columns) mm, slice
-    ``k`` at z = ``k * step``; stored values are ``(data - intercept) / slope``.
+    ``k`` at z = ``k * step``; stored values are ``(data - intercept) / slope``. The
+    series number, description and image type are written where given.
     """
     folder.mkdir(parents=True, exist_ok=True)
     series = series or generate_uid()
     order = np.random.default_rng(seed).permutation(data.shape[2])
     stored = np.round((data - intercept) / slope).astype(np.uint16)
-    for number, k in enumerate(order):
+    for instance, k in enumerate(order):
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = MRImageStorage
         meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -89,7 +122,13 @@ def write_dicom_series(folder: Path, data: np.ndarray, *, slope: float = 2.0,
         ds = Dataset()
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.SeriesInstanceUID, ds.Modality, ds.InstanceNumber = series, "MR", number + 1
+        ds.SeriesInstanceUID, ds.Modality, ds.InstanceNumber = series, "MR", instance + 1
+        if number is not None:
+            ds.SeriesNumber = number
+        if description is not None:
+            ds.SeriesDescription = description
+        if image_type:
+            ds.ImageType = list(image_type)
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.ImagePositionPatient = [-30.0, -40.0, float(k) * step]
         ds.PixelSpacing = [0.5, 0.8]
@@ -99,7 +138,7 @@ def write_dicom_series(folder: Path, data: np.ndarray, *, slope: float = 2.0,
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
-        ds.save_as(folder / f"{names}{number:03d}.dcm", enforce_file_format=True)
+        ds.save_as(folder / f"{names}{instance:03d}.dcm", enforce_file_format=True)
     return folder
 
 

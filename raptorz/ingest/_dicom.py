@@ -1,4 +1,7 @@
-"""DICOM series: a folder of single-frame files of one series, or one multi-frame file.
+"""DICOM series: a folder of single-frame files, or one multi-frame file.
+
+A folder may hold several series (a study): :func:`list_series` tells them apart by
+their SeriesInstanceUID, and :func:`open_dicom` reads the one it is asked for.
 
 Slices are ordered by their position along the slice normal (never by file name or
 instance number), rescale slope and intercept are applied per slice, and the affine is
@@ -11,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import pydicom
@@ -64,42 +67,99 @@ def _slice(file: Path, dataset: Any, frame: int | None) -> _Slice:
     )
 
 
-def _slices(path: Path) -> tuple[list[_Slice], Any]:
-    """Every frame of the series at ``path``, unsorted, and one header of it."""
+@dataclasses.dataclass(frozen=True)
+class Series:
+    """One series of a DICOM folder, as its headers describe it.
+
+    ``frames`` counts its 2D images (slices); ``localizer`` is set where its ImageType
+    says LOCALIZER (a scout or survey, not a volume).
+    """
+
+    uid: str
+    number: int | None
+    description: str
+    frames: int
+    localizer: bool
+
+    @property
+    def label(self) -> str:
+        """How a user names it: number and description, else the UID."""
+        described = repr(self.description) if self.description else ""
+        return " ".join(filter(None, (str(self.number or ""), described))) or self.uid
+
+
+_SERIES_TAGS: Final = ["SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "ImageType",
+                       "NumberOfFrames"]
+
+
+def _files(path: Path) -> list[Path]:
+    """The DICOM files at ``path``: the folder's, or the file itself."""
     if path.is_dir():
         files = sorted(f for f in path.iterdir() if f.is_file() and is_dicom(f))
         if not files:
             raise InputError(path, "is a folder holding no volume files and no DICOM files")
-    else:
-        if not is_dicom(path):
-            raise InputError(path, "is not a volume: expected a NIfTI (.nii, .nii.gz), a UK "
-                             "Biobank .zip, a MedMNIST .npz, or DICOM")
-        files = [path]
+        return files
+    if not is_dicom(path):
+        raise InputError(path, "is not a volume: not a format raptorz reads (see `raptorz "
+                         "convert --help`), nor DICOM")
+    return [path]
+
+
+def list_series(path: str | Path) -> list[Series]:
+    """The series in the DICOM folder (or file) ``path``, by series number, from headers."""
+    found: dict[str, list[Any]] = {}
+    for file in _files(Path(path)):
+        dataset = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=_SERIES_TAGS)
+        found.setdefault(str(dataset.get("SeriesInstanceUID", "")), []).append(dataset)
+    series = []
+    for uid, headers in found.items():
+        number = headers[0].get("SeriesNumber")
+        image_type = [str(v).upper() for v in (headers[0].get("ImageType") or [])]
+        series.append(Series(
+            uid, int(number) if number not in (None, "") else None,
+            str(headers[0].get("SeriesDescription") or ""),
+            sum(int(h.get("NumberOfFrames") or 1) for h in headers), "LOCALIZER" in image_type))
+    return sorted(series, key=lambda s: (s.number is None, s.number or 0, s.uid))
+
+
+def _slices(path: Path, series: str) -> tuple[list[_Slice], Any]:
+    """Every frame of the series at ``path`` (all, or ``series``), unsorted, and a header."""
+    files = _files(path)
     slices, first = [], None
     for file in files:
         dataset = pydicom.dcmread(file, stop_before_pixels=True)
+        if series and str(dataset.get("SeriesInstanceUID", "")) != series:
+            continue
         if first is None:
             first = dataset
         frames = int(dataset.get("NumberOfFrames") or 1)
-        if frames > 1 and len(files) > 1:
+        if frames > 1 and len(files) > 1 and not series:
             raise InputError(path, f"mixes a multi-frame file ({file.name}) with other "
                              "files; give the multi-frame file on its own")
         slices += [_slice(file, dataset, i if frames > 1 else None) for i in range(frames)]
-    series = sorted({s.series for s in slices})
-    if len(series) > 1:
-        raise InputError(path, f"mixes {len(series)} DICOM series ({', '.join(series)}); "
-                         "give each series its own folder")
+    if series and not slices:
+        raise InputError(path, f"holds no DICOM series {series}")
+    if series and any(s.frame is not None for s in slices) and len(
+            {s.file for s in slices}) > 1:
+        raise InputError(path, f"series {series} mixes a multi-frame file with other files")
+    uids = sorted({s.series for s in slices})
+    if len(uids) > 1:
+        raise InputError(path, f"mixes {len(uids)} DICOM series ({', '.join(uids)}); "
+                         "convert the folder to get one volume per series")
     if len(slices) < 2:
         raise InputError(path, "is a single 2D DICOM image, not a 3D series")
     return slices, first
 
 
 def open_dicom(
-    source: str,
+    source: str, series: str = "",
 ) -> tuple[tuple[int, int, int], np.ndarray, Callable[[], np.ndarray]]:
-    """Shape, RAS affine and voxel loader of the DICOM series at ``source``."""
+    """Shape, RAS affine and voxel loader of the DICOM series at ``source``.
+
+    ``series`` is a SeriesInstanceUID: the series to read from a folder of several.
+    """
     path = Path(source)
-    slices, first = _slices(path)
+    slices, first = _slices(path, series)
     orientation = slices[0].orientation
     if any(not np.allclose(s.orientation, orientation, atol=1e-4) for s in slices):
         raise InputError(path, "holds slices of different orientations")

@@ -79,8 +79,8 @@ def convert_chunk(path: str, region: slice, sources: Sequence[Source],
         try:
             read = read_volume(source, settings.read)
             low, high = float(read.data.min()), float(read.data.max())
-            if low == high:
-                notes[j] = f"constant volume (every voxel is {low:g})"
+            notes[j] = "; ".join(filter(None, (
+                read.note, f"constant volume (every voxel is {low:g})" if low == high else "")))
             scaled = scale_intensity(read.data, settings.scaling(source.kind))
             volume[j], spacing[j] = fit_shape(scaled, read.spacing, settings.shape,
                                               settings.fit, str(source))

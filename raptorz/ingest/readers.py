@@ -1,6 +1,8 @@
-"""Readers: one 3D volume from a NIfTI, a UK Biobank zip, a MedMNIST npz or DICOM.
+"""Readers: one 3D volume from any format ``raptorz convert`` knows.
 
-Every reader yields the volume's voxels as stored and its voxel-to-world affine (RAS
+NIfTI, MGH/MGZ, Analyze and MINC are read by nibabel, NRRD and MetaImage by SimpleITK
+(:mod:`._itk`), DICOM by pydicom (:mod:`._dicom`); UK Biobank zips and MedMNIST npz files
+here. Every reader yields the volume's voxels as stored and its voxel-to-world affine (RAS
 millimetres, as NIfTI defines it); :func:`read_volume` then checks the shape, refuses
 non-finite voxels and, by default, reorients the array to the closest canonical (RAS)
 order so that axis 0 runs left to right, axis 1 posterior to anterior and axis 2 inferior
@@ -16,13 +18,14 @@ import io
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Final, Literal, cast
+from typing import IO, Any, Final, Literal, cast
 
 import nibabel as nib
 import numpy as np
 
 from raptorz.defaults import DEFAULT_MEMBER, SourceKind
 from raptorz.errors import InputError
+from raptorz.ingest._guard import check_size, compression_of
 
 Orientation = Literal["ras", "native"]
 
@@ -43,7 +46,8 @@ class Source:
     kind
         Which reader reads it.
     entry
-        ``npz``: the images array (``train_images``...); unused otherwise.
+        ``npz``: the images array (``train_images``...); ``dicom``: the series
+        (SeriesInstanceUID) to read from a folder of several; unused otherwise.
     index
         ``npz``: the volume's row in ``entry``.
     """
@@ -55,7 +59,7 @@ class Source:
     index: int = 0
 
     def __str__(self) -> str:
-        return f"{self.path}::{self.id}" if self.kind == "npz" else self.path
+        return f"{self.path}::{self.id}" if self.kind == "npz" or self.entry else self.path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +71,9 @@ class ReadOptions:
     member
         The volume inside a UK Biobank zip.
     max_member_bytes
-        Largest decompressed size accepted for a zip member (a guard against zip bombs).
+        Largest decompressed size accepted for a zip member, or claimed by the header of
+        a compressed volume whose size cannot be bounded otherwise (a guard against zip
+        bombs and lying headers).
     orientation
         ``ras`` reorients to the closest canonical (RAS) array order; ``native`` keeps
         the order as stored (what the original tool does).
@@ -80,29 +86,63 @@ class ReadOptions:
 
 @dataclasses.dataclass(frozen=True)
 class Volume:
-    """A volume as read: raw values (float32) in the chosen orientation, spacing in mm."""
+    """A volume as read: raw values (float32) in the chosen orientation, spacing in mm.
+
+    ``note`` says what the user should know although the volume was read (e.g. an
+    Analyze file's assumed orientation); empty otherwise.
+    """
 
     data: np.ndarray
     spacing: tuple[float, float, float]
+    note: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
 class _Image:
-    """A volume's header: stored shape and affine, and how to load its voxels."""
+    """A volume's header: stored shape and affine, how to load its voxels, a note."""
 
     shape: tuple[int, ...]
     affine: np.ndarray
     load: Callable[[], np.ndarray]
+    note: str = ""
 
 
-def _open_nifti(source: Source, options: ReadOptions) -> _Image:
-    image = nib.load(source.path)
-    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
-        raise InputError(source.path, f"is a {type(image).__name__}, not a NIfTI volume")
-    return _Image(
-        tuple(image.shape), image.affine,
-        lambda: image.get_fdata(dtype=np.float32, caching="unchanged"),
-    )
+#: The image classes each nibabel reader accepts (nibabel picks one from the header).
+_NIBABEL: Final[dict[SourceKind, tuple[type, ...]]] = {
+    "nifti": (nib.Nifti1Image, nib.Nifti2Image),
+    "mgh": (nib.MGHImage,),
+    "analyze": (nib.AnalyzeImage,),  # Analyze 7.5, SPM's variants and NIfTI pairs
+    "minc": (nib.Minc1Image, nib.Minc2Image),
+}
+_ANALYZE_NOTE: Final = ("Analyze 7.5 stores no orientation: the array is assumed to run "
+                        "right to left, posterior to anterior, inferior to superior (LAS, "
+                        "nibabel's and FSL's convention); check left and right")
+
+
+def _open_nibabel(source: Source, options: ReadOptions) -> _Image:
+    try:
+        loaded = nib.load(source.path)
+    except ModuleNotFoundError as error:  # MINC2 is HDF5, read through h5py
+        raise InputError(source.path, f"needs {error.name} to be read: "
+                         'pip install "raptorz[minc]"') from None
+    if not isinstance(loaded, _NIBABEL[source.kind]):
+        raise InputError(source.path, f"is a {type(loaded).__name__}, not a "
+                         f"{source.kind} volume")
+    image: Any = loaded  # one of the classes above, all spatial images with data offsets
+    header = image.header
+    if source.kind == "minc" and len(image.shape) == 4:  # MINC puts time first
+        raise InputError(source.path, f"is a 4D series of {image.shape[0]} frames (shape "
+                         f"{image.shape}); pick one frame first, e.g. `mincreshape`")
+    if source.kind != "minc":  # MINC's voxels live in netCDF / HDF5 variables
+        data_file = str(image.file_map["image"].filename)
+        claimed = int(np.prod(image.shape)) * header.get_data_dtype().itemsize
+        offset = int(header.get_data_offset())
+        check_size(source.path, claimed, Path(data_file).stat().st_size - offset,
+                   compression_of(data_file), options.max_member_bytes)
+    note = _ANALYZE_NOTE if source.kind == "analyze" and not isinstance(
+        image, nib.Nifti1Pair) else ""
+    return _Image(tuple(image.shape), image.affine,
+                  lambda: image.get_fdata(dtype=np.float32, caching="unchanged"), note)
 
 
 def _member_image(source: Source, options: ReadOptions, with_data: bool) -> _Image:
@@ -181,12 +221,21 @@ def _open_npz(source: Source, options: ReadOptions) -> _Image:
 def _open_dicom(source: Source, options: ReadOptions) -> _Image:
     from raptorz.ingest._dicom import open_dicom  # pydicom is only imported where needed
 
-    shape, affine, load = open_dicom(source.path)
+    shape, affine, load = open_dicom(source.path, source.entry)
+    return _Image(shape, affine, load)
+
+
+def _open_itk(source: Source, options: ReadOptions) -> _Image:
+    from raptorz.ingest._itk import open_itk  # SimpleITK is an optional extra
+
+    kind: Literal["nrrd", "metaimage"] = "nrrd" if source.kind == "nrrd" else "metaimage"
+    shape, affine, load = open_itk(source.path, kind, options.max_member_bytes)
     return _Image(shape, affine, load)
 
 
 _OPENERS: Final[dict[SourceKind, Callable[[Source, ReadOptions], _Image]]] = {
-    "nifti": _open_nifti, "zip": _open_zip, "npz": _open_npz, "dicom": _open_dicom,
+    **dict.fromkeys(_NIBABEL, _open_nibabel), "zip": _open_zip, "npz": _open_npz,
+    "dicom": _open_dicom, "nrrd": _open_itk, "metaimage": _open_itk,
 }
 
 
@@ -255,4 +304,4 @@ def read_volume(source: Source, options: ReadOptions) -> Volume:
                          "raptorz refuses such volumes (fix or mask them first)")
     ornt = _orientation(image, options)
     spacing = _permute(tuple(float(v) for v in nib.affines.voxel_sizes(image.affine)), ornt)
-    return Volume(nib.apply_orientation(data, ornt), spacing)
+    return Volume(nib.apply_orientation(data, ornt), spacing, image.note)

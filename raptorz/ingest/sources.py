@@ -1,28 +1,38 @@
 """What to convert: paths, folders, globs or a manifest, resolved into :class:`Source`\\ s.
 
-Ids are file names without their extensions (a DICOM folder's name, ``train_0``... for
+Ids are file names without their extensions (a DICOM folder's name, or
+``FOLDER_NUMBER_DESCRIPTION`` per series of a folder holding several; ``train_0``... for
 a MedMNIST npz); they must be unique, which is checked before any work starts.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import glob
 import os
+import re
+import warnings
 import zipfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 
-from raptorz.errors import InputError, RaptorzError
+from raptorz.defaults import DEFAULT_MIN_SLICES
+from raptorz.errors import InputError, RaptorzError, RaptorzWarning
 from raptorz.ingest.readers import NPZ_SPLITS, Source, SourceKind, npz_images
+
+if TYPE_CHECKING:
+    from raptorz.ingest._dicom import Series
 
 #: File endings the readers know, longest first so that ``.nii.gz`` wins over ``.gz``.
 SUFFIXES: Final[dict[str, SourceKind]] = {
     ".nii.gz": "nifti", ".nii": "nifti", ".zip": "zip", ".npz": "npz",
+    ".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "metaimage", ".mhd": "metaimage",
+    ".mgz": "mgh", ".mgh": "mgh", ".hdr": "analyze", ".img": "analyze", ".mnc": "minc",
 }
 _GLOB_CHARS: Final = frozenset("*?[")
 
@@ -47,19 +57,90 @@ def _npz_sources(path: Path) -> list[Source]:
             for split, n in sizes.items() for i in range(n)]
 
 
-def _expand(path: Path) -> list[Source]:
+@dataclasses.dataclass(frozen=True)
+class SeriesSelection:
+    """Which series of a DICOM folder holding several become volumes.
+
+    Parameters
+    ----------
+    names
+        Keep only the series named here, by series number, description (any case), the
+        id raptorz gives it, or SeriesInstanceUID; all when empty. Named series are kept
+        whatever their size.
+    min_slices
+        Skip, with a warning, series of fewer slices, and localizers.
+    """
+
+    names: tuple[str, ...] = ()
+    min_slices: int = DEFAULT_MIN_SLICES
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^0-9a-z]+", "_", text.lower()).strip("_")
+
+
+def _series_ids(folder: Path, series: Sequence[Series]) -> list[str]:
+    """``FOLDER_NUMBER_DESCRIPTION`` per series (``FOLDER_UID`` where it has neither),
+    with ``_2``, ``_3``... where repeated."""
+    ids, seen = [], Counter[str]()
+    for item in series:
+        named = "_".join(filter(None, (str(item.number or ""), _slug(item.description))))
+        base = f"{folder.name}_{named or item.uid}"
+        seen[base] += 1
+        ids.append(base if seen[base] == 1 else f"{base}_{seen[base]}")
+    return ids
+
+
+def _dicom_sources(folder: Path, selection: SeriesSelection) -> list[Source]:
+    """One source per series of a DICOM folder; the folder itself where it holds one."""
+    from raptorz.ingest._dicom import list_series  # pydicom only where DICOM is met
+
+    try:
+        series = list_series(folder)
+    except (InputError, OSError, ValueError):  # the reader reports it as the folder's failure
+        series = []
+    if not series:
+        return [Source(folder.name, str(folder), "dicom")]
+    wanted = {name.lower() for name in selection.names}
+    sources: list[Source] = []
+    for item, volume_id in zip(series, _series_ids(folder, series), strict=True):
+        source = Source(volume_id, str(folder), "dicom", entry=item.uid)
+        if wanted:  # named series are kept whatever their size
+            if wanted & {str(item.number), item.description.lower(), volume_id.lower(),
+                          item.uid}:
+                sources.append(source)
+            continue
+        why = ("a localizer" if item.localizer else
+               f"{item.frames} slices, under --min-slices {selection.min_slices}"
+               if item.frames < selection.min_slices else "")
+        if why and len(series) > 1:
+            warnings.warn(f"{folder}: skipped DICOM series {item.label} ({why})",
+                          RaptorzWarning, stacklevel=4)
+            continue
+        sources.append(source)
+    if wanted and not sources:
+        warnings.warn(f"{folder}: none of its DICOM series is named by --series "
+                      f"{' '.join(selection.names)}; skipped", RaptorzWarning, stacklevel=4)
+    if len(series) == 1:  # a folder of one series is named after the folder, as always
+        return [Source(folder.name, str(folder), "dicom")] if sources else []
+    return sources
+
+
+def _expand(path: Path, selection: SeriesSelection) -> list[Source]:
     """The sources at one path: a file, an npz's volumes, or a folder's contents."""
     suffix = _suffix(path)
     if suffix == ".npz" and path.is_file():
         return _npz_sources(path)
     if path.is_dir():
         entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
-        inside = [p for p in entries if _suffix(p)]
+        # an Analyze pair is one volume: its header stands for it
+        inside = [p for p in entries if _suffix(p) and not (
+            _suffix(p) == ".img" and p.with_suffix(".hdr") in entries)]
         if not inside and not any(p.is_file() for p in entries):  # a folder of series
             inside = [p for p in entries if p.is_dir()]
         if inside:
-            return [source for p in inside for source in _expand(p)]
-        return [Source(path.name, str(path), "dicom")]
+            return [source for p in inside for source in _expand(p, selection)]
+        return _dicom_sources(path, selection)
     if suffix:
         return [Source(path.name[: -len(suffix)], str(path), SUFFIXES[suffix])]
     return [Source(path.name.removesuffix(".dcm"), str(path), "dicom")]
@@ -77,7 +158,7 @@ def _manifest_names(manifest: Path) -> list[str]:
     return names
 
 
-def _from_manifest(manifest: Path, folder: Path) -> list[Source]:
+def _from_manifest(manifest: Path, folder: Path, selection: SeriesSelection) -> list[Source]:
     names = _manifest_names(manifest)
     if _suffix(folder) == ".npz":  # the original's --npz: the names are the npz's ids
         by_id = {s.id: s for s in _npz_sources(folder)}
@@ -91,7 +172,7 @@ def _from_manifest(manifest: Path, folder: Path) -> list[Source]:
         path = folder / name
         if not path.resolve().is_relative_to(root):
             raise InputError(manifest, f"line {number}: {name!r} escapes --folder {folder}")
-        sources += _expand(path)
+        sources += _expand(path, selection)
     return sources
 
 
@@ -102,14 +183,16 @@ def resolve_sources(
     manifest: str | Path | None = None,
     start: int = 0,
     many: int | None = None,
+    series: Sequence[str] = (),
+    min_slices: int = DEFAULT_MIN_SLICES,
 ) -> list[Source]:
     """Resolve paths, folders, globs and a manifest into the volumes to convert.
 
     Parameters
     ----------
     sources
-        Files (NIfTI, zip, npz, DICOM), folders (of such files, or one DICOM series)
-        and globs.
+        Files (NIfTI, NRRD, MetaImage, MGH/MGZ, Analyze, MINC, zip, npz, DICOM),
+        folders (of such files, or of DICOM files: one volume per series) and globs.
     folder
         Where the manifest's names live (default: the manifest's folder); an ``.npz``
         here makes the manifest's names ids of that npz, as the original's ``--npz``.
@@ -117,6 +200,11 @@ def resolve_sources(
         A text file, one name a line (blank lines and ``#`` comments skipped).
     start, many
         Keep ``many`` volumes from the ``start``-th on (all when ``many`` is None).
+    series, min_slices
+        In a DICOM folder holding several series: keep only the series named (by
+        number, description, id or UID), else all but localizers and series of fewer
+        than ``min_slices`` slices, which are skipped with a
+        :class:`~raptorz.errors.RaptorzWarning`. Ids are ``FOLDER_NUMBER_DESCRIPTION``.
 
     Raises
     ------
@@ -124,6 +212,7 @@ def resolve_sources(
         For an empty selection, a glob matching nothing, a manifest name that escapes
         ``folder``, or two volumes with the same id.
     """
+    selection = SeriesSelection(tuple(series), min_slices)
     resolved: list[Source] = []
     # Absolute paths: the store records them, and a rerun from elsewhere compares equal.
     for text in (os.path.abspath(source) for source in sources):
@@ -131,13 +220,13 @@ def resolve_sources(
             matches = sorted(glob.glob(text))
             if not matches:
                 raise InputError(text, "the pattern matches no file")
-            resolved += [s for match in matches for s in _expand(Path(match))]
+            resolved += [s for match in matches for s in _expand(Path(match), selection)]
         else:
-            resolved += _expand(Path(text))
+            resolved += _expand(Path(text), selection)
     if manifest is not None:
         manifest = Path(manifest)
         root = Path(os.path.abspath(folder if folder else manifest.parent))
-        resolved += _from_manifest(manifest, root)
+        resolved += _from_manifest(manifest, root, selection)
     if start < 0 or (many is not None and many < 1):
         raise RaptorzError(f"--start must be >= 0 and --many >= 1 (got {start}, {many})")
     selected = resolved[start: None if many is None else start + many]
@@ -156,11 +245,36 @@ def resolve_sources(
     return selected
 
 
+def _labels(path: str, key: str, images: int) -> np.ndarray:
+    """Array ``key`` of the npz at ``path`` as rows; warns and gives no rows if unusable."""
+    problem = ""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            labels = np.asarray(archive[key])
+    except KeyError:
+        problem = "has no such array"
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        problem = f"cannot be read ({type(error).__name__}: {error})"
+    else:
+        labels = labels.reshape(-1, 1) if labels.ndim == 1 else labels
+        if labels.ndim != 2 or len(labels) != images:
+            problem = (f"has shape {labels.shape}, but there are {images} images: one "
+                       "row of labels per image is expected")
+    if problem:
+        warnings.warn(f"{path}: labels {key} {problem}; no labels written for these "
+                      "images (they are converted all the same)", RaptorzWarning,
+                      stacklevel=3)
+        return np.empty((0, 0))
+    return labels
+
+
 def write_labels(sources: Sequence[Source], path: str | Path) -> Path | None:
     """Write the labels of the npz volumes among ``sources`` as the original's CSV.
 
     Columns: ``id``, ``split``, then ``label`` (or ``label_0``, ``label_1``... for
     several targets). Returns the CSV's path, or ``None`` where no source has labels.
+    An images array whose labels are missing, unreadable or of the wrong length gets no
+    labels, with a :class:`~raptorz.errors.RaptorzWarning` naming the file and the array.
     """
     rows: list[list[object]] = []
     width = 0
@@ -171,12 +285,8 @@ def write_labels(sources: Sequence[Source], path: str | Path) -> Path | None:
         split = source.entry.removesuffix("_images")
         key = (source.path, f"{split}_labels")
         if key not in arrays:
-            try:
-                with np.load(source.path, allow_pickle=False) as archive:
-                    arrays[key] = np.asarray(archive[key[1]]).reshape(-1, 1) if (
-                        np.ndim(archive[key[1]]) == 1) else np.asarray(archive[key[1]])
-            except (KeyError, OSError, ValueError):
-                arrays[key] = np.empty((0, 0))
+            arrays[key] = _labels(source.path, key[1],
+                                  npz_images(source.path, source.entry)[0])
         labels = arrays[key]
         if source.index < len(labels):
             width = max(width, labels.shape[1])

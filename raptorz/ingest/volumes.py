@@ -44,7 +44,7 @@ from raptorz.ingest.readers import (
     ReadOptions,
     Source,
 )
-from raptorz.ingest.sources import resolve_sources, write_labels
+from raptorz.ingest.sources import DEFAULT_MIN_SLICES, resolve_sources, write_labels
 
 KIND: Final = "volumes"
 #: Uncompressed bytes aimed at per chunk: a few whole volumes, at least one.
@@ -147,6 +147,8 @@ def convert(
     cluster: Client | Cluster | str | None = None,
     labels_out: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    series: Sequence[str] = (),
+    min_slices: int = DEFAULT_MIN_SLICES,
 ) -> ConvertSummary:
     """Convert volumes into the store ``output``, or resume an unfinished conversion.
 
@@ -180,6 +182,10 @@ def convert(
     labels_out
         Where MedMNIST labels go (default: ``output`` with ``.zarr`` replaced by
         ``.labels.csv``).
+    series, min_slices
+        DICOM folders holding several series: only the series named, else all but
+        localizers and series of fewer slices (see
+        :func:`raptorz.ingest.sources.resolve_sources`).
     progress
         Called as ``progress(done, total)`` once at the start with ``done=0``, then
         after each chunk with the number of volumes it held; ``total`` is the number
@@ -197,7 +203,7 @@ def convert(
             raise RaptorzError(f"{name} must be one of {allowed}, not {value!r}")
     output = Path(output)
     selected = resolve_sources(sources, folder=folder, manifest=manifest, start=start,
-                               many=many)
+                               many=many, series=series, min_slices=min_slices)
     read = ReadOptions(member, max_member_bytes, orientation)
     scaling = parse_intensity(intensity) if isinstance(intensity, str) else intensity
     kind = stores.store_kind(output)
