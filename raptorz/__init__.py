@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from raptorz.downstream.fitting import FitResult, FitSettings, fit
     from raptorz.downstream.model import FittedModel, load_model, predict
     from raptorz.downstream.pca import embedding_pca
+    from raptorz.downstream.scoring import ScoreResult, score_predictions, write_scores
     from raptorz.embedding.embeddings import add_projections, export_npy, open_embeddings
     from raptorz.embedding.encoders import DEFAULT_ENCODER, RANDOM_WEIGHTS, Encoder, create_encoder
     from raptorz.embedding.kernel import (
@@ -67,6 +68,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["Projector", "create_projector", "load_projector", "make_projector"],
                     "embedding.projection"),
     **dict.fromkeys(["embedding_pca"], "downstream.pca"),
+    **dict.fromkeys(["ScoreResult", "score_predictions", "write_scores"], "downstream.scoring"),
     **dict.fromkeys(["plane_montage"], "embedding.montage"),
     **dict.fromkeys(["EmbedSummary", "embed"], "embedding.runner"),
     **dict.fromkeys(["store_info"], "info"),
