@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--bootstrap", type=int, default=1000,
                         help="resamples to draw when none are saved yet (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the resamples (default 0)")
+    parser.add_argument("--metric", choices=("r2", "auroc"), default="r2",
+                        help="r2: squared Pearson r (default); auroc: binary 0/1 targets "
+                        "(a classification fit's <target>_1 column is its score)")
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
                         help="paired bootstrap differences A - B per group")
     parser.set_defaults(func=run)
@@ -50,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     result = score_predictions(
         args.labels, dict(args.predictions), groups=args.groups, metadata=args.metadata,
         resamples=args.resamples or args.output / "resamples.npz", bootstrap=args.bootstrap,
-        seed=args.seed, compare=tuple(args.compare) if args.compare else None)
+        seed=args.seed, compare=tuple(args.compare) if args.compare else None,
+        metric=args.metric)
     written = write_scores(result, args.output)
     print((args.output / "scores.md").read_text(), end="")
     if result.differences is not None:

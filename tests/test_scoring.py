@@ -178,3 +178,35 @@ def test_clear_errors(data: dict, tmp_path: Path, capsys: pytest.CaptureFixture[
 
 def _foreign(tmp_path: Path) -> Path:
     return Resamples.draw(["x", "y"], 5, 0).save(tmp_path / "foreign.npz")
+
+
+def test_auroc_of_a_classification_fit(tmp_path: Path) -> None:
+    """A binary fit's <target>_1 column scored by AUROC, against scikit-learn per resample."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(5)
+    n = 40
+    truth = rng.integers(0, 2, n)
+    ids = [f"v{i}" for i in range(n)]
+    pd.DataFrame({"id": ids, "split": ["train"] * 10 + ["val"] * 5 + ["test"] * 25,
+                  "sex": truth}).to_csv(tmp_path / "labels.csv", index=False)
+    p1 = np.clip(truth[15:] * 0.3 + rng.random(25) * 0.7, 0, 1)
+    pd.DataFrame({"id": ids[15:], "sex_0": 1 - p1, "sex_1": p1}).to_csv(tmp_path / "p.csv",
+                                                                        index=False)
+    result = score_predictions(tmp_path / "labels.csv", {"m": tmp_path / "p.csv"},
+                               metric="auroc", bootstrap=100)
+    assert result.table["all"].iloc[0] == pytest.approx(roc_auc_score(truth[15:], p1), abs=1e-12)
+    y, p = truth[15:][result.resamples.indices], p1[result.resamples.indices]
+    expected = [roc_auc_score(a, b) if 0 < a.sum() < len(a) else np.nan for a, b in zip(y, p,
+                                                                                      strict=True)]
+    np.testing.assert_allclose(result.models[0].draws[:, 0], expected, atol=1e-12)
+    with pytest.raises(InputError, match="auroc scores binary"):
+        score_predictions(_regression_labels(tmp_path), {"m": tmp_path / "p.csv"},
+                          metric="auroc", bootstrap=5)
+
+
+def _regression_labels(tmp_path: Path) -> Path:
+    frame = pd.read_csv(tmp_path / "labels.csv")
+    frame["sex"] = frame["sex"] + 0.5
+    frame.to_csv(tmp_path / "reg.csv", index=False)
+    return tmp_path / "reg.csv"

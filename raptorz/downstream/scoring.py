@@ -1,7 +1,11 @@
 """Grouped scoring of several models on shared bootstrap resamples (the paper's Table 5).
 
 Each target is scored by the squared Pearson correlation ``r^2`` between truth and
-prediction on the test split. A group of targets (e.g. the 8 hippocampus IDPs) scores the
+prediction on the test split (or, with ``metric="auroc"``, by the AUROC of a binary
+target). A target ``t`` fitted as a binary classification has no column ``t`` in
+``predictions.csv``; its ``t_1`` column, the probability of class 1, is scored.
+
+A group of targets (e.g. the 8 hippocampus IDPs) scores the
 mean ``r^2`` over its targets, with a 95% percentile interval from bootstrap resamples of
 the test rows. The resamples are drawn once and shared by every target and every model,
 and saved (``resamples.npz``), so a model scored later is scored on the very same rows and
@@ -21,18 +25,21 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 import numpy as np
 import pandas as pd
 
 from raptorz.downstream.labels import read_labels
+from raptorz.downstream.metrics import binary_auroc
 from raptorz.errors import InputError
 
 #: The metadata CSV's columns: a target's field id and its description.
 METADATA_COLUMNS: Final = ("field_id", "description")
 #: The bootstrap interval's percentiles.
 INTERVAL: Final = (2.5, 97.5)
+#: ``r2``: squared Pearson correlation (the paper's IDP score); ``auroc``: binary targets.
+Metric = Literal["r2", "auroc"]
 
 
 @dataclass(frozen=True)
@@ -248,19 +255,36 @@ def read_predictions(path: str | Path, test_ids: Sequence[str] | np.ndarray,
                          f"{len(missing)} test id(s) missing ({', '.join(missing[:5])}), "
                          f"{len(extra)} not in the test split ({', '.join(extra[:5])})"
                          + (", some repeated" if ids.duplicated().any() else ""))
-    absent = [t for t in targets if t not in frame.columns]
+    # a binary classification fit writes <t>_0, <t>_1: score the probability of class 1
+    columns = [t if t in frame.columns else f"{t}_1" for t in targets]
+    absent = [t for t, c in zip(targets, columns, strict=True) if c not in frame.columns]
     if absent:
-        raise InputError(path, f"no prediction column(s) {', '.join(absent)}")
+        raise InputError(path, f"no prediction column(s) {', '.join(absent)} (nor "
+                         f"{', '.join(f'{t}_1' for t in absent)})")
     frame = frame.set_index(ids)
-    return frame.loc[list(map(str, test_ids)), list(targets)].to_numpy(np.float64)
+    return frame.loc[list(map(str, test_ids)), columns].to_numpy(np.float64)
+
+
+def auroc(truth: np.ndarray, prediction: np.ndarray,
+          indices: np.ndarray | None = None) -> np.ndarray:
+    """AUROC of one binary target over the rows ``indices``, as :func:`squared_pearson`
+    (NaN for a resample with one class)."""
+    index = np.arange(len(truth))[None] if indices is None else indices
+    out = np.empty(len(index))
+    for b, rows in enumerate(index):
+        y, p = truth[rows], prediction[rows]
+        seen = ~(np.isnan(y) | np.isnan(p))
+        out[b] = binary_auroc(y[seen], p[seen])
+    return out if indices is not None else out[0]
 
 
 def score_model(name: str, truth: np.ndarray, prediction: np.ndarray,
-                targets: Sequence[str], resamples: Resamples) -> ModelScores:
-    """``r^2`` of every target on the test split and on each shared resample."""
-    point = np.array([squared_pearson(truth[:, j], prediction[:, j])
-                      for j in range(len(targets))])
-    draws = np.stack([squared_pearson(truth[:, j], prediction[:, j], resamples.indices)
+                targets: Sequence[str], resamples: Resamples,
+                metric: Metric = "r2") -> ModelScores:
+    """The metric of every target on the test split and on each shared resample."""
+    function = squared_pearson if metric == "r2" else auroc
+    point = np.array([function(truth[:, j], prediction[:, j]) for j in range(len(targets))])
+    draws = np.stack([function(truth[:, j], prediction[:, j], resamples.indices)
                       for j in range(len(targets))], axis=1)
     return ModelScores(name, tuple(targets), point, draws)
 
@@ -356,7 +380,8 @@ def score_predictions(labels: str | Path, predictions: Mapping[str, str | Path],
                       groups: str | Path | Mapping[str, str | Sequence[str]] | None = None,
                       metadata: str | Path | None = None,
                       resamples: str | Path | None = None, bootstrap: int = 1000,
-                      seed: int = 0, compare: tuple[str, str] | None = None) -> ScoreResult:
+                      seed: int = 0, compare: tuple[str, str] | None = None,
+                      metric: Metric = "r2") -> ScoreResult:
     """Score several models' ``predictions.csv`` on shared resamples, grouped.
 
     Parameters
@@ -375,6 +400,8 @@ def score_predictions(labels: str | Path, predictions: Mapping[str, str | Path],
         (``bootstrap`` of them, ``seed``) and written there. Default: drawn, not saved.
     compare
         Two model names: their paired differences, the first minus the second.
+    metric
+        ``r2`` (squared Pearson) or ``auroc`` (binary targets, 0/1).
 
     Raises
     ------
@@ -399,14 +426,17 @@ def score_predictions(labels: str | Path, predictions: Mapping[str, str | Path],
         truth = read.targets.loc[test, targets].to_numpy(np.float64)
     except ValueError:
         raise InputError(labels, f"targets {', '.join(targets)} must be numeric to score "
-                         "r^2") from None
+                         f"{metric}") from None
+    if metric == "auroc" and not np.isin(truth[~np.isnan(truth)], (0, 1)).all():
+        raise InputError(labels, f"auroc scores binary 0/1 targets; {', '.join(targets)} "
+                         "are not")
     shared = (Resamples.shared(resamples, test_ids, bootstrap, seed) if resamples is not None
               else Resamples.draw(test_ids, bootstrap, seed))
     # The resample rows number the saved ids: put the truth in that order.
     order = pd.Index(test_ids).get_indexer(shared.ids)
     truth = truth[order]
     models = tuple(score_model(name, truth, read_predictions(path, shared.ids, targets),
-                               targets, shared) for name, path in predictions.items())
+                               targets, shared, metric) for name, path in predictions.items())
     table = group_table(models, resolved)
     differences = None
     if compare is not None:
