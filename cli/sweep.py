@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="From embeddings.zarr written with `raptorz embed --keep-tokens`, project "
         "the stored tokens with each seeded projector (as `raptorz projector --seed S --k K` "
         "makes it; no encoder runs), keep each plane subset, subsample train to each size, "
-        "fit the head and score it on test. Writes runs.csv, summary.csv and summary.md "
+        "fit the head and score it on test; every combination of the axes is fitted (run "
+        "several sweeps for one-axis tables). Writes runs.csv, summary.csv and summary.md "
         "(mean ± std across seeds) and score_vs_k.png.")
     parser.add_argument("store", type=Path, help="embeddings.zarr made with --keep-tokens")
     parser.add_argument("--labels", type=Path, required=True, help="the labels CSV")
@@ -33,9 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--targets", help="comma-separated target columns (default: all)")
     parser.add_argument("--task", default="auto",
                         choices=("auto", "classification", "multilabel", "regression"))
+    parser.add_argument("--penalties", type=_floats, default=PENALTIES, metavar="C,C,...",
+                        help="linear head: inverse penalties tried on val (default the "
+                        f"paper's {','.join(f'{c:g}' for c in PENALTIES)})")
     parser.add_argument("--max-iter", type=int, default=100,
-                        help="linear head: L-BFGS iterations per penalty (penalties "
-                        f"{', '.join(f'{c:g}' for c in PENALTIES)})")
+                        help="linear head: L-BFGS iterations per penalty (default 100)")
     parser.set_defaults(func=run)
 
 
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     sizes = tuple(None if s.strip() == "all" else int(s) for s in args.train_sizes.split(","))
     targets = tuple(t.strip() for t in args.targets.split(",")) if args.targets else ()
     fit = FitSettings(task=args.task, targets=targets, bootstrap=0,
-                      head=HeadSettings(max_iter=args.max_iter))
+                      head=HeadSettings(max_iter=args.max_iter, penalties=args.penalties))
     settings = SweepSettings(ks=args.k, seeds=args.seeds, planes=planes, train_sizes=sizes,
                              fit=fit)
     sweep(args.store, args.labels, args.output, settings,
@@ -56,6 +59,14 @@ def run(args: argparse.Namespace) -> int:
     print((args.output / "summary.md").read_text(), end="")
     print(f"wrote runs.csv, summary.csv, summary.md, score_vs_k.png to {args.output}")
     return 0
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, not {text!r}"
+                                         ) from None
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -210,3 +210,14 @@ def _regression_labels(tmp_path: Path) -> Path:
     frame["sex"] = frame["sex"] + 0.5
     frame.to_csv(tmp_path / "reg.csv", index=False)
     return tmp_path / "reg.csv"
+
+
+def test_default_group_is_what_the_first_model_predicts(data: dict, tmp_path: Path) -> None:
+    frame = pd.read_csv(data["paths"]["good"], dtype={"eid": str})
+    frame[["eid", *COLUMNS[:3]]].to_csv(tmp_path / "three.csv", index=False)
+    result = score_predictions(data["folder"] / "labels.csv", {"m": tmp_path / "three.csv"},
+                               bootstrap=10)
+    assert result.groups == {"all": COLUMNS[:3]}
+    frame[["eid"]].assign(other=1.0).to_csv(tmp_path / "none.csv", index=False)
+    with pytest.raises(InputError, match="none.csv: predicts none of the targets"):
+        score_predictions(data["folder"] / "labels.csv", {"m": tmp_path / "none.csv"})

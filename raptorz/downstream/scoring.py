@@ -420,7 +420,7 @@ def score_predictions(labels: str | Path, predictions: Mapping[str, str | Path],
     elif groups is not None:
         resolved = read_groups(groups, names, metadata)
     else:
-        resolved = {"all": names}
+        resolved = {"all": _predicted(names, next(iter(predictions.values())), labels)}
     targets = list(dict.fromkeys(t for members in resolved.values() for t in members))
     try:
         truth = read.targets.loc[test, targets].to_numpy(np.float64)
@@ -447,6 +447,20 @@ def score_predictions(labels: str | Path, predictions: Mapping[str, str | Path],
                              f"{', '.join(by_name)}")
         differences = paired_differences(by_name[compare[0]], by_name[compare[1]], resolved)
     return ScoreResult(table, differences, models, resolved, shared)
+
+
+def _predicted(names: Sequence[str], path: str | Path, labels: str | Path) -> list[str]:
+    """The label targets that ``path`` predicts (as ``t`` or a binary fit's ``t_1``)."""
+    try:
+        columns = set(pd.read_csv(path, nrows=0).columns[1:])
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError,
+            UnicodeDecodeError) as error:
+        raise InputError(path, f"not a readable predictions CSV ({error})") from None
+    chosen = [t for t in names if t in columns or f"{t}_1" in columns]
+    if not chosen:
+        raise InputError(path, f"predicts none of the targets of {labels} "
+                         f"({', '.join(names)})")
+    return chosen
 
 
 def write_scores(result: ScoreResult, folder: str | Path) -> list[Path]:
