@@ -108,7 +108,8 @@ def test_ixi_raptor_avgpool_and_voxels_in_one_table(
     table = pd.read_csv(tmp_path / "table" / "scores.csv")
     assert list(table["model"]) == ["raptor", "avgpool", "voxels"]
     assert table["all"].between(0, 1).all()
-    assert (table["all_low"] <= table["all"] + 1e-12).all()
+    # (r^2 near 0 can lie below its bootstrap interval: resampled r^2 is biased upwards)
+    assert (table["all_low"] <= table["all_high"]).all()
     metrics = json.loads((tmp_path / "voxels" / "metrics.json").read_text())
     assert metrics["feature"] == "voxels" and metrics["n"]["test"] == 8
     # the table's r^2 of each model is the one its own fit reported
