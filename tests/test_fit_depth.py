@@ -112,3 +112,13 @@ def test_many_regression_targets_in_one_model(product: tuple[Path, Path], tmp_pa
                  FitSettings(head=HeadSettings(head="mlp", epochs=2), bootstrap=0))
     assert list(result.predictions.columns) == ["id", *[f"t{j}" for j in range(12)]]
     assert result.model.head.arrays()["mlp.4.bias"].shape == (12,)
+
+
+def test_cli_layers_auto_reports_the_depth(product: tuple[Path, Path], tmp_path: Path) -> None:
+    store, labels = product
+    assert main(["fit", str(store), "--labels", str(labels), "-o", str(tmp_path / "out"),
+                 "--head", "mlp", "--layers", "auto", "--epochs", "2", "--bootstrap", "0"]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["mlp_depth"] in (1, 2, 3)
+    assert set(metrics["fit"]["depth_validation_loss"]) == {"1", "2", "3"}
+    assert load_model(tmp_path / "out" / "model").settings.depths == (1, 2, 3)
