@@ -7,7 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from raptorz.defaults import BATCH, PENALTIES, HeadSettings
+from raptorz.defaults import BATCH, PAPER_DEPTHS, PENALTIES, HeadSettings
 
 MEMORY_HELP = (
     "memory the features may take, e.g. 8GB or 512MiB. When the float32 features of all "
@@ -45,8 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-iter", type=int, default=defaults.max_iter,
                         help="linear: L-BFGS iterations per penalty at most (default "
                         f"{defaults.max_iter}, scikit-learn's)")
-    parser.add_argument("--layers", type=int, default=defaults.layers,
-                        help=f"MLP layers (default {defaults.layers})")
+    parser.add_argument("--layers", type=_depths, default=(defaults.layers,),
+                        metavar="N|N,N,...|auto",
+                        help="MLP layers; several (comma-separated) or auto "
+                        f"({','.join(map(str, PAPER_DEPTHS))}, the paper's) to choose the depth "
+                        "on the validation split, reported in metrics.json (default "
+                        f"{defaults.layers})")
     parser.add_argument("--dropout", type=float, default=defaults.dropout,
                         help=f"MLP dropout (default {defaults.dropout})")
     parser.add_argument("--epochs", type=int, default=defaults.epochs,
@@ -71,15 +75,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Fit; exit 1 where labelled volumes were left out, 0 otherwise."""
     from raptorz import FitSettings, fit
-    from raptorz.errors import RaptorzError, RaptorzWarning
+    from raptorz.errors import RaptorzWarning
 
-    if (min(args.layers, args.epochs, args.max_iter) < 1 or args.bootstrap < 0
-            or not 0 <= args.dropout < 1):
-        raise RaptorzError("--layers, --epochs and --max-iter must be at least 1, --bootstrap "
-                           "at least 0 and --dropout in [0, 1)")
-    head = HeadSettings(head=args.head, max_iter=args.max_iter, layers=args.layers,
-                        dropout=args.dropout, epochs=args.epochs, patience=args.patience,
-                        lr=args.lr, seed=args.seed)
+    # The library checks every value (SettingsError: exit code 2 through main).
+    depths = args.layers
+    head = HeadSettings(head=args.head, max_iter=args.max_iter, layers=depths[0],
+                        depths=depths if len(depths) > 1 else (), dropout=args.dropout,
+                        epochs=args.epochs, patience=args.patience, lr=args.lr, seed=args.seed)
     targets = tuple(t.strip() for t in args.targets.split(",")) if args.targets else ()
     settings = FitSettings(projector=args.projector, task=args.task, targets=targets,
                            head=head, memory_budget=args.memory_budget,
@@ -92,3 +94,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"raptorz fit: warning: {warning.message}", file=sys.stderr)
     print(f"wrote {result.output}: predictions.csv, metrics.json, plot, model/")
     return 1 if result.metrics["left_out"] else 0
+
+
+def _depths(text: str) -> tuple[int, ...]:
+    """``--layers``: one depth, several comma-separated, or ``auto`` (the paper's 1-3)."""
+    if text.strip() == "auto":
+        return PAPER_DEPTHS
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N, N,N,... or auto, not {text!r}") from None

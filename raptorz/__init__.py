@@ -21,9 +21,12 @@ if TYPE_CHECKING:
     from raptorz.cluster import create_cluster
     from raptorz.defaults import HeadSettings
     from raptorz.demo import make_demo_data, run_demo
+    from raptorz.downstream.baselines import VoxelSettings, voxel_baseline
     from raptorz.downstream.fitting import FitResult, FitSettings, fit
     from raptorz.downstream.model import FittedModel, load_model, predict
     from raptorz.downstream.pca import embedding_pca
+    from raptorz.downstream.scoring import ScoreResult, score_predictions, write_scores
+    from raptorz.downstream.sweeps import SweepSettings, sweep
     from raptorz.embedding.embeddings import add_projections, export_npy, open_embeddings
     from raptorz.embedding.encoders import DEFAULT_ENCODER, RANDOM_WEIGHTS, Encoder, create_encoder
     from raptorz.embedding.kernel import (
@@ -60,6 +63,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["DEFAULT_ENCODER", "RANDOM_WEIGHTS"], "defaults"),
     **dict.fromkeys(["Encoder", "create_encoder"], "embedding.encoders"),
     **dict.fromkeys(["FitResult", "FitSettings", "fit"], "downstream.fitting"),
+    **dict.fromkeys(["VoxelSettings", "voxel_baseline"], "downstream.baselines"),
     **dict.fromkeys(["Intensity", "parse_intensity"], "ingest.intensity"),
     **dict.fromkeys(["PLANE_NAMES", "KernelSettings"], "embedding.settings"),
     **dict.fromkeys(["BlockEmbedding", "embed_block", "embed_volume", "project_tokens"],
@@ -68,6 +72,8 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["Projector", "create_projector", "load_projector", "make_projector"],
                     "embedding.projection"),
     **dict.fromkeys(["embedding_pca"], "downstream.pca"),
+    **dict.fromkeys(["ScoreResult", "score_predictions", "write_scores"], "downstream.scoring"),
+    **dict.fromkeys(["SweepSettings", "sweep"], "downstream.sweeps"),
     **dict.fromkeys(["plane_montage"], "embedding.montage"),
     **dict.fromkeys(["EmbedSummary", "embed"], "embedding.runner"),
     **dict.fromkeys(["store_info"], "info"),

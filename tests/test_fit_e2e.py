@@ -1,8 +1,10 @@
 """End to end on real volumes: ``raptorz convert``, ``embed``, ``fit`` with a tiny random ViT.
 
 The encoder has random weights (no pretrained weights can be downloaded in CI), so the
-scores only show that the pipeline runs and writes well-formed results; they are printed
-(``pytest -s``) for comparison with the raw-voxel floors in ``../shared/data/README.md``.
+scores are far from the paper's; each must still beat, by a margin, the same pipeline fitted
+on labels permuted with a fixed seed (a control that any broken step - ids matched to the
+wrong volumes, features scrambled, a head that learns nothing - falls back to). They are
+printed (``pytest -s``) for comparison with the raw-voxel floors in ``../shared/data/README.md``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,15 @@ def embed(volumes: Path, output: Path, projector: Path, vit: tuple[str, Path],
                  "--encoder", name, "--weights", str(weights), "--workers", "1",
                  "--dashboard-address", ":0",
                  *extra]) == 0
+
+
+def permuted(labels: Path, output: Path, columns: list[str], seed: int = 0) -> Path:
+    """The labels CSV with ``columns`` permuted over all rows (seeded): the control."""
+    frame = pd.read_csv(labels, dtype={0: str})
+    rng = np.random.default_rng(seed)
+    frame[columns] = frame[columns].to_numpy()[rng.permutation(len(frame))]
+    frame.to_csv(output, index=False)
+    return output
 
 
 def check_results(results: Path, labels: pd.DataFrame, columns: list[str]) -> dict:
@@ -77,7 +88,14 @@ def test_adrenal_classification(shared_data: Path, tmp_path: Path, projector: Pa
     print(f"\nAdrenalMNIST3D 28^3 subset {ADRENAL}, tiny random ViT, K={K}, linear head: "
           f"AUROC {auroc['value']:.3f} [{auroc['low']:.3f}, {auroc['high']:.3f}], accuracy "
           f"{metrics['mean']['accuracy']['value']:.3f} (raw-voxel floor 0.830 on all data)")
-    assert 0 <= auroc["value"] <= 1
+    control = tmp_path / "control"
+    assert main(["fit", str(embeddings), "--labels",
+                 str(permuted(labels, tmp_path / "permuted.csv", ["label"])),
+                 "-o", str(control), "--bootstrap", "0"]) == 0
+    chance = json.loads((control / "metrics.json").read_text())["mean"]["auroc"]["value"]
+    print(f"permuted-label control: AUROC {chance:.3f}")
+    assert auroc["value"] > chance + 0.15
+    assert auroc["value"] > 0.7
     again = predict(embeddings, results / "model")
     assert len(again) == sum(ADRENAL.values())
 
@@ -101,8 +119,21 @@ def test_ixi_age_and_sex(shared_data: Path, tmp_path: Path, projector: Path,
                  "--head", "mlp", "--epochs", "20"]) == 0
     sex = check_results(tmp_path / "sex", frame, ["sex_male_0", "sex_male_1"])
     assert sex["task"] == "classification"
+    controls = {}
+    for target, extra in (("age", []), ("sex_male", ["--head", "mlp", "--epochs", "20"])):
+        shuffled = permuted(labels, tmp_path / f"{target}.permuted.csv", [target])
+        assert main([*base[:2], "--labels", str(shuffled), "--bootstrap", "0", "-o",
+                     str(tmp_path / f"control_{target}"), "--targets", target, *extra]) == 0
+        controls[target] = json.loads(
+            (tmp_path / f"control_{target}" / "metrics.json").read_text())["mean"]
     r2, auroc = age["mean"]["pearson_r2"], sex["mean"]["auroc"]
+    print(f"permuted-label controls: age r^2 {controls['age']['pearson_r2']['value']:.3f}, "
+          f"sex AUROC {controls['sex_male']['auroc']['value']:.3f}")
     print(f"\nIXI T1 (40 volumes, 24/8/8), tiny random ViT, K={K}: age (linear) r^2 "
           f"{r2['value']:.3f} [{r2['low']:.3f}, {r2['high']:.3f}], R^2 "
           f"{age['mean']['R2']['value']:.3f}; sex (MLP) AUROC {auroc['value']:.3f} "
           f"[{auroc['low']:.3f}, {auroc['high']:.3f}]")
+    # Sex shows in a brain MRI (head size) even through a random ViT; with 8 test scans
+    # this is a seeded check, not a statistical one. Age is not asserted: with 8 test
+    # scans its r^2 does not separate from the permuted control (0.01 vs 0.18 measured).
+    assert auroc["value"] > controls["sex_male"]["auroc"]["value"] + 0.2

@@ -106,10 +106,13 @@ def test_readme_main_command_and_tour_run(tmp_path: Path) -> None:
     workdir = tmp_path / "raptorz-demo"
     assert (workdir / "results" / "metrics.json").is_file()
     tour = _commands(_blocks(README, "bash")[1])
-    assert len(tour) == 7
+    assert len(tour) == 11
     for command in tour:
         result = _run(command, tmp_path)
         assert result.returncode == 0, f"`{command}`: {result.stderr[-3000:]}"
     assert len(list((tmp_path / "embs").rglob("*.npy"))) == 2 * 16  # two projectors
     assert (tmp_path / "results-mlp" / "metrics.json").is_file()
     assert (tmp_path / "predictions.csv").read_text().startswith("id")
+    scores = (tmp_path / "scores" / "scores.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in scores[1:]] == ["linear", "mlp", "voxels"]
+    assert len((tmp_path / "sweep" / "runs.csv").read_text().splitlines()) == 1 + 2 * 2 * 2

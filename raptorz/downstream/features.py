@@ -29,8 +29,9 @@ from raptorz.errors import InputError
 
 #: Rows read from the store per request while filling the in-memory copy.
 LOAD_ROWS: Final = 1024
-#: Feature choices other than a projector's name.
-BASELINES: Final = ("avgpool", "tokens")
+#: Feature choices other than a projector's name (``voxels``: the raw-voxel baseline's
+#: store, :mod:`raptorz.downstream.baselines`).
+BASELINES: Final = ("avgpool", "tokens", "voxels")
 
 
 def feature_choices(ds: xr.Dataset) -> list[str]:

@@ -22,6 +22,7 @@ in batches otherwise; both paths compute the same numbers (see :mod:`raptorz.dow
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,10 +33,12 @@ import numpy as np
 import pandas as pd
 
 from raptorz import stores
+from raptorz.defaults import SettingsError
 from raptorz.downstream.features import Features, memory_budget, open_variable, statistics
 from raptorz.downstream.heads import HeadSettings, Scaling, fit_head
 from raptorz.downstream.labels import (
     SPLITS,
+    Targets,
     Task,
     encode_targets,
     match_embeddings,
@@ -79,6 +82,10 @@ class FitSettings:
     memory_budget: str | int | None = None
     bootstrap: int = 1000
     strict: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bootstrap < 0:
+            raise SettingsError(f"bootstrap resamples must be at least 0, not {self.bootstrap}")
 
 
 @dataclass(frozen=True)
@@ -137,24 +144,14 @@ def fit(store: str | Path, labels: str | Path, output: str | Path,
     rows = {name: np.flatnonzero(kept.split == name) for name in SPLITS}
     log("rows: " + ", ".join(f"{name} {len(r)}" for name, r in rows.items()))
 
-    mean, std = statistics(features, rows["train"])
-    train_truth = targets.values[rows["train"]]
+    summary = {"task_reason": reason, "store": str(store), "labels": str(labels)}
+    model, prediction, metrics = fit_features(features, targets, rows, settings,
+                                              feature=str(variable.name), summary=summary,
+                                              log=log)
+    record = {k: v for k, v in model.summary.items() if k not in summary}
     regression = targets.task == "regression"
-    n_targets = len(targets.names)
-    scaling = Scaling(mean, std,
-                      np.nanmean(train_truth, axis=0) if regression else np.zeros(n_targets),
-                      np.nanstd(train_truth, axis=0) if regression else np.ones(n_targets))
-    head, record = fit_head(targets.task, targets.values, len(targets.classes), features,
-                            rows["train"], rows["val"], scaling, settings.head, log)
-    summary = {"task_reason": reason, "store": str(store), "labels": str(labels), **record}
-    model = FittedModel(targets.task, targets.names, targets.classes, str(variable.name),
-                        features.n_features, settings.head, scaling, head, summary)
-
     test = rows["test"]
-    prediction = model.predict(features, test)
     truth = targets.values[test]
-    metrics = evaluate(targets.task, targets.names, truth, prediction,
-                       resamples=settings.bootstrap, seed=settings.head.seed)
     log("test scores (95% bootstrap intervals):\n" + table(metrics))
 
     output = Path(output)
@@ -164,6 +161,7 @@ def fit(store: str | Path, labels: str | Path, output: str | Path,
     frame.to_csv(output / "predictions.csv", index=False)
     left_out = sorted(set(all_labels.ids) - set(kept.ids))
     report = {"task": targets.task, "task_reason": reason, "head": settings.head.head,
+              "mlp_depth": record.get("depth"),  # None for the linear head
               "feature": str(variable.name), "n": {k: len(r) for k, r in rows.items()},
               "left_out": left_out, **metrics, "fit": record}
     (output / "metrics.json").write_text(json.dumps(stores.json_attr(report), indent=2))
@@ -171,3 +169,48 @@ def fit(store: str | Path, labels: str | Path, output: str | Path,
     plot(targets.task, targets.names, targets.classes, truth, prediction, output / plot_name)
     model.save(output / "model")
     return FitResult(model, frame, report, output)
+
+
+def fit_features(features: Features, targets: Targets, rows: dict[str, np.ndarray],
+                 settings: FitSettings, *, feature: str, summary: dict[str, Any] | None = None,
+                 log: Callable[[str], None] = lambda message: None
+                 ) -> tuple[FittedModel, np.ndarray, dict[str, Any]]:
+    """Fit a head on ``features`` and score it on the test rows (what :func:`fit` and the
+    sweeps share).
+
+    Parameters
+    ----------
+    features
+        The samples' features; ``targets.values`` and ``rows`` number the same samples.
+    targets
+        The encoded targets of every sample.
+    rows
+        Sample numbers of ``train``, ``val`` and ``test``.
+    settings
+        The head and the bootstrap of the scores.
+    feature, summary
+        The feature's name and what else the model's record should hold.
+
+    Returns
+    -------
+    The model, its test predictions and the scores of :func:`~raptorz.downstream.metrics.evaluate`.
+    """
+    mean, std = statistics(features, rows["train"])
+    train_truth = targets.values[rows["train"]]
+    regression = targets.task == "regression"
+    n_targets = len(targets.names)
+    scaling = Scaling(mean, std,
+                      np.nanmean(train_truth, axis=0) if regression else np.zeros(n_targets),
+                      np.nanstd(train_truth, axis=0) if regression else np.ones(n_targets))
+    head, record = fit_head(targets.task, targets.values, len(targets.classes), features,
+                            rows["train"], rows["val"], scaling, settings.head, log)
+    # The saved model rebuilds the MLP from ``layers``: record the depth chosen on val.
+    head_settings = (dataclasses.replace(settings.head, layers=record["depth"])
+                     if settings.head.head == "mlp" else settings.head)
+    model = FittedModel(targets.task, targets.names, targets.classes, feature,
+                        features.n_features, head_settings, scaling, head,
+                        {**(summary or {}), **record})
+    prediction = model.predict(features, rows["test"])
+    metrics = evaluate(targets.task, targets.names, targets.values[rows["test"]], prediction,
+                       resamples=settings.bootstrap, seed=settings.head.seed)
+    return model, prediction, metrics

@@ -18,6 +18,7 @@ store is the same head as one fitted on features held in memory.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -149,7 +150,24 @@ def fit_head(task: FittedTask, truth: np.ndarray, n_classes: int, features: Feat
     if settings.head == "linear":
         return _fit_linear(task, y, truth, n_classes, features, train, val, scaling, settings,
                            log)
-    return _fit_mlp(task, y, n_classes, features, train, val, scaling, settings, log)
+    if not settings.depths:
+        head, record = _fit_mlp(task, y, n_classes, features, train, val, scaling, settings, log)
+        return head, {"depth": settings.layers, **record}
+    # The paper's protocol: the depth whose best checkpoint has the lowest validation loss
+    # (ties keep the shallower network).
+    best: tuple[float, MLPHead, dict[str, Any]] | None = None
+    losses: dict[str, float] = {}
+    for depth in sorted(set(settings.depths)):
+        log(f"mlp depth {depth}:")
+        head, record = _fit_mlp(task, y, n_classes, features, train, val, scaling,
+                                dataclasses.replace(settings, layers=depth, depths=()), log)
+        loss = float(min(record["validation_loss"], default=np.inf))
+        losses[str(depth)] = loss
+        if best is None or loss < best[0]:
+            best = (loss, head, {"depth": depth, **record})
+    assert best is not None
+    log(f"mlp depth chosen on validation: {best[2]['depth']}")
+    return best[1], {**best[2], "depth_validation_loss": losses}
 
 
 def _fold(weight: np.ndarray, bias: np.ndarray, scaling: Scaling) -> tuple[np.ndarray, np.ndarray]:

@@ -335,3 +335,60 @@ def contiguous_runs(indices: np.ndarray) -> list[slice]:
     breaks = np.flatnonzero(np.diff(indices) != 1) + 1
     return [slice(int(run[0]), int(run[-1]) + 1) for run in np.split(indices, breaks)]
 
+
+
+# --- Readers for the downstream sweeps: projections of the stored tokens, no encoder ------
+
+
+def seeded_matrix(seed: int, dim: int, k: int) -> np.ndarray:
+    """The ``(dim, k)`` projector ``raptorz projector --seed SEED`` makes (the original's
+    ``np.random.seed(seed); np.random.randn(dim, k)``), for projecting stored tokens."""
+    from raptorz.embedding.projection import make_projector
+
+    return make_projector(seed, dim, k)
+
+
+def project_stored_tokens(path: str | Path, matrix: np.ndarray, positions: np.ndarray,
+                          *, block: int = 64) -> np.ndarray:
+    """Project the stored pooled tokens of the volumes at ``positions`` with ``matrix``.
+
+    Computed as ``raptorz embed`` and :func:`add_projections` do (float64 matmul, float32
+    result), reading the tokens in blocks of ``block`` volumes.
+
+    Parameters
+    ----------
+    path
+        An embeddings store written with ``keep_tokens``.
+    matrix
+        ``(dim, k)`` projection matrix.
+    positions
+        Store positions of the volumes, in the order wanted.
+
+    Returns
+    -------
+    ``(len(positions), plane, k, token)`` float32.
+
+    Raises
+    ------
+    InputError
+        Where the store holds no tokens (embed with ``--keep-tokens``) or ``matrix`` has
+        another width than the tokens.
+    """
+    ds = open_embeddings(path)
+    if "tokens" not in ds:
+        raise InputError(path, "holds no stored tokens: embed with --keep-tokens to make new "
+                         "projections (sweeps, reproject) without the encoder")
+    matrix = np.asarray(matrix, np.float64)
+    if matrix.shape[0] != ds.sizes["dim"]:
+        raise InputError(path, f"the tokens have width {ds.sizes['dim']}; the projector has "
+                         f"{matrix.shape[0]} rows")
+    tokens = xr.open_zarr(path, consolidated=False, chunks=None)["tokens"]
+    positions = np.asarray(positions, np.int64)
+    out = np.empty((len(positions), ds.sizes["plane"], matrix.shape[1], ds.sizes["token"]),
+                   np.float32)
+    for start in range(0, len(positions), block):
+        rows = positions[start:start + block]
+        order = np.argsort(rows, kind="stable")  # read in store order, restore the order asked
+        values = np.asarray(tokens.isel(id=rows[order]).values, np.float64)
+        out[start + order] = np.einsum("bptd,dk->bpkt", values, matrix).astype(np.float32)
+    return out
