@@ -104,6 +104,24 @@ def store_ids(ds: xr.Dataset) -> np.ndarray:
     return np.array(ds["id"].values.tolist(), dtype=str)
 
 
+def id_range(n: int, start: int = 0, many: int | None = None) -> slice:
+    """The ids ``start`` to ``start + many`` of ``n`` (all from ``start`` when ``many`` is
+    None): the original tool's way of splitting a job, checked in one place.
+
+    Raises
+    ------
+    InputError
+        For ``start < 0``, ``many < 1``, or a ``start`` past the last of the ``n`` ids.
+    """
+    if start < 0 or (many is not None and many < 1):
+        raise InputError("start/many", f"need start >= 0 and many >= 1, got start={start}, "
+                         f"many={many}")
+    if start >= n:
+        raise InputError("start", f"{start} is past the last of the {n} volumes "
+                         f"(start counts from 0)")
+    return slice(start, n if many is None else min(n, start + many))
+
+
 def store_kind(path: str | Path) -> str | None:
     """The kind of raptorz store at ``path``; ``None`` where there is nothing there.
 
