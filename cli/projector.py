@@ -26,20 +26,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Write the projector; refuse nonsensical sizes or seeds."""
+    """Write the projector; the library refuses nonsensical sizes or seeds (exit 2)."""
     import numpy as np
 
     from raptorz import make_projector
     from raptorz.errors import RaptorzError
 
-    if args.dim < 1 or args.k < 1:
-        raise RaptorzError(f"--dim and --k must be positive, got {args.dim} and {args.k}")
-    if not 0 <= args.seed < 2**32:
-        raise RaptorzError(f"--seed must be in [0, 2**32), got {args.seed}")
     output: Path = args.output
-    if output.suffix != ".npy":
+    if output.suffix != ".npy":  # np.save would append .npy: the file would not be OUTPUT
         raise RaptorzError(f"{output}: the projector is written as .npy; name it *.npy")
+    matrix = make_projector(args.seed, args.dim, args.k)
     output.parent.mkdir(parents=True, exist_ok=True)
-    np.save(output, make_projector(args.seed, args.dim, args.k))
+    np.save(output, matrix)
     print(f"wrote {output}: ({args.dim}, {args.k}) float64, seed {args.seed}")
     return 0

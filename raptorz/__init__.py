@@ -45,7 +45,7 @@ if TYPE_CHECKING:
         make_projector,
     )
     from raptorz.embedding.runner import EmbedSummary, embed
-    from raptorz.info import store_info
+    from raptorz.info import repair_store, store_info
     from raptorz.ingest.intensity import Intensity, parse_intensity
     from raptorz.ingest.volumes import ConvertSummary, convert, open_volumes
 
@@ -76,7 +76,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["SweepSettings", "sweep"], "downstream.sweeps"),
     **dict.fromkeys(["plane_montage"], "embedding.montage"),
     **dict.fromkeys(["EmbedSummary", "embed"], "embedding.runner"),
-    **dict.fromkeys(["store_info"], "info"),
+    **dict.fromkeys(["repair_store", "store_info"], "info"),
     **dict.fromkeys(["ConvertSummary", "convert", "open_volumes"], "ingest.volumes"),
 }
 

@@ -101,6 +101,7 @@ def run_demo(workdir: str | Path = "raptorz-demo", *, data: str | Path | None = 
     data, labels
         The user's own volumes (a folder, file or glob of NIfTI / DICOM / zip / npz) and
         labels CSV; by default the demo makes :func:`make_demo_data` in ``workdir/data``.
+        ``labels`` without ``data`` is refused (:class:`~raptorz.errors.InputError`).
     encoder, weights
         The slice encoder; default ViT-S/14 DINOv2 on a CPU and ViT-L/14 on a GPU, with
         cached or downloaded weights where they can be had, else seeded random weights.
@@ -116,6 +117,9 @@ def run_demo(workdir: str | Path = "raptorz-demo", *, data: str | Path | None = 
     from raptorz.embedding.runner import embed
     from raptorz.ingest.volumes import convert
 
+    if labels is not None and data is None:
+        raise InputError(labels, "labels need data (--data): the demo makes its own labels "
+                         "otherwise")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if data is None:

@@ -32,20 +32,51 @@ def _listing(title: str, ids: np.ndarray, texts: np.ndarray) -> list[str]:
     return lines
 
 
+def _require_store(path: str | Path) -> str:
+    kind = stores.store_kind(path)
+    if kind is None:
+        raise InputError(path, "no raptorz store here")
+    return kind
+
+
+def _metadata_state(path: str | Path) -> str:
+    if stores.consolidated_metadata_true(path):
+        return "consolidated"
+    state = "stale" if stores.has_consolidated_metadata(path) else "not"
+    return f"{state} consolidated; run `{stores.REPAIR_COMMAND} {path}`"
+
+
+def repair_store(path: str | Path) -> bool:
+    """Consolidate the metadata of the raptorz store at ``path`` where it is missing or stale.
+
+    Stores written by older raptorz versions have none, so ``xr.open_zarr(path)`` warns and
+    opens them slowly. Safe while a run writes the store (data writes change no metadata).
+
+    Returns
+    -------
+    bool
+        Whether anything had to be rewritten.
+    """
+    _require_store(path)
+    if stores.consolidated_metadata_true(path):
+        return False
+    stores.consolidate(path)
+    return True
+
+
 def store_info(path: str | Path) -> str:
     """A readable account of the raptorz store at ``path``: kind, counts by status,
-    dimensions, variables (dtype, chunking, compression), attributes and failures.
+    dimensions, variables (dtype, chunking, compression), attributes and failures, and
+    whether its metadata is consolidated (:func:`repair_store` where it is not).
 
     Works for every kind of raptorz store: only ``status``, ``error`` and the optional
     ``note`` variables are interpreted.
     """
-    kind = stores.store_kind(path)
-    if kind is None:
-        raise InputError(path, "no raptorz store here")
-    ds = xr.open_zarr(path, consolidated=False)
-    lines = [f"{path}: raptorz {kind} store"]
+    kind = _require_store(path)
+    ds = stores.open_dataset(path, hint=False)  # the state is a line of the account
+    lines = [f"{path}: raptorz {kind} store", "metadata: " + _metadata_state(path)]
     if "status" in ds:
-        status = np.asarray(ds.status.values)
+        status = stores.read_status(path)
         counts = stores.status_counts(status)
         lines.append(f"volumes: {len(status)} ("
                      + ", ".join(f"{n} {name}" for name, n in counts.items()) + ")")

@@ -5,16 +5,30 @@ per-volume ``status`` (pending / ok / failed) and ``error`` text. They are writt
 same way:
 
 1. :func:`create_store` writes a template (lazy arrays of the final shape, every
-   coordinate and attribute) without computing any data;
-2. each task writes one whole id-chunk with :func:`write_chunk`: first the data, then,
-   in a second write, the chunk's status and error. A task killed in between leaves its
-   volumes *pending*, so a chunk is never counted as done before all of it is on disk;
-3. a rerun reads the statuses and recomputes only the chunks that hold a volume that is
-   not ``ok`` (:func:`chunks_to_do`).
+   coordinate and attribute) without computing any data, and consolidates its metadata;
+2. each task writes one whole id-chunk with :func:`write_chunk`: first the data, then the
+   error text, then, last, the status. ``status`` is the commit mark: a task killed
+   before it is written leaves its volumes *pending* (or as an earlier run left them),
+   so a chunk is never counted as done before all of it is on disk;
+3. a rerun reads the statuses (:func:`read_status`) and recomputes only the chunks that
+   hold a volume that is not ``ok`` (:func:`chunks_to_do`).
 
 Writes touch whole chunks only, so several processes may write disjoint chunks of one
-store at once. Metadata is not consolidated (a live store must be read with
-``consolidated=False``); there is no need, since the groups are small.
+store at once.
+
+Crash safety. Zarr (>= 3.1.3) writes every chunk file of a local store aside and renames
+it into place, so a kill leaves a chunk file whole or absent. Other stores and file
+systems (and older Zarr) can leave a torn file, so :func:`read_status` also treats a
+status chunk it cannot decode as *pending*: its volumes are recomputed and the chunk is
+rewritten, and a torn error chunk always belongs to a chunk whose status was not yet
+written. Both defences are needed; neither costs anything when nothing was torn.
+
+Consolidated metadata. Every store carries consolidated metadata, so that
+``xr.open_zarr(path)`` (and intake, napari, dask) open it fast and without a warning.
+Region writes never change metadata, so metadata consolidated when the store is created
+stays true while tasks fill it; only the steps that add variables or change attributes
+consolidate again (:func:`consolidate`, :func:`update_attrs`). A store without it (from an
+older raptorz) still opens, with a one-line hint to run ``raptorz info --repair``.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ import os
 import platform
 import shutil
 import uuid
+import warnings
 from collections.abc import Iterable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -34,7 +49,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from raptorz.errors import InputError
+from raptorz.errors import InputError, RaptorzWarning
 
 PENDING: Final = 0
 OK: Final = 1
@@ -47,6 +62,9 @@ STATUS_ATTRS: Final = {"flag_values": [PENDING, OK, FAILED], "flag_meanings": "p
 KIND_ATTR: Final = "raptorz_store"
 
 STRING_DTYPE: Final = np.dtypes.StringDType()
+
+#: The command that consolidates an older store's metadata (printed in the hint).
+REPAIR_COMMAND: Final = "raptorz info --repair"
 
 
 def as_strings(values: Iterable[str]) -> np.ndarray:
@@ -86,6 +104,24 @@ def store_ids(ds: xr.Dataset) -> np.ndarray:
     return np.array(ds["id"].values.tolist(), dtype=str)
 
 
+def id_range(n: int, start: int = 0, many: int | None = None) -> slice:
+    """The ids ``start`` to ``start + many`` of ``n`` (all from ``start`` when ``many`` is
+    None): the original tool's way of splitting a job, checked in one place.
+
+    Raises
+    ------
+    InputError
+        For ``start < 0``, ``many < 1``, or a ``start`` past the last of the ``n`` ids.
+    """
+    if start < 0 or (many is not None and many < 1):
+        raise InputError("start/many", f"need start >= 0 and many >= 1, got start={start}, "
+                         f"many={many}")
+    if start >= n:
+        raise InputError("start", f"{start} is past the last of the {n} volumes "
+                         f"(start counts from 0)")
+    return slice(start, n if many is None else min(n, start + many))
+
+
 def store_kind(path: str | Path) -> str | None:
     """The kind of raptorz store at ``path``; ``None`` where there is nothing there.
 
@@ -122,7 +158,8 @@ def create_store(path: str | Path, template: xr.Dataset, kind: str) -> bool:
     """Write ``template``'s metadata and coordinates to a new store at ``path``.
 
     Data variables are written lazily (nothing is computed); ``encoding`` on each
-    variable is honoured. The store is marked with its ``kind``. Creation is safe for
+    variable is honoured. The store is marked with its ``kind`` and its metadata is
+    consolidated (:func:`consolidate`). Creation is safe for
     processes that start at once: each writes its template beside ``path`` and renames it
     into place (atomic on a POSIX file system); a loser discards its copy.
 
@@ -138,6 +175,7 @@ def create_store(path: str | Path, template: xr.Dataset, kind: str) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     template.to_zarr(scratch, mode="w-", compute=False, consolidated=False, zarr_format=3)
+    consolidate(scratch)
     try:
         if path.exists() and not any(path.iterdir()):
             path.rmdir()  # an empty folder is no store: take its place
@@ -149,14 +187,92 @@ def create_store(path: str | Path, template: xr.Dataset, kind: str) -> bool:
 
 
 def open_store(path: str | Path, kind: str) -> xr.Dataset:
-    """Open a raptorz store of ``kind`` lazily (safe while other processes write it)."""
+    """Open a raptorz store of ``kind`` lazily (safe while other processes write it).
+
+    Reads the consolidated metadata, as ``xr.open_zarr(path)`` does; a store without it
+    opens too, with a :class:`~raptorz.errors.RaptorzWarning` naming the command that
+    consolidates it.
+    """
     require_kind(path, kind)
+    return open_dataset(path)
+
+
+def open_dataset(path: str | Path, *, hint: bool = True) -> xr.Dataset:
+    """Open the Zarr group at ``path`` as a lazy Dataset, from consolidated metadata
+    where it has some; else warn with the repair command (unless ``hint`` is false)."""
+    if has_consolidated_metadata(path):
+        return xr.open_zarr(path, consolidated=True)
+    if hint:
+        warnings.warn(f"{path}: no consolidated metadata (written by an older raptorz), so "
+                      f"xarray warns and opens it slowly; run `{REPAIR_COMMAND} {path}`",
+                      RaptorzWarning, stacklevel=3)
     return xr.open_zarr(path, consolidated=False)
 
 
+def has_consolidated_metadata(path: str | Path) -> bool:
+    """Whether the group at ``path`` carries consolidated metadata (true or stale)."""
+    group = zarr.open_group(path, mode="r")
+    return group.metadata.consolidated_metadata is not None
+
+
+def consolidated_metadata_true(path: str | Path) -> bool:
+    """Whether the consolidated metadata at ``path`` is there and equals every array's own.
+
+    Reads each array's ``zarr.json``: for ``raptorz info`` and tests, not for hot paths.
+    """
+    if not has_consolidated_metadata(path):
+        return False
+    consolidated = zarr.open_group(path, mode="r").metadata.consolidated_metadata
+    assert consolidated is not None
+    recorded = {name: meta.to_dict() for name, meta in consolidated.metadata.items()}
+    actual = {name: array.metadata.to_dict()
+              for name, array in zarr.open_group(path, mode="r", use_consolidated=False).members()}
+    return recorded == actual
+
+
+def consolidate(path: str | Path) -> None:
+    """Write the consolidated metadata of the group at ``path`` (after any metadata change).
+
+    Safe while tasks write data: region writes change no metadata.
+    """
+    with warnings.catch_warnings():
+        # Zarr notes that consolidated metadata is not (yet) in the v3 specification;
+        # xarray, zarr-python and the tools built on them read it, which is the point.
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not",
+                                category=UserWarning)
+        zarr.consolidate_metadata(str(path), zarr_format=3)
+
+
+def update_attrs(path: str | Path, attrs: Mapping[str, Any]) -> None:
+    """Set attributes of the group at ``path`` and keep its consolidated metadata true."""
+    group = zarr.open_group(path, mode="r+", use_consolidated=False)
+    group.attrs.update(json_attr(dict(attrs)))
+    consolidate(path)
+
+
 def read_status(path: str | Path) -> np.ndarray:
-    """The per-volume status codes of the store at ``path``, read fresh from disk."""
-    return np.asarray(zarr.open_array(Path(path) / "status", mode="r")[:])
+    """The per-volume status codes of the store at ``path``, read fresh from disk.
+
+    A chunk that cannot be decoded (a file torn by a kill on a file system without
+    atomic renames) reads as *pending*, with a :class:`~raptorz.errors.RaptorzWarning`:
+    its volumes are then recomputed and the chunk rewritten.
+    """
+    array = zarr.open_array(Path(path) / "status", mode="r")
+    try:
+        return np.asarray(array[:])
+    except Exception:  # the codec's error for a torn file: RuntimeError, ValueError...
+        status = np.full(array.shape, PENDING, np.int8)
+        torn = []
+        for region in chunk_slices(array.shape[0], array.chunks[0]):
+            try:
+                status[region] = array[region]
+            except Exception:
+                torn.append(region)
+        warnings.warn(f"{path}: {len(torn)} status chunk(s) unreadable (a write cut short), "
+                      f"ids {', '.join(f'{r.start}-{r.stop - 1}' for r in torn[:5])}: "
+                      "counted as pending, so they are recomputed", RaptorzWarning,
+                      stacklevel=2)
+        return status
 
 
 def chunk_slices(n: int, chunk: int) -> list[slice]:
@@ -184,7 +300,10 @@ def write_chunk(
     status: np.ndarray,
     errors: Iterable[str],
 ) -> None:
-    """Write one whole id-chunk: its data first, then its status and error text.
+    """Write one whole id-chunk: its data, then its error text, and last its status.
+
+    The status is the chunk's commit mark, written alone after everything else: a task
+    stopped at any point before it leaves the chunk to be recomputed by a rerun.
 
     Parameters
     ----------
@@ -199,12 +318,18 @@ def write_chunk(
         Per volume of the chunk: the status code and the error text ("" when ok).
     """
     if data:
-        xr.Dataset(dict(data)).to_zarr(path, region={"id": region}, consolidated=False)
-    marks = xr.Dataset({
-        "status": ("id", np.asarray(status, np.int8)),
-        "error": ("id", as_strings(errors)),
-    })
-    marks.to_zarr(path, region={"id": region}, consolidated=False)
+        write_region(path, data, region)
+    write_region(path, {"error": xr.DataArray(as_strings(errors), dims="id")}, region)
+    write_region(path, {"status": xr.DataArray(np.asarray(status, np.int8), dims="id")},
+                 region)
+
+
+def write_region(path: str | Path, data: Mapping[str, xr.DataArray], region: slice) -> None:
+    """Write ``data`` into the existing variables of the store at ``region`` of ``id``.
+
+    Changes no metadata, so the consolidated metadata stays true.
+    """
+    xr.Dataset(dict(data)).to_zarr(path, region={"id": region}, consolidated=False)
 
 
 def status_counts(status: np.ndarray) -> dict[str, int]:

@@ -2,19 +2,45 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+pytest_plugins = ("pytester",)  # tests/test_data_marker.py runs this file's hooks
 
 #: Real scans shared with the project (see its README); absent in a user's clone.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def _in_ci() -> bool:
+    """Whether this is a CI run (``CI=true``, as GitHub Actions, GitLab and others set)."""
+    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Refuse a test that uses the real data without saying so (``requires_data``)."""
+    unmarked = [item.nodeid for item in items
+                if "shared_data" in getattr(item, "fixturenames", ())
+                and item.get_closest_marker("requires_data") is None]
+    if unmarked:
+        raise pytest.UsageError("these tests use the shared_data fixture without "
+                                f"@pytest.mark.requires_data: {', '.join(unmarked)}")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``requires_data`` tests skip where the real data is absent, and fail in CI."""
+    if item.get_closest_marker("requires_data") is None or SHARED_DATA.is_dir():
+        return
+    if _in_ci():
+        pytest.fail(f"real data not found at {SHARED_DATA}, and CI=true: CI must have it",
+                    pytrace=False)
+    pytest.skip(f"real data not found at {SHARED_DATA} (present in CI, absent in a clone)")
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The folder of real scans, or a skip where this clone has none beside it."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA} (present in CI, absent in a clone)")
+    """The folder of real scans (tests that use it are marked ``requires_data``)."""
     return SHARED_DATA
 
 

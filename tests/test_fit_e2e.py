@@ -65,6 +65,7 @@ def check_results(results: Path, labels: pd.DataFrame, columns: list[str]) -> di
 
 
 @pytest.mark.slow
+@pytest.mark.requires_data
 def test_adrenal_classification(shared_data: Path, tmp_path: Path, projector: Path,
                                 tiny_vit_weights: tuple[str, Path]) -> None:
     manifest = tmp_path / "manifest.txt"
@@ -101,6 +102,7 @@ def test_adrenal_classification(shared_data: Path, tmp_path: Path, projector: Pa
 
 
 @pytest.mark.slow
+@pytest.mark.requires_data
 def test_ixi_age_and_sex(shared_data: Path, tmp_path: Path, projector: Path,
                          tiny_vit_weights: tuple[str, Path]) -> None:
     volumes = tmp_path / "ixi.zarr"

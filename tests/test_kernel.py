@@ -270,6 +270,7 @@ def test_settings_are_validated(kwargs: dict[str, object]) -> None:
         KernelSettings(**kwargs)  # type: ignore[arg-type]
 
 
+@pytest.mark.requires_data
 def test_skull_stripped_brain_has_105_constant_slices(shared_data: Path, encoder: Encoder,
                                                       projectors: list[Projector]) -> None:
     import nibabel as nib

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -16,6 +17,13 @@ def _execute(name: str, cwd: Path) -> nbformat.NotebookNode:
     NotebookClient(notebook, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(cwd)}}).execute()
     return notebook
+
+
+def _warnings(notebook: nbformat.NotebookNode) -> list[str]:
+    """Lines of the notebook's outputs that show a Python warning."""
+    return [line for cell in notebook.cells if cell.cell_type == "code"
+            for output in cell.outputs for line in str(output.get("text", "")).splitlines()
+            if re.search(r"\b\w*Warning\b", line)]
 
 
 def _outputs(notebook: nbformat.NotebookNode) -> str:
@@ -37,6 +45,7 @@ def test_quickstart_runs(tmp_path: Path, tiny_vit_weights: tuple[str, Path],
     outputs = _outputs(notebook)
     assert "image/png" in outputs  # the montage, the ROC curve and the PCA were drawn
     assert "/status" in outputs  # the client's widget shows the dashboard link
+    assert _warnings(notebook) == []  # e.g. none from xarray about unconsolidated stores
 
 
 def test_hpc_notebook_shows_a_gpu_job_script(tmp_path: Path) -> None:

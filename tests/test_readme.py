@@ -6,6 +6,7 @@ CLI's own parser; the README's main command (``raptorz demo``) and its tour run 
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -88,27 +89,38 @@ def test_readme_jobqueue_config_asks_for_a_gpu(tmp_path: Path,
     assert "source /path/to/raptorz/.venv/bin/activate" in script
 
 
-def _run(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def _offline(tmp_path: Path) -> dict[str, str]:
+    """This environment, offline and with an empty Hugging Face cache: the same situation
+    on every machine, whatever it has cached or can reach."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    return {**env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-home")}
+
+
+def _run(command: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     words = shlex.split(command)
     raptorz = [sys.executable, "-m", "raptorz.cli.main"]
     return subprocess.run([*raptorz, *words[1:]], cwd=cwd, capture_output=True, text=True,
-                          timeout=1200, check=False)
+                          timeout=1200, check=False, env=env)
 
 
 @pytest.mark.slow
 def test_readme_main_command_and_tour_run(tmp_path: Path) -> None:
     demo = _blocks(README, "bash")[0].splitlines()[0].split("&&")[-1].strip()
-    result = _run(demo, tmp_path)
+    env = _offline(tmp_path)
+    result = _run(demo, tmp_path, env)
     assert result.returncode == 0, result.stderr[-3000:]
     for line in ("dashboard:", "volumes:", "embeddings:", "results:"):
         assert line in result.stdout
-    assert "RANDOM weights" in result.stdout  # no weights can be had here, and it says so
+    # offline with an empty cache, the demo must say that its weights are random
+    assert ("weights:     not in the Hugging Face cache and the hub is out of reach; using "
+            "seeded RANDOM weights") in result.stdout
+    assert "note:        random encoder weights" in result.stdout
     workdir = tmp_path / "raptorz-demo"
     assert (workdir / "results" / "metrics.json").is_file()
     tour = _commands(_blocks(README, "bash")[1])
     assert len(tour) == 11
     for command in tour:
-        result = _run(command, tmp_path)
+        result = _run(command, tmp_path, env)
         assert result.returncode == 0, f"`{command}`: {result.stderr[-3000:]}"
     assert len(list((tmp_path / "embs").rglob("*.npy"))) == 2 * 16  # two projectors
     assert (tmp_path / "results-mlp" / "metrics.json").is_file()

@@ -36,7 +36,7 @@ def test_manifest_start_many(folder: Path) -> None:
     assert [(s.id, s.path) for s in chosen] == [("a", str(folder / "a.nii.gz"))]
     assert [s.id for s in resolve_sources(manifest=manifest, folder=folder, start=1)] == [
         "a", "b"]
-    with pytest.raises(RaptorzError, match="selects none"):
+    with pytest.raises(InputError, match="start: 5 is past the last of the 3 volumes"):
         resolve_sources(manifest=manifest, start=5)
 
 

@@ -277,7 +277,8 @@ def add_projections(path: str | Path, projectors: Sequence[Projector],
     Needs a store written with ``keep_tokens``. Each new projector becomes a variable
     (and its matrix) like those of the embedding run; later ``raptorz embed`` resumes of
     the same store compute it too. A projector already in the store with the same
-    checksum is skipped.
+    checksum is skipped. The store's consolidated metadata is rewritten after the new
+    variables are added and again after the attributes list them.
 
     Returns
     -------
@@ -309,6 +310,7 @@ def add_projections(path: str | Path, projectors: Sequence[Projector],
     added.attrs = dict(ds.attrs)  # appending rewrites the group's attributes
     added.drop_vars(["id", "plane", "token", "token_kind"]).to_zarr(
         path, mode="a", compute=False, consolidated=False)
+    stores.consolidate(path)  # new variables: readers see them (the attrs list them last)
     ok = stores.read_status(path) == stores.OK
     per_write = max(1, block // unit) * unit  # whole units: a shard is written whole
     for start in range(0, len(ok), per_write):
@@ -322,9 +324,8 @@ def add_projections(path: str | Path, projectors: Sequence[Projector],
         xr.Dataset({name: (("id", "plane", k_dim(name), "token"), value)
                     for name, value in projected.items()}).to_zarr(
             path, region={"id": span}, consolidated=False)
-    group = zarr.open_group(path, mode="r+")
-    group.attrs["projectors"] = {**stored, **{p.name: stores.json_attr(p.provenance())
-                                              for p in new}}
+    stores.update_attrs(path, {"projectors": {**stored, **{p.name: p.provenance()
+                                                           for p in new}}})
     return [p.name for p in new]
 
 

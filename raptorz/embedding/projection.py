@@ -42,7 +42,17 @@ def make_projector(seed: int, dim: int, k: int) -> np.ndarray:
     --------
     >>> make_projector(0, 1024, 100).shape
     (1024, 100)
+
+    Raises
+    ------
+    InputError
+        For ``dim`` or ``k`` below 1, or a seed outside [0, 2**32).
     """
+    if dim < 1 or k < 1:
+        raise InputError(f"projector seed={seed}, dim={dim}, k={k}",
+                         "dim and k must be at least 1")
+    if not 0 <= seed < 2**32:
+        raise InputError(f"projector seed={seed}", "the seed must be in [0, 2**32)")
     return np.random.RandomState(seed).randn(dim, k)
 
 
@@ -93,7 +103,13 @@ class Projector:
 
 def create_projector(seed: int, dim: int, k: int = DEFAULT_K,
                      name: str | None = None) -> Projector:
-    """A :class:`Projector` of :func:`make_projector`; named ``seed{S}_d{D}_k{K}`` by default."""
+    """A :class:`Projector` of :func:`make_projector`; named ``seed{S}_d{D}_k{K}`` by default.
+
+    Raises
+    ------
+    InputError
+        For ``dim`` or ``k`` below 1, or a seed outside [0, 2**32) (:func:`make_projector`).
+    """
     return Projector(name or f"seed{seed}_d{dim}_k{k}", make_projector(seed, dim, k), seed)
 
 

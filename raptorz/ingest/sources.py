@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Final
 
 import numpy as np
 
+from raptorz import stores
 from raptorz.defaults import DEFAULT_MIN_SLICES
 from raptorz.errors import InputError, RaptorzError, RaptorzWarning
 from raptorz.ingest.readers import NPZ_SPLITS, Source, SourceKind, npz_images
@@ -208,9 +209,11 @@ def resolve_sources(
 
     Raises
     ------
+    InputError
+        For a ``start`` / ``many`` that select nothing (:func:`raptorz.stores.id_range`),
+        a glob matching nothing or a manifest name that escapes ``folder``.
     RaptorzError
-        For an empty selection, a glob matching nothing, a manifest name that escapes
-        ``folder``, or two volumes with the same id.
+        For two volumes with the same id.
     """
     selection = SeriesSelection(tuple(series), min_slices)
     resolved: list[Source] = []
@@ -227,12 +230,7 @@ def resolve_sources(
         manifest = Path(manifest)
         root = Path(os.path.abspath(folder if folder else manifest.parent))
         resolved += _from_manifest(manifest, root, selection)
-    if start < 0 or (many is not None and many < 1):
-        raise RaptorzError(f"--start must be >= 0 and --many >= 1 (got {start}, {many})")
-    selected = resolved[start: None if many is None else start + many]
-    if not selected:
-        raise RaptorzError(f"nothing to convert: {len(resolved)} volumes found, and "
-                           f"--start {start} --many {many} selects none")
+    selected = resolved[stores.id_range(len(resolved), start, many)]
     seen: dict[str, list[str]] = defaultdict(list)
     for source in selected:
         seen[source.id].append(str(source))
