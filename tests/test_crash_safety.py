@@ -128,11 +128,12 @@ def test_embed_task_stopped_between_data_and_status(
 
     with thread_client() as client:
         monkeypatch.setattr(stores, "write_region", dies_before_status)
-        # the task of volume 2 dies after writing its data and error text
+        # the task of volumes 2 and 3 (tasks are sized by work: 2 volumes here) dies
+        # after writing their data and error text
         stopped = embed_tiny(volumes, output, client, tiny_vit_weights)
         monkeypatch.undo()
-        assert "a task failed and its volumes stay pending" in capsys.readouterr().err
-        assert (stopped.ok, stopped.pending) == (4, 1)
+        assert "a task failed and its 2 volumes stay pending" in capsys.readouterr().err
+        assert (stopped.ok, stopped.pending) == (3, 2)
         half = open_embeddings(output).load()
         before = chunk_files(output)
         regions: list[int] = []
@@ -142,11 +143,11 @@ def test_embed_task_stopped_between_data_and_status(
         again = embed_tiny(volumes, output, client, tiny_vit_weights)
         monkeypatch.undo()
         full = embed_tiny(volumes, tmp_path / "reference.zarr", client, tiny_vit_weights)
-    assert (again.computed, again.ok, full.ok) == (1, 5, 5)
-    assert regions == [2]
+    assert (again.computed, again.ok, full.ok) == (2, 5, 5)
+    assert regions == [2, 3]
     # volume 2's data was on disk before its status; finished volumes' files are untouched
     assert not half.avgpool[2].isnull().any()
-    assert changed_chunks(before, output) == {2}
+    assert changed_chunks(before, output) == {2, 3}
     _assert_same_embeddings(output, tmp_path / "reference.zarr")
 
 

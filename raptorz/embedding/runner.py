@@ -602,14 +602,16 @@ def _write(task: EmbedTask, results: list[tuple[_Read, BlockEmbedding | None]],
     names = [p.name for p in projectors] + \
         (["tokens"] if task.settings.keep_tokens else []) + ["avgpool"]
     existing = xr.open_zarr(task.output, consolidated=False, chunks=None)
-    status = np.asarray(existing["status"][region].values).copy()
-    errors = np.asarray(existing["error"][region].values, dtype=object).copy()
+    size = task.stop - task.start
+    status, errors = np.full(size, stores.PENDING, np.int8), np.full(size, "", dtype=object)
     kept = np.setdiff1d(np.arange(task.start, task.stop), task.indices) - task.start
+    if len(kept):  # only then is anything of the units read back (it may be torn else)
+        status[kept] = np.asarray(existing["status"][region].values)[kept]
+        errors[kept] = np.asarray(existing["error"][region].values, dtype=object)[kept]
     data = {}
     for name in names:
         variable = existing[name]
-        values = np.full((task.stop - task.start, *variable.shape[1:]),
-                         np.nan, np.float32)
+        values = np.full((size, *variable.shape[1:]), np.nan, np.float32)
         if len(kept):
             values[kept] = variable[kept + task.start].values
         for read, embedded in results:
