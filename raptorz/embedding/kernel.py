@@ -48,7 +48,8 @@ class KernelSettings:
     resize
         ``stretch``, ``pad`` or ``pad_shared``.
     tokens
-        ``all`` (prefix + patch tokens, the original layout) or ``patch`` (patch only).
+        ``all`` (prefix + patch tokens, the original layout), ``patch`` (patch only) or
+        ``cls`` (the CLS token only; refused for feature-map encoders such as SAM).
     subsample
         Keep every n-th slice along each axis (centered); 1 keeps all.
     batch_size
@@ -62,7 +63,7 @@ class KernelSettings:
     planes: tuple[int, ...] = (0, 1, 2)
     preprocess: PreprocessMode = "default"
     resize: ResizeMode = "stretch"
-    tokens: Literal["all", "patch"] = "all"
+    tokens: Literal["all", "patch", "cls"] = "all"
     subsample: int = 1
     batch_size: int = 64
     dedup: bool = True
@@ -78,7 +79,7 @@ class KernelSettings:
         for name, value, allowed in (
             ("preprocess", self.preprocess, ("default", "reference")),
             ("resize", self.resize, ("stretch", "pad", "pad_shared")),
-            ("tokens", self.tokens, ("all", "patch")),
+            ("tokens", self.tokens, ("all", "patch", "cls")),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -157,8 +158,7 @@ def embed_block(volumes: np.ndarray, encoder: Encoder, projectors: Sequence[Proj
     _check_block(volumes)
     check_projectors(tuple(projectors), encoder.embed_dim, encoder.name)
     pooled, slices, constant = pool_tokens(volumes, encoder, settings)
-    if settings.tokens == "patch":
-        pooled = pooled[:, :, encoder.num_prefix_tokens:]
+    pooled = pooled[:, :, encoder.token_slice(settings.tokens)]
     return BlockEmbedding(
         projections=project_tokens(pooled, projectors),
         tokens=pooled.astype(np.float32) if settings.keep_tokens else None,
@@ -251,7 +251,8 @@ def _images(batch: list[np.ndarray], encoder: Encoder, settings: KernelSettings,
             runs.append(prepare_images(np.stack(batch[start:end]), img_size=encoder.img_size,
                                        preprocess=settings.preprocess,
                                        resize=settings.resize, canvas=canvas,
-                                       device=encoder.device))
+                                       device=encoder.device, mean=encoder.mean,
+                                       std=encoder.std, fit=encoder.resize))
             start = end
     return torch.cat(runs)
 

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raptorz.embedding.encoders import IMAGENET_MEAN, IMAGENET_STD
+from raptorz.embedding.encoders._config import InputResize
+
 PreprocessMode = Literal["default", "reference"]
 ResizeMode = Literal["stretch", "pad", "pad_shared"]
 
-#: ImageNet normalization of the DINOv2 family.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def slice_indices(length: int, subsample: int = 1) -> np.ndarray:
@@ -72,8 +72,10 @@ def pad_to_square(slices: torch.Tensor, size: int) -> torch.Tensor:
 
 def prepare_images(slices: np.ndarray, *, img_size: int = 224,
                    preprocess: PreprocessMode = "default", resize: ResizeMode = "stretch",
-                   canvas: int | None = None,
-                   device: torch.device | str = "cpu") -> torch.Tensor:
+                   canvas: int | None = None, device: torch.device | str = "cpu",
+                   mean: tuple[float, ...] = IMAGENET_MEAN,
+                   std: tuple[float, ...] = IMAGENET_STD,
+                   fit: InputResize = "stretch") -> torch.Tensor:
     """Encoder input of a stack of same-shaped slices.
 
     Parameters
@@ -90,6 +92,11 @@ def prepare_images(slices: np.ndarray, *, img_size: int = 224,
         Square side for ``pad_shared`` (:func:`canvas_size`); ignored otherwise.
     device
         Where the images are made and returned.
+    mean, std
+        The encoder's normalisation on the [0, 1] scale (``Encoder.mean``, ``.std``).
+    fit
+        The encoder's resize: ``stretch`` to the square, or SAM's ``longest_side`` (aspect
+        kept, zero padding right and bottom after normalisation).
 
     Returns
     -------
@@ -104,14 +111,34 @@ def prepare_images(slices: np.ndarray, *, img_size: int = 224,
     if resize != "stretch":
         side = canvas if resize == "pad_shared" and canvas else max(images.shape[-2:])
         images = pad_to_square(images, side)
-    if images.shape[-2:] != (img_size, img_size):
-        images = F.interpolate(images, size=(img_size, img_size), mode="bicubic",
-                               align_corners=False)
+    size = fitted_size(images.shape[-2:], img_size, fit)
+    if images.shape[-2:] != size:
+        images = F.interpolate(images, size=size, mode="bicubic", align_corners=False)
     if preprocess == "reference":
         images = _reference_quantize_crop(images, img_size).to(device)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device)[:, None, None]
-    return (images.float().expand(-1, 3, -1, -1) - mean) / std
+    mean_ = torch.tensor(mean, dtype=torch.float32, device=device)[:, None, None]
+    std_ = torch.tensor(std, dtype=torch.float32, device=device)[:, None, None]
+    normalised = (images.float().expand(-1, 3, -1, -1) - mean_) / std_
+    height, width = normalised.shape[-2:]
+    # SAM pads after normalisation, so the padding is 0 in normalised units
+    return F.pad(normalised, (0, img_size - width, 0, img_size - height))
+
+
+def fitted_size(shape: tuple[int, ...] | torch.Size, img_size: int,
+                fit: InputResize) -> tuple[int, int]:
+    """Size a ``(h, w)`` slice is resized to: the square, or SAM's longest side rule.
+
+    Examples
+    --------
+    >>> fitted_size((30, 60), 1024, "longest_side")
+    (512, 1024)
+    """
+    if fit == "stretch":
+        return img_size, img_size
+    height, width = int(shape[-2]), int(shape[-1])
+    scale = img_size / max(height, width)
+    # segment_anything's ResizeLongestSide.get_preprocess_shape: round half up
+    return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
 def _reference_quantize_crop(images: torch.Tensor, img_size: int) -> torch.Tensor:

@@ -66,7 +66,7 @@ class EncoderOptions:
     name: str = DEFAULT_ENCODER
     weights: str | None = None
     precision: Precision | None = None
-    img_size: int = 224
+    img_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ def embed(
         template = embeddings_template(
             list(ids), plane_names=[PLANE_NAMES[p] for p in settings.planes], projectors=loaded,
             token_kind=token_kinds(info["num_tokens"], info["num_prefix_tokens"],
-                                   keep_prefix=settings.tokens == "all"),
+                                   tokens=settings.tokens),
             embed_dim=info["embed_dim"], keep_tokens=settings.keep_tokens,
             attrs={**attrs, "encoder": info},
         )
