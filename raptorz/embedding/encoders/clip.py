@@ -46,11 +46,16 @@ _LLAVA_PREFIX = "model.vision_tower.vision_tower."
 
 
 def from_transformers_layout(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A transformers ``CLIPVisionModel`` / ``CLIPModel`` state dict in timm's layout."""
+    """A transformers ``CLIPVisionModel`` / ``CLIPModel`` state dict in timm's layout.
+
+    ``CLIPModel`` files name the tower ``vision_model.*`` beside the text tower; a
+    ``CLIPVisionModel`` saved by transformers 5 has no prefix.
+    """
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, dict[str, torch.Tensor]] = {}
+    prefixed = any(k.startswith("vision_model.") for k in state_dict)
     for key, value in state_dict.items():
-        if not key.startswith("vision_model."):
+        if prefixed and not key.startswith("vision_model."):
             continue  # the text tower and the projections
         key = key.removeprefix("vision_model.")
         if key == "embeddings.class_embedding":
@@ -78,7 +83,8 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor],
         state_dict = {k.removeprefix(_LLAVA_PREFIX): v for k, v in state_dict.items()
                       if k.startswith(_LLAVA_PREFIX)}
         layout = "llava"
-    if any(k.startswith("vision_model.") for k in state_dict):
+    if any(k.startswith("vision_model.") or k == "embeddings.class_embedding"
+           for k in state_dict):
         state_dict = from_transformers_layout(state_dict)
         layout = "transformers" if layout == "timm" else layout
     elif any(k.startswith(("visual.", "module.visual.")) for k in state_dict):

@@ -35,13 +35,15 @@ _GLOBAL = {
 }
 _LAYER = {
     "norm1": "norm1", "norm2": "norm2",
-    "attention.output.dense": "attn.proj",
+    "attention.output.dense": "attn.proj", "attention.o_proj": "attn.proj",
     "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
     "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
     "mlp.weights_in": "mlp.w12", "mlp.weights_out": "mlp.w3",  # SwiGLU of dinov2-giant
 }
 _LAYER_KEY = re.compile(r"encoder\.layer\.(\d+)\.(.+)")
-_QKV = re.compile(r"attention\.attention\.(query|key|value)\.(weight|bias)")
+# the hub files' names, and transformers 5's names in memory (``q_proj``...)
+_QKV = re.compile(r"attention\.(?:attention\.(query|key|value)|([qkv])_proj)\.(weight|bias)")
+_QKV_NAMES = {"q": "query", "k": "key", "v": "value"}
 
 
 def from_transformers_layout(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -63,7 +65,8 @@ def from_transformers_layout(state_dict: Mapping[str, torch.Tensor]) -> dict[str
         layer, rest = match.groups()
         part = _QKV.fullmatch(rest)
         if part is not None:
-            fused.setdefault(f"blocks.{layer}.attn.qkv.{part[2]}", {})[part[1]] = value
+            which = part[1] or _QKV_NAMES[part[2]]
+            fused.setdefault(f"blocks.{layer}.attn.qkv.{part[3]}", {})[which] = value
             continue
         module, _, param = rest.rpartition(".")
         if rest in _LAYER:  # layer_scale lambdas have no ".weight"

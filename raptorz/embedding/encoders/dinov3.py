@@ -21,7 +21,6 @@ import torch
 
 from raptorz.embedding.encoders._config import EncoderConfig, register_encoder, register_family
 from raptorz.embedding.encoders._weights import timm_filter
-from raptorz.errors import RaptorzError
 
 FAMILY = "dinov3"
 LAYOUTS = ("timm", "dinov3", "transformers")
@@ -86,7 +85,7 @@ def _drop_zero_qkv_bias(state_dict: dict[str, torch.Tensor],
         if key.endswith("attn.qkv.bias"):
             q, _, v = value.chunk(3)
             if q.any() or v.any():
-                raise RaptorzError(f"{key} holds non-zero query / value biases that this "
+                raise ValueError(f"{key} holds non-zero query / value biases that this "
                                    "model has not: use the timm model with '_qkvb' in its name")
             continue
         out[key] = value
