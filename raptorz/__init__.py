@@ -25,7 +25,13 @@ if TYPE_CHECKING:
     from raptorz.downstream.model import FittedModel, load_model, predict
     from raptorz.downstream.pca import embedding_pca
     from raptorz.embedding.embeddings import add_projections, export_npy, open_embeddings
-    from raptorz.embedding.encoders import DEFAULT_ENCODER, RANDOM_WEIGHTS, Encoder, create_encoder
+    from raptorz.embedding.encoders import (
+        DEFAULT_ENCODER,
+        RANDOM_WEIGHTS,
+        Encoder,
+        create_encoder,
+        list_encoders,
+    )
     from raptorz.embedding.kernel import (
         PLANE_NAMES,
         BlockEmbedding,
@@ -57,8 +63,8 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["HeadSettings"], "defaults"),
     **dict.fromkeys(["make_demo_data", "run_demo"], "demo"),
     **dict.fromkeys(["add_projections", "export_npy", "open_embeddings"], "embedding.embeddings"),
-    **dict.fromkeys(["DEFAULT_ENCODER", "RANDOM_WEIGHTS", "Encoder", "create_encoder"],
-                    "embedding.encoders"),
+    **dict.fromkeys(["DEFAULT_ENCODER", "RANDOM_WEIGHTS", "Encoder", "create_encoder",
+                     "list_encoders"], "embedding.encoders"),
     **dict.fromkeys(["FitResult", "FitSettings", "fit"], "downstream.fitting"),
     **dict.fromkeys(["Intensity", "parse_intensity"], "ingest.intensity"),
     **dict.fromkeys(["PLANE_NAMES", "BlockEmbedding", "KernelSettings", "embed_block",

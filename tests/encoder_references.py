@@ -128,6 +128,7 @@ def sam_segment_anything(path: Path, *, name: str = "raptorz_tiny_sam") -> Refer
         mask_decoder=MaskDecoder(transformer_dim=16, transformer=TwoWayTransformer(
             depth=1, embedding_dim=16, mlp_dim=32, num_heads=2), num_multimask_outputs=3,
             iou_head_depth=1, iou_head_hidden_dim=16)), 14)
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(sam.state_dict(), path)
     overrides = {} if name == "raptorz_tiny_sam" else {
         "img_size": 64, "depth": 2, "embed_dim": 32, "num_heads": 2, "window_size": 2,

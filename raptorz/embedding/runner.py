@@ -54,7 +54,7 @@ from raptorz.embedding.encoders import (
 )
 from raptorz.embedding.kernel import PLANE_NAMES, KernelSettings, embed_block
 from raptorz.embedding.projection import Projector, load_projector
-from raptorz.errors import InputError
+from raptorz.errors import InputError, RaptorzError
 
 VOLUMES_KIND = "volumes"
 
@@ -189,6 +189,8 @@ def embed(
         resources = {GPU_RESOURCE: 1} if advertises_gpus(client) else None
         info = client.submit(_encoder_provenance, options, resources=resources,
                              pure=False).result()
+        if "refused" in info:
+            raise RaptorzError(info["refused"])
         template = embeddings_template(
             list(ids), plane_names=[PLANE_NAMES[p] for p in settings.planes], projectors=loaded,
             token_kind=token_kinds(info["num_tokens"], info["num_prefix_tokens"],
@@ -319,7 +321,11 @@ def worker_encoder(options: EncoderOptions) -> Encoder:
 
 def _encoder_provenance(options: EncoderOptions) -> dict[str, Any]:
     with _KERNEL_LOCK:
-        return worker_encoder(options).provenance()
+        try:
+            return worker_encoder(options).provenance()
+        except RaptorzError as error:
+            # returned, not raised: a raised one is also logged by the worker (printed twice)
+            return {"refused": str(error)}
 
 
 def _worker_projectors(output: str) -> list[Projector]:

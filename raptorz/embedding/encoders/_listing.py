@@ -68,6 +68,12 @@ def describe(config: EncoderConfig) -> EncoderInfo:
                        parameters=sum(p.numel() for p in model.parameters()))
 
 
+#: The order ``raptorz encoders`` lists the families in: the paper's default first.
+_FAMILY_ORDER = ("dinov2", "dinov3", "clip", "open_clip", "sam")
+
+
 def list_encoders(*, tests: bool = False) -> list[EncoderInfo]:
     """Every named encoder (the tiny test models too with ``tests=True``), described."""
-    return [describe(c) for c in registered() if tests or c.published]
+    configs = sorted((c for c in registered() if tests or c.published),
+                     key=lambda c: _FAMILY_ORDER.index(c.family))  # stable within a family
+    return [describe(c) for c in configs]
