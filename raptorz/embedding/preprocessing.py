@@ -3,7 +3,9 @@
 ``default``
     Each slice is resized to ``img_size`` x ``img_size`` by bicubic interpolation on the
     device (float32, ``align_corners=False``, no antialias: the original's first step),
-    the gray value copied to 3 channels and normalized with the ImageNet mean and std.
+    the gray value copied to 3 channels and normalized with the encoder's mean and std
+    (ImageNet's by default). SAM's encoders resize the longest side instead and are
+    zero-padded right and bottom after normalisation (``fit="longest_side"``).
     No 8-bit quantization, no crop: the encoder sees the whole slice at full precision.
 ``reference``
     Reproduces the original tool step by step (see ``raptor-method.md``): bicubic to 224

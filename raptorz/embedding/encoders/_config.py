@@ -110,7 +110,9 @@ class EncoderConfig:
         return {"name": self.name, "architecture": self.architecture, "family": self.family,
                 "img_size": self.img_size, "mean": list(self.mean), "std": list(self.std),
                 "pixel_scale": self.pixel_scale, "resize": self.resize,
-                "output": self.output, "model_kwargs": dict(self.model_kwargs)}
+                "output": self.output,
+                "model_kwargs": {k: v if isinstance(v, (bool, int, float, str, tuple)) else
+                                 repr(v) for k, v in self.model_kwargs.items()}}
 
 
 _CONFIGS: dict[str, EncoderConfig] = {}

@@ -15,6 +15,7 @@ resizes the image to 1024 x 1024 and feeds it in [0, 1] without normalisation.
 
 from __future__ import annotations
 
+from functools import partial
 from types import MappingProxyType
 
 import torch
@@ -26,6 +27,9 @@ FAMILY = "sam"
 LAYOUTS = ("timm", "segment_anything")
 SAM_MEAN = (123.675, 116.28, 103.53)
 SAM_STD = (58.395, 57.12, 57.375)
+#: segment_anything's blocks normalise with eps 1e-6; timm's SAM definition defaults to 1e-5,
+#: a 6e-6 relative difference in the tokens.
+_SAM_NORM = MappingProxyType({"norm_layer": partial(torch.nn.LayerNorm, eps=1e-6)})
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor],
@@ -45,7 +49,7 @@ for _short, (_size, _file, _auroc) in _SAM.items():
         name=f"sam-{_short}", architecture=f"samvit_{_size}_patch16.sa1b", family=FAMILY,
         description=f"Segment Anything ViT-{_short.upper()} image encoder (Meta)",
         img_size=1024, mean=SAM_MEAN, std=SAM_STD, pixel_scale=255.0, resize="longest_side",
-        output="feature_map", layouts=LAYOUTS,
+        output="feature_map", layouts=LAYOUTS, model_kwargs=_SAM_NORM,
         weights_from=f"{_file} from github.com/facebookresearch/segment-anything, or "
         f"timm/samvit_{_size}_patch16.sa1b",
         paper_auroc=_auroc,
@@ -55,13 +59,13 @@ register_encoder(EncoderConfig(
     name="medsam", architecture="samvit_base_patch16", family=FAMILY,
     description="MedSAM: SAM ViT-B fine-tuned on medical images (Ma et al. 2024)",
     img_size=1024, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), output="feature_map",
-    layouts=LAYOUTS,
+    layouts=LAYOUTS, model_kwargs=_SAM_NORM,
     weights_from="medsam_vit_b.pth from github.com/bowang-lab/MedSAM (segment_anything layout)",
     paper_auroc=0.872,
 ))
 
-_TINY = MappingProxyType({"depth": 2, "embed_dim": 32, "num_heads": 2, "window_size": 2,
-                          "global_attn_indexes": (1,), "neck_chans": 16})
+_TINY = MappingProxyType({**_SAM_NORM, "depth": 2, "embed_dim": 32, "num_heads": 2,
+                          "window_size": 2, "global_attn_indexes": (1,), "neck_chans": 16})
 register_encoder(EncoderConfig(
     name="raptorz_tiny_sam", architecture="samvit_base_patch16", family=FAMILY,
     description="test model: SAM-style, 2 blocks, width 32, neck 16 on 4 x 4 at 64 px",
