@@ -96,26 +96,31 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor],
 
 register_family(FAMILY, checkpoint_filter_fn)
 
-_SIZES = {"s": "small", "b": "base", "l": "large", "g": "giant"}
-for _short, _size in _SIZES.items():
-    _letter = _short.upper()
-    register_encoder(EncoderConfig(
-        name=f"dinov2-{_short}", architecture=f"vit_{_size}_patch14_dinov2.lvd142m",
-        family=FAMILY, description=f"DINOv2 ViT-{_letter}/14 (Meta, LVD-142M)",
-        layouts=LAYOUTS, hub_repos=(f"facebook/dinov2-{_size}",),
-        weights_from=f"hf: facebook/dinov2-{_size} or timm/vit_{_size}_patch14_dinov2.lvd142m;"
-        f" dinov2_vit{_short}14_pretrain.pth from github.com/facebookresearch/dinov2",
-        paper_auroc=0.907 if _short == "l" else None,
-    ))
-    register_encoder(EncoderConfig(
-        name=f"dinov2-{_short}-reg", architecture=f"vit_{_size}_patch14_reg4_dinov2.lvd142m",
-        family=FAMILY, description=f"DINOv2 ViT-{_letter}/14 with 4 registers (Meta)",
-        layouts=LAYOUTS, hub_repos=(f"facebook/dinov2-with-registers-{_size}",),
-        weights_from=f"hf: facebook/dinov2-with-registers-{_size} or "
-        f"timm/vit_{_size}_patch14_reg4_dinov2.lvd142m; dinov2_vit{_short}14_reg4_pretrain.pth "
-        "from github.com/facebookresearch/dinov2",
-    ))
 
+def _register_sizes() -> None:
+    """dinov2-{s,b,l,g} and their 4-register variants."""
+    for short, size in {"s": "small", "b": "base", "l": "large", "g": "giant"}.items():
+        letter = short.upper()
+        register_encoder(EncoderConfig(
+            name=f"dinov2-{short}", architecture=f"vit_{size}_patch14_dinov2.lvd142m",
+            family=FAMILY, description=f"DINOv2 ViT-{letter}/14 (Meta, LVD-142M)",
+            layouts=LAYOUTS, hub_repos=(f"facebook/dinov2-{size}",),
+            weights_from=f"hf: facebook/dinov2-{size} or timm/vit_{size}_patch14_dinov2."
+            f"lvd142m; dinov2_vit{short}14_pretrain.pth from github.com/facebookresearch/dinov2",
+            paper_auroc=0.907 if short == "l" else None,
+        ))
+        register_encoder(EncoderConfig(
+            name=f"dinov2-{short}-reg",
+            architecture=f"vit_{size}_patch14_reg4_dinov2.lvd142m", family=FAMILY,
+            description=f"DINOv2 ViT-{letter}/14 with 4 registers (Meta)", layouts=LAYOUTS,
+            hub_repos=(f"facebook/dinov2-with-registers-{size}",),
+            weights_from=f"hf: facebook/dinov2-with-registers-{size} or "
+            f"timm/vit_{size}_patch14_reg4_dinov2.lvd142m; dinov2_vit{short}14_reg4_pretrain.pth"
+            " from github.com/facebookresearch/dinov2",
+        ))
+
+
+_register_sizes()
 register_encoder(EncoderConfig(
     name="rad-dino", architecture="vit_base_patch14_dinov2", family=FAMILY,
     description="RAD-DINO: DINOv2 ViT-B/14 trained on chest X-rays (Microsoft)",

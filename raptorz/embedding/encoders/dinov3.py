@@ -107,17 +107,23 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor],
 
 register_family(FAMILY, checkpoint_filter_fn)
 
-_SIZES = {"s": ("small", "vits16"), "s+": ("small_plus", "vits16plus"),
-          "b": ("base", "vitb16"), "l": ("large", "vitl16"), "h+": ("huge_plus", "vith16plus")}
-for _short, (_size, _meta) in _SIZES.items():
-    register_encoder(EncoderConfig(
-        name=f"dinov3-{_short}", architecture=f"vit_{_size}_patch16_dinov3.lvd1689m",
-        family=FAMILY, description=f"DINOv3 ViT-{_short.upper()}/16, 4 registers (Meta)",
-        layouts=LAYOUTS, hub_repos=(f"facebook/dinov3-{_meta}-pretrain-lvd1689m",),
-        weights_from=f"hf: facebook/dinov3-{_meta}-pretrain-lvd1689m (gated) or "
-        f"timm/vit_{_size}_patch16_dinov3.lvd1689m; dinov3_{_meta}_pretrain_lvd1689m-*.pth "
-        "from github.com/facebookresearch/dinov3",
-    ))
+
+def _register_sizes() -> None:
+    """dinov3-{s,s+,b,l,h+}: the distilled ViT/16 releases (7B is left out)."""
+    sizes = {"s": ("small", "vits16"), "s+": ("small_plus", "vits16plus"),
+             "b": ("base", "vitb16"), "l": ("large", "vitl16"), "h+": ("huge_plus", "vith16plus")}
+    for short, (size, meta) in sizes.items():
+        register_encoder(EncoderConfig(
+            name=f"dinov3-{short}", architecture=f"vit_{size}_patch16_dinov3.lvd1689m",
+            family=FAMILY, description=f"DINOv3 ViT-{short.upper()}/16, 4 registers (Meta)",
+            layouts=LAYOUTS, hub_repos=(f"facebook/dinov3-{meta}-pretrain-lvd1689m",),
+            weights_from=f"hf: facebook/dinov3-{meta}-pretrain-lvd1689m (gated) or "
+            f"timm/vit_{size}_patch16_dinov3.lvd1689m; dinov3_{meta}_pretrain_lvd1689m-*.pth "
+            "from github.com/facebookresearch/dinov3",
+        ))
+
+
+_register_sizes()
 
 register_encoder(EncoderConfig(
     name="raptorz_tiny_dinov3", architecture="vit_small_patch16_dinov3", family=FAMILY,

@@ -42,18 +42,26 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor],
 
 register_family(FAMILY, checkpoint_filter_fn)
 
-_SAM = {"b": ("base", "sam_vit_b_01ec64.pth", 0.850), "l": ("large", "sam_vit_l_0b3195.pth", None),
-        "h": ("huge", "sam_vit_h_4b8939.pth", None)}
-for _short, (_size, _file, _auroc) in _SAM.items():
-    register_encoder(EncoderConfig(
-        name=f"sam-{_short}", architecture=f"samvit_{_size}_patch16.sa1b", family=FAMILY,
-        description=f"Segment Anything ViT-{_short.upper()} image encoder (Meta)",
-        img_size=1024, mean=SAM_MEAN, std=SAM_STD, pixel_scale=255.0, resize="longest_side",
-        output="feature_map", layouts=LAYOUTS, model_kwargs=_SAM_NORM,
-        weights_from=f"{_file} from github.com/facebookresearch/segment-anything, or "
-        f"timm/samvit_{_size}_patch16.sa1b",
-        paper_auroc=_auroc,
-    ))
+
+def _register_sizes() -> None:
+    """sam-{b,l,h}: Meta's three image encoders."""
+    sizes = {"b": ("base", "sam_vit_b_01ec64.pth", 0.850),
+             "l": ("large", "sam_vit_l_0b3195.pth", None),
+             "h": ("huge", "sam_vit_h_4b8939.pth", None)}
+    for short, (size, file, auroc) in sizes.items():
+        register_encoder(EncoderConfig(
+            name=f"sam-{short}", architecture=f"samvit_{size}_patch16.sa1b", family=FAMILY,
+            description=f"Segment Anything ViT-{short.upper()} image encoder (Meta)",
+            img_size=1024, mean=SAM_MEAN, std=SAM_STD, pixel_scale=255.0,
+            resize="longest_side", output="feature_map", layouts=LAYOUTS,
+            model_kwargs=_SAM_NORM,
+            weights_from=f"{file} from github.com/facebookresearch/segment-anything, or "
+            f"timm/samvit_{size}_patch16.sa1b",
+            paper_auroc=auroc,
+        ))
+
+
+_register_sizes()
 
 register_encoder(EncoderConfig(
     name="medsam", architecture="samvit_base_patch16", family=FAMILY,
