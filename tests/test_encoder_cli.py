@@ -114,6 +114,21 @@ def test_weights_error_is_printed_once(volumes: Path, tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr and len(result.stderr) < 2000
 
 
+def test_projector_of_another_width_is_refused_before_any_volume(
+        volumes: Path, tmp_path: Path, address: str, capsys: pytest.CaptureFixture[str]) -> None:
+    reference = sam_segment_anything(tmp_path / "sam.pth")  # width 16
+    projector = tmp_path / "p.npy"
+    assert main(["projector", "--seed", "0", "--dim", "64", "--k", "2", "-o",
+                 str(projector)]) == 0
+    output = tmp_path / "e.zarr"
+    assert main(["embed", str(volumes), "-o", str(output), "--projector", str(projector),
+                 "--encoder", reference.name, "--weights", str(reference.path),
+                 "--cluster", address]) == 2
+    assert "projector has d = 64 rows but encoder raptorz_tiny_sam gives tokens of width 16" \
+        in capsys.readouterr().err
+    assert not output.exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_family_embeds_and_fits_through_the_cli(family: str, volumes: Path,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -125,6 +129,28 @@ def test_misfit_weights_are_summarised_once_not_dumped(tmp_path: Path) -> None:
 def test_empty_model_folder_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="holds no weights file"):
         create_encoder("raptorz_tiny_dinov2", weights=tmp_path)
+
+
+@pytest.mark.slow
+def test_named_encoders_find_the_copies_users_have_in_the_hub_cache(tmp_path: Path) -> None:
+    """Offline, BiomedCLIP's open_clip file in the Hugging Face cache is found and used."""
+    repo = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+    entry = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text("0123abc")
+    ref = biomedclip_open_clip(entry / "snapshots" / "0123abc")
+    script = textwrap.dedent("""
+        from raptorz.embedding.encoders import create_encoder, weights_available
+        print("AVAILABLE", weights_available("biomedclip"), weights_available("rad-dino"))
+        encoder = create_encoder("biomedclip", depth=2, embed_dim=64, num_heads=2)
+        print("SOURCE", encoder.weights_source, encoder.layout)
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "HF_HOME": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, check=True)
+    assert "AVAILABLE True False" in result.stdout
+    assert f"SOURCE {ref.path / 'open_clip_pytorch_model.bin'} open_clip" in result.stdout
 
 
 def test_named_encoders_without_timm_weights_say_where_to_get_them() -> None:
