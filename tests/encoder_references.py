@@ -57,19 +57,24 @@ def dinov2_transformers(folder: Path, *, registers: bool = False, name: str = ""
                      lambda x: model(pixel_values=x).last_hidden_state)
 
 
-def dinov3_transformers(folder: Path) -> Reference:
-    """transformers ``DINOv3ViTModel`` with zero query / value biases, as Meta's releases."""
+def dinov3_transformers(folder: Path, *, gated: bool = False) -> Reference:
+    """transformers ``DINOv3ViTModel`` with zero query / value biases, as Meta's releases.
+
+    ``gated``: the SwiGLU MLP of DINOv3 ViT-H+, tested as ``dinov3-h+`` cut to tiny size.
+    """
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
+    mlp = {"use_gated_mlp": True, "hidden_act": "silu"} if gated else {}
     model: Any = _eval(DINOv3ViTModel(DINOv3ViTConfig(
-        **TINY, patch_size=16, image_size=224, num_register_tokens=4)), 11)
+        **TINY, patch_size=16, image_size=224, num_register_tokens=4, **mlp)), 11)
     with torch.no_grad():
         for key, value in model.named_parameters():
             if key.endswith(("q_proj.bias", "v_proj.bias")):
                 value.zero_()
     model.save_pretrained(folder)
-    return Reference("raptorz_tiny_dinov3", folder, "transformers",
-                     lambda x: model(pixel_values=x).last_hidden_state)
+    return Reference("dinov3-h+" if gated else "raptorz_tiny_dinov3", folder, "transformers",
+                     lambda x: model(pixel_values=x).last_hidden_state,
+                     {"depth": 2, "embed_dim": 64, "num_heads": 2} if gated else {})
 
 
 def clip_transformers(folder: Path, *, llava: bool = False) -> Reference:

@@ -35,12 +35,13 @@ def _dinov2(hidden: int, layers: int, heads: int, swiglu: bool = False) -> Calla
         intermediate_size=4 * hidden, use_swiglu_ffn=swiglu, image_size=518, patch_size=14))
 
 
-def _dinov3(hidden: int, layers: int, heads: int) -> Callable[[], Any]:
+def _dinov3(hidden: int, layers: int, heads: int, gated: bool = False) -> Callable[[], Any]:
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
     return lambda: DINOv3ViTModel(DINOv3ViTConfig(
         hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=4 * hidden, num_register_tokens=4, patch_size=16))
+        intermediate_size=4 * hidden, num_register_tokens=4, patch_size=16,
+        use_gated_mlp=gated))
 
 
 def _clip(image: int) -> Callable[[], Any]:
@@ -68,7 +69,8 @@ REFERENCES: dict[str, tuple[Callable[[], Any], Callable[[Any], int]]] = {
     # and DINOv3's mask token and zero query / value biases, which timm leaves out
     **{f"dinov3-{s}": (_dinov3(*dims), lambda ref: ref.config.hidden_size * (
         1 + 2 * ref.config.num_hidden_layers)) for s, dims in {
-        "s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}.items()},
+        "s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16),
+        "h+": (1280, 32, 20, True)}.items()},
     "clip-l14": (_clip(224), lambda ref: 0),
     "clip-l14-336": (_clip(336), lambda ref: 0),
     # LLaVA's tower stops one block early and has no final norm

@@ -36,6 +36,7 @@ BUILDERS: dict[str, Callable[[Path], Reference]] = {
     "dinov2-reg": lambda p: dinov2_transformers(p, registers=True),
     "rad-dino": lambda p: dinov2_transformers(p, name="rad-dino", img_size=518),
     "dinov3": dinov3_transformers,
+    "dinov3-h+": lambda p: dinov3_transformers(p, gated=True),
     "clip": lambda p: clip_transformers(p),
     "clip-openai": clip_openai,
     "llava-med": lambda p: clip_transformers(p, llava=True),
