@@ -37,16 +37,25 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--projector", action="append", required=True, type=Path,
                         help="a (dim, k) .npy projector (raptorz projector); repeatable")
     model = parser.add_argument_group("encoder and kernel")
-    model.add_argument("--encoder", help="timm model name (default DINOv2 ViT-L/14)")
+    model.add_argument("--encoder", metavar="NAME",
+                       help="a named encoder (dinov2-l, dinov2-l-reg, dinov3-l, clip-l14, "
+                       "clip-l14-336, llava-med, sam-b, medsam, rad-dino, biomedclip...: "
+                       "`raptorz encoders` lists them) or any timm model name (default "
+                       "DINOv2 ViT-L/14, the paper's)")
     model.add_argument("--weights", type=Path,
-                       help="local weights file for the encoder (safetensors or a PyTorch "
-                       "state dict; timm, DINOv2 or transformers layout), or 'random' for "
-                       "seeded random weights (checks the pipeline; embeddings mean nothing)")
+                       help="the encoder's weights: a file (safetensors, PyTorch state dict "
+                       "or checkpoint) or a Hugging Face model folder, in any layout the "
+                       "encoder accepts (`raptorz encoders`: timm, transformers, original "
+                       "DINOv2/DINOv3, OpenAI/open_clip, segment_anything, LLaVA), or "
+                       "'random' for seeded random weights (checks the pipeline; embeddings "
+                       "mean nothing)")
     model.add_argument("--preprocess", choices=("default", "reference"), default="default",
                        help="reference reproduces the original tool's 8-bit quirks")
     model.add_argument("--resize", choices=("stretch", "pad", "pad_shared"), default="stretch")
-    model.add_argument("--tokens", choices=("all", "patch"), default="all",
-                       help="keep the CLS/prefix tokens (all, the original) or patch only")
+    model.add_argument("--tokens", choices=("all", "patch", "cls"), default="all",
+                       help="all: CLS + register + patch tokens (the original's layout); "
+                       "patch: patch tokens only (for SAM/MedSAM, every grid position); "
+                       "cls: the CLS token only (ViTs); the store labels each token's kind")
     model.add_argument("--planes", type=_planes, default=(0, 1, 2),
                        help="axes to slice along, e.g. 0,1,2 or A,C,S (default all)")
     model.add_argument("--subsample", type=int, default=1, help="keep every n-th slice")

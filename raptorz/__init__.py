@@ -28,7 +28,13 @@ if TYPE_CHECKING:
     from raptorz.downstream.scoring import ScoreResult, score_predictions, write_scores
     from raptorz.downstream.sweeps import SweepSettings, sweep
     from raptorz.embedding.embeddings import add_projections, export_npy, open_embeddings
-    from raptorz.embedding.encoders import DEFAULT_ENCODER, RANDOM_WEIGHTS, Encoder, create_encoder
+    from raptorz.embedding.encoders import (
+        DEFAULT_ENCODER,
+        RANDOM_WEIGHTS,
+        Encoder,
+        create_encoder,
+        list_encoders,
+    )
     from raptorz.embedding.kernel import (
         PLANE_NAMES,
         BlockEmbedding,
@@ -61,7 +67,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["make_demo_data", "run_demo"], "demo"),
     **dict.fromkeys(["add_projections", "export_npy", "open_embeddings"], "embedding.embeddings"),
     **dict.fromkeys(["DEFAULT_ENCODER", "RANDOM_WEIGHTS"], "defaults"),
-    **dict.fromkeys(["Encoder", "create_encoder"], "embedding.encoders"),
+    **dict.fromkeys(["Encoder", "create_encoder", "list_encoders"], "embedding.encoders"),
     **dict.fromkeys(["FitResult", "FitSettings", "fit"], "downstream.fitting"),
     **dict.fromkeys(["VoxelSettings", "voxel_baseline"], "downstream.baselines"),
     **dict.fromkeys(["Intensity", "parse_intensity"], "ingest.intensity"),

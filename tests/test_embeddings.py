@@ -24,7 +24,7 @@ from raptorz.embedding.embeddings import (
 )
 from raptorz.embedding.kernel import project_tokens
 from raptorz.embedding.projection import Projector, create_projector
-from raptorz.errors import InputError
+from raptorz.errors import InputError, RaptorzError
 
 IDS = ["sub-01", "sub-02", "sub-03", "sub-04"]
 DIM, TOKENS = 8, 5  # 1 CLS + 4 patch tokens
@@ -34,7 +34,7 @@ def _template(projectors: list[Projector], planes: tuple[int, ...] = (0, 2),
               batch_size: int = 8):
     return embeddings_template(
         IDS, plane_names=["A", "S"], projectors=projectors,
-        token_kind=token_kinds(TOKENS, 1, keep_prefix=True), embed_dim=DIM, keep_tokens=True,
+        token_kind=token_kinds(TOKENS, 1), embed_dim=DIM, keep_tokens=True,
         attrs={"settings": {"planes": planes, "batch_size": batch_size},
                "encoder": {"weights_checksum": "abc", "device": "cpu"},
                "source": {"path": "volumes.zarr", "attrs": {"created": "today"}},
@@ -74,9 +74,13 @@ def test_template_layout(tmp_path: Path) -> None:
     matrices = {p.name: p.matrix for p in stored_projectors(ds)}
     np.testing.assert_array_equal(matrices["p5"], p5.matrix)
     assert np.isnan(ds["p5"][2].values).all()  # never written: the fill value
-    assert token_kinds(7, 3, keep_prefix=True)[:4].tolist() == [
+    assert token_kinds(7, 3)[:4].tolist() == [
         "cls", "register", "register", "patch"]
-    assert token_kinds(7, 3, keep_prefix=False).tolist() == ["patch"] * 4
+    assert token_kinds(7, 3, tokens="patch").tolist() == ["patch"] * 4
+    assert token_kinds(7, 3, tokens="cls").tolist() == ["cls"]
+    assert token_kinds(16, 0).tolist() == ["patch"] * 16  # a feature map's grid positions
+    with pytest.raises(RaptorzError, match="no CLS token"):
+        token_kinds(16, 0, tokens="cls")
 
 
 def test_creation_is_race_safe(tmp_path: Path) -> None:

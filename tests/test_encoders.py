@@ -160,7 +160,7 @@ def test_small_encoder_without_weights_is_refused() -> None:
 
 
 def test_unknown_encoder_names_are_refused(tiny_vit_weights: tuple[str, Path]) -> None:
-    with pytest.raises(RaptorzError, match="not a timm model name"):
+    with pytest.raises(RaptorzError, match="neither a named encoder .* nor a timm model name"):
         create_encoder("no_such_vit")
     with pytest.raises(RaptorzError, match="no_such_vit"):
         create_encoder("no_such_vit", weights=tiny_vit_weights[1])

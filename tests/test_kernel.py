@@ -264,7 +264,7 @@ def test_projector_of_another_width_is_refused(encoder: Encoder, odd_volume: np.
 
 @pytest.mark.parametrize("kwargs", [{"planes": (0, 3)}, {"planes": (1, 1)}, {"planes": ()},
                                     {"subsample": 0}, {"batch_size": 0},
-                                    {"tokens": "cls"}, {"resize": "crop"}])
+                                    {"tokens": "first"}, {"resize": "crop"}])
 def test_settings_are_validated(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         KernelSettings(**kwargs)  # type: ignore[arg-type]

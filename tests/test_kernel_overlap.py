@@ -21,7 +21,12 @@ from raptorz.embedding.kernel import (
     encode_batches,
     pool_tokens,
 )
-from raptorz.embedding.preprocessing import prepare_images, slice_indices
+from raptorz.embedding.preprocessing import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    prepare_images,
+    slice_indices,
+)
 from raptorz.embedding.projection import create_projector
 
 
@@ -31,6 +36,7 @@ class StandIn:
     def __init__(self, seconds: float, width: int = 8, tokens: int = 5) -> None:
         self.seconds, self.name, self.device = seconds, "stand-in", torch.device("cpu")
         self.img_size, self.embed_dim = 224, width
+        self.mean, self.std, self.resize = IMAGENET_MEAN, IMAGENET_STD, "stretch"
         self.num_tokens, self.num_prefix_tokens = tokens, 1
         self.batches = 0
 
@@ -46,7 +52,7 @@ class OutOfMemoryAbove:
     def __init__(self, encoder: Encoder, most: int) -> None:
         self.inner, self.most, self.sizes = encoder, most, []
         for name in ("name", "device", "img_size", "embed_dim", "num_tokens",
-                     "num_prefix_tokens"):
+                     "num_prefix_tokens", "mean", "std", "resize", "token_slice"):
             setattr(self, name, getattr(encoder, name))
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:

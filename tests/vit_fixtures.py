@@ -48,3 +48,31 @@ def write_tiny_vit(path: Path, seed: int = 0) -> Path:
     """Save :func:`tiny_vit_state_dict` as safetensors at ``path`` and return it."""
     save_file({k: v.contiguous() for k, v in tiny_vit_state_dict(seed).items()}, str(path))
     return path
+
+
+def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Give every parameter of ``module`` seeded random values in place, and return it.
+
+    Weights ~ N(0, 1 / fan_in), norm scales near 1, layer scales near 0.5, biases and
+    tokens of a few tenths: every block matters and outputs stay O(1). Works on any
+    implementation (timm, transformers, segment_anything, open_clip), so a test can
+    draw an independent model's weights and load them into raptorz's.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, value in module.named_parameters():
+            noise = torch.randn(value.shape, generator=generator, dtype=torch.float64)
+            last = key.rsplit(".", 1)[-1]
+            if last in ("gamma", "lambda1", "gamma_1", "gamma_2") or "layer_scale" in key \
+                    or key.endswith((".ls1.gamma", ".ls2.gamma")):
+                new = 0.5 + 0.1 * noise
+            elif ("norm" in key or "ln" in key) and last == "weight":
+                new = 1.0 + 0.1 * noise
+            elif value.ndim <= 1 or last == "bias":
+                new = 0.1 * noise
+            elif last == "weight" or value.ndim == 2 and "rel_pos" not in key:
+                new = noise / value[0].numel() ** 0.5
+            else:  # tokens, position embeddings, relative positions
+                new = 0.5 * noise
+            value.copy_(new.to(value.dtype))
+    return module

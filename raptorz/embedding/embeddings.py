@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import dask.array as da
 import numpy as np
@@ -38,8 +38,8 @@ import xarray as xr
 import zarr
 
 from raptorz import stores
-from raptorz.embedding.projection import Projector
-from raptorz.errors import InputError
+from raptorz.embedding.projection import Projector, check_projectors
+from raptorz.errors import InputError, RaptorzError
 
 KIND: Final = "embeddings"
 #: Volumes per written unit (a Zarr shard of one-volume chunks) in a large store: one
@@ -68,11 +68,25 @@ def k_dim(name: str) -> str:
     return f"k_{name}"
 
 
-def token_kinds(num_tokens: int, num_prefix_tokens: int, *, keep_prefix: bool) -> np.ndarray:
-    """``cls`` / ``register`` / ``patch`` per stored token (prefix tokens first)."""
+def token_kinds(num_tokens: int, num_prefix_tokens: int, *,
+                tokens: Literal["all", "patch", "cls"] = "all") -> np.ndarray:
+    """``cls`` / ``register`` / ``patch`` per stored token (prefix tokens first).
+
+    ``tokens`` keeps all of them, the patch tokens (for a feature-map encoder such as
+    SAM, every grid position is a patch token) or the CLS token alone.
+
+    Raises
+    ------
+    RaptorzError
+        ``tokens="cls"`` for an encoder without prefix tokens.
+    """
     prefix = ["cls"] + ["register"] * (num_prefix_tokens - 1) if num_prefix_tokens else []
     kinds = [*prefix, *["patch"] * (num_tokens - num_prefix_tokens)]
-    return stores.as_strings(kinds if keep_prefix else kinds[num_prefix_tokens:])
+    if tokens == "cls" and not num_prefix_tokens:
+        raise RaptorzError("--tokens cls: this encoder has no CLS token (its tokens are "
+                           "feature-map positions); use --tokens all or patch")
+    kept = {"all": kinds, "patch": kinds[num_prefix_tokens:], "cls": kinds[:1]}[tokens]
+    return stores.as_strings(kept)
 
 
 def embeddings_template(
@@ -94,6 +108,9 @@ def embeddings_template(
     """
     n, p, t = len(ids), len(plane_names), len(token_kind)
     unit = unit or unit_size(n)
+    # projectors are sized from the encoder's width: refuse a mismatch before any work
+    encoder = attrs.get("encoder") or {}
+    check_projectors(tuple(projectors), embed_dim, encoder.get("encoder", "of this store"))
     for projector in projectors:
         if projector.name in RESERVED or projector.name.startswith(MATRIX_PREFIX):
             raise InputError(projector.name, "this projector name is reserved in the store; "

@@ -111,9 +111,7 @@ def embed_block(volumes: np.ndarray, encoder: Encoder, projectors: Sequence[Proj
     _check_block(volumes)
     check_projectors(tuple(projectors), encoder.embed_dim, encoder.name)
     result = pool_tokens(volumes, encoder, settings, progress=progress)
-    pooled = result.means
-    if settings.tokens == "patch":
-        pooled = pooled[:, :, encoder.num_prefix_tokens:]
+    pooled = result.means[:, :, encoder.token_slice(settings.tokens)]
     return BlockEmbedding(
         projections=project_tokens(pooled, projectors),
         tokens=pooled.astype(np.float32) if settings.keep_tokens else None,
@@ -201,10 +199,11 @@ class _Batch:
 class _Plan:
     """Every batch of a block, worked out on the host before the loop, indices uploaded once."""
 
-    def __init__(self, block: torch.Tensor, settings: KernelSettings, img_size: int,
+    def __init__(self, block: torch.Tensor, settings: KernelSettings, encoder: Encoder,
                  picks: list[np.ndarray], constant: list[np.ndarray] | None) -> None:
         count, planes = block.shape[0], settings.planes
-        self.settings, self.img_size = settings, img_size
+        self.settings = settings
+        self.encoder = encoder  # its own input: size, normalisation and resize rule
         self.canvas = canvas_size(tuple(block.shape[1:]), settings.resize)
         self.views = [block.movedim(axis + 1, 1) for axis in planes]  # (B, L, h, w) views
         self.groups = count * len(planes)
@@ -273,8 +272,11 @@ class _Plan:
         with torch.inference_mode():
             parts = [prepare_slices(self.views[position][self.index["b"][span],
                                                          self.index["s"][span]],
-                                    img_size=self.img_size, preprocess=self.settings.preprocess,
-                                    resize=self.settings.resize, canvas=self.canvas)
+                                    img_size=self.encoder.img_size,
+                                    preprocess=self.settings.preprocess,
+                                    resize=self.settings.resize, canvas=self.canvas,
+                                    mean=self.encoder.mean, std=self.encoder.std,
+                                    fit=self.encoder.resize)
                      for position, span in self.batches[n].runs]
             return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -285,7 +287,7 @@ def _plan(volumes: np.ndarray, encoder: Encoder, settings: KernelSettings) -> _P
     picks = [slice_indices(volumes.shape[axis + 1], settings.subsample)
              for axis in settings.planes]
     constant = _constant_values(block, settings.planes) if settings.dedup else None
-    return _Plan(block, settings, encoder.img_size, picks, constant)
+    return _Plan(block, settings, encoder, picks, constant)
 
 
 def _constant_values(block: torch.Tensor, planes: tuple[int, ...]) -> list[np.ndarray]:

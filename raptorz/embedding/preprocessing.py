@@ -3,7 +3,9 @@
 ``default``
     Each slice is resized to ``img_size`` x ``img_size`` by bicubic interpolation on the
     device (float32, ``align_corners=False``, no antialias: the original's first step),
-    the gray value copied to 3 channels and normalized with the ImageNet mean and std.
+    the gray value copied to 3 channels and normalized with the encoder's mean and std
+    (ImageNet's by default). SAM's encoders resize the longest side instead and are
+    zero-padded right and bottom after normalisation (``fit="longest_side"``).
     No 8-bit quantization, no crop: the encoder sees the whole slice at full precision.
 ``reference``
     Reproduces the original tool step by step (see ``raptor-method.md``): bicubic to 224
@@ -25,13 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raptorz.embedding.encoders import IMAGENET_MEAN, IMAGENET_STD
+from raptorz.embedding.encoders._config import InputResize
 from raptorz.embedding.settings import PreprocessMode as PreprocessMode  # re-exported
 from raptorz.embedding.settings import ResizeMode as ResizeMode  # re-exported
 from raptorz.embedding.settings import slice_indices as slice_indices  # re-exported
-
-#: ImageNet normalization of the DINOv2 family.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def iter_slices(volume: np.ndarray, axis: int,
@@ -56,8 +56,10 @@ def pad_to_square(slices: torch.Tensor, size: int) -> torch.Tensor:
 
 def prepare_images(slices: np.ndarray, *, img_size: int = 224,
                    preprocess: PreprocessMode = "default", resize: ResizeMode = "stretch",
-                   canvas: int | None = None,
-                   device: torch.device | str = "cpu") -> torch.Tensor:
+                   canvas: int | None = None, device: torch.device | str = "cpu",
+                   mean: tuple[float, ...] = IMAGENET_MEAN,
+                   std: tuple[float, ...] = IMAGENET_STD,
+                   fit: InputResize = "stretch") -> torch.Tensor:
     """Encoder input of a stack of same-shaped slices.
 
     Parameters
@@ -74,6 +76,11 @@ def prepare_images(slices: np.ndarray, *, img_size: int = 224,
         Square side for ``pad_shared`` (:func:`canvas_size`); ignored otherwise.
     device
         Where the images are made and returned.
+    mean, std
+        The encoder's normalisation on the [0, 1] scale (``Encoder.mean``, ``.std``).
+    fit
+        The encoder's resize: ``stretch`` to the square, or SAM's ``longest_side`` (aspect
+        kept, zero padding right and bottom after normalisation).
 
     Returns
     -------
@@ -82,12 +89,14 @@ def prepare_images(slices: np.ndarray, *, img_size: int = 224,
     """
     images = torch.as_tensor(np.ascontiguousarray(slices)).to(torch.device(device))
     return prepare_slices(images, img_size=img_size, preprocess=preprocess, resize=resize,
-                          canvas=canvas)
+                          canvas=canvas, mean=mean, std=std, fit=fit)
 
 
 def prepare_slices(slices: torch.Tensor, *, img_size: int = 224,
                    preprocess: PreprocessMode = "default", resize: ResizeMode = "stretch",
-                   canvas: int | None = None) -> torch.Tensor:
+                   canvas: int | None = None, mean: tuple[float, ...] = IMAGENET_MEAN,
+                   std: tuple[float, ...] = IMAGENET_STD,
+                   fit: InputResize = "stretch") -> torch.Tensor:
     """:func:`prepare_images` of slices already on their device (any float dtype).
 
     The ``default`` mode runs where ``slices`` are, with no host-device synchronisation,
@@ -103,13 +112,16 @@ def prepare_slices(slices: torch.Tensor, *, img_size: int = 224,
     if resize != "stretch":
         side = canvas if resize == "pad_shared" and canvas else max(images.shape[-2:])
         images = pad_to_square(images, side)
-    if images.shape[-2:] != (img_size, img_size):
-        images = F.interpolate(images, size=(img_size, img_size), mode="bicubic",
-                               align_corners=False)
+    size = fitted_size(images.shape[-2:], img_size, fit)
+    if images.shape[-2:] != size:
+        images = F.interpolate(images, size=size, mode="bicubic", align_corners=False)
     if preprocess == "reference":
         images = _reference_quantize_crop(images, img_size).to(device, non_blocking=True)
-    mean, std = _normalisation(device, IMAGENET_MEAN, IMAGENET_STD)
-    return (images.float().expand(-1, 3, -1, -1) - mean) / std
+    mean_, std_ = _normalisation(device, tuple(mean), tuple(std))
+    normalised = (images.float().expand(-1, 3, -1, -1) - mean_) / std_
+    height, width = normalised.shape[-2:]
+    # SAM pads after normalisation, so the padding is 0 in normalised units
+    return F.pad(normalised, (0, img_size - width, 0, img_size - height))
 
 
 @functools.lru_cache(maxsize=16)
@@ -118,6 +130,23 @@ def _normalisation(device: torch.device, mean: tuple[float, ...],
     """``(3, 1, 1)`` mean and std on ``device``, uploaded once rather than per batch."""
     return (torch.tensor(mean, dtype=torch.float32, device=device)[:, None, None],
             torch.tensor(std, dtype=torch.float32, device=device)[:, None, None])
+
+
+def fitted_size(shape: tuple[int, ...] | torch.Size, img_size: int,
+                fit: InputResize) -> tuple[int, int]:
+    """Size a ``(h, w)`` slice is resized to: the square, or SAM's longest side rule.
+
+    Examples
+    --------
+    >>> fitted_size((30, 60), 1024, "longest_side")
+    (512, 1024)
+    """
+    if fit == "stretch":
+        return img_size, img_size
+    height, width = int(shape[-2]), int(shape[-1])
+    scale = img_size / max(height, width)
+    # segment_anything's ResizeLongestSide.get_preprocess_shape: round half up
+    return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
 def _reference_quantize_crop(images: torch.Tensor, img_size: int) -> torch.Tensor:

@@ -61,7 +61,7 @@ from raptorz.embedding.embeddings import (
 )
 from raptorz.embedding.projection import Projector, load_projector
 from raptorz.embedding.settings import PLANE_NAMES, KernelSettings, slice_indices
-from raptorz.errors import InputError
+from raptorz.errors import InputError, RaptorzError
 
 if TYPE_CHECKING:  # torch is imported on the workers only: checks and resumes stay fast
     from raptorz.embedding.encoders import Encoder
@@ -85,7 +85,7 @@ class EncoderOptions:
     name: str = DEFAULT_ENCODER
     weights: str | None = None
     precision: Precision | None = None
-    img_size: int = 224
+    img_size: int | None = None
     device: str | None = None
 
 
@@ -238,10 +238,12 @@ def embed(
         resources = {GPU_RESOURCE: 1} if advertises_gpus(client) else None
         info = client.submit(_encoder_provenance, options, resources=resources, pure=False,
                              key=f"embed-load-encoder-{uuid.uuid4().hex[:8]}").result()
+        if "refused" in info:
+            raise RaptorzError(info["refused"])
         template = embeddings_template(
             list(ids), plane_names=[PLANE_NAMES[p] for p in settings.planes], projectors=loaded,
             token_kind=token_kinds(info["num_tokens"], info["num_prefix_tokens"],
-                                   keep_prefix=settings.tokens == "all"),
+                                   tokens=settings.tokens),
             embed_dim=info["embed_dim"], keep_tokens=settings.keep_tokens,
             attrs={**attrs, "encoder": info},
         )
@@ -476,7 +478,11 @@ def worker_encoder(options: EncoderOptions) -> Encoder:
 
 def _encoder_provenance(options: EncoderOptions) -> dict[str, Any]:
     with _KERNEL_LOCK:
-        info = worker_encoder(options).provenance()
+        try:
+            info = worker_encoder(options).provenance()
+        except RaptorzError as error:
+            # returned, not raised: a raised one is also logged by the worker (printed twice)
+            return {"refused": str(error)}
     gpu = pinned_gpu()
     if gpu is not None and info["device"].startswith("cuda"):
         info["device"] += f" (GPU {gpu})"  # the physical device, whatever the worker's index

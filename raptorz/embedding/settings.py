@@ -32,7 +32,8 @@ class KernelSettings:
     resize
         ``stretch``, ``pad`` or ``pad_shared``.
     tokens
-        ``all`` (prefix + patch tokens, the original layout) or ``patch`` (patch only).
+        ``all`` (prefix + patch tokens, the original layout), ``patch`` (patch only) or
+        ``cls`` (the CLS token only; refused for feature-map encoders such as SAM).
     subsample
         Keep every n-th slice along each axis (centered); 1 keeps all.
     batch_size
@@ -46,7 +47,7 @@ class KernelSettings:
     planes: tuple[int, ...] = (0, 1, 2)
     preprocess: PreprocessMode = "default"
     resize: ResizeMode = "stretch"
-    tokens: Literal["all", "patch"] = "all"
+    tokens: Literal["all", "patch", "cls"] = "all"
     subsample: int = 1
     batch_size: int = 64
     dedup: bool = True
@@ -62,7 +63,7 @@ class KernelSettings:
         for name, value, allowed in (
             ("preprocess", self.preprocess, ("default", "reference")),
             ("resize", self.resize, ("stretch", "pad", "pad_shared")),
-            ("tokens", self.tokens, ("all", "patch")),
+            ("tokens", self.tokens, ("all", "patch", "cls")),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
