@@ -30,6 +30,7 @@ from typing import Final, Literal
 import numpy as np
 import pandas as pd
 
+from raptorz.defaults import SettingsError
 from raptorz.downstream.labels import read_labels
 from raptorz.downstream.metrics import binary_auroc
 from raptorz.downstream.tables import cells, to_latex, to_markdown
@@ -378,6 +379,8 @@ def score_predictions(labels: str | Path, predictions: Mapping[str, str | Path],
         For a groups file naming an unknown target, a metadata CSV without its columns,
         predictions whose ids are not the labels' test ids, an unknown compared model.
     """
+    if bootstrap < 1:
+        raise SettingsError(f"bootstrap resamples must be at least 1, not {bootstrap}")
     read = read_labels(labels)
     test = read.split == "test"
     test_ids = read.ids[test].astype(str)
