@@ -46,10 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Score, write the tables and print the markdown one."""
     from raptorz import score_predictions, write_scores
-    from raptorz.errors import RaptorzError
 
-    if args.bootstrap < 1:
-        raise RaptorzError("--bootstrap must be at least 1")
     result = score_predictions(
         args.labels, dict(args.predictions), groups=args.groups, metadata=args.metadata,
         resamples=args.resamples or args.output / "resamples.npz", bootstrap=args.bootstrap,

@@ -172,6 +172,9 @@ def test_clear_errors(data: dict, tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["score", f"m={tmp_path / 'other.csv'}", "--labels", str(labels),
                  "-o", str(tmp_path / "o")]) == 2
     assert "ids differ" in capsys.readouterr().err
+    assert main(["score", f"m={good}", "--labels", str(labels), "-o", str(tmp_path / "o"),
+                 "--bootstrap", "0"]) == 2
+    assert "at least 1" in capsys.readouterr().err
     with pytest.raises(InputError, match="other test ids"):
         score_predictions(folder / "labels.csv", {"m": good}, resamples=_foreign(tmp_path))
 

@@ -30,8 +30,10 @@ from typing import Final, Literal
 import numpy as np
 import pandas as pd
 
+from raptorz.defaults import SettingsError
 from raptorz.downstream.labels import read_labels
 from raptorz.downstream.metrics import binary_auroc
+from raptorz.downstream.tables import cells, to_latex, to_markdown
 from raptorz.errors import InputError
 
 #: The metadata CSV's columns: a target's field id and its description.
@@ -333,38 +335,6 @@ def paired_differences(first: ModelScores, second: ModelScores,
     return pd.DataFrame(rows)
 
 
-def cells(table: pd.DataFrame, groups: Sequence[str], digits: int = 3) -> pd.DataFrame:
-    """``value [low, high]`` text per model and group, for markdown and LaTeX."""
-    def cell(row: pd.Series, group: str) -> str:
-        value, low, high = row[group], row[f"{group}_low"], row[f"{group}_high"]
-        if np.isnan(low):
-            return f"{value:.{digits}f}"
-        return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
-
-    return pd.DataFrame({"model": table["model"],
-                         **{g: [cell(row, g) for _, row in table.iterrows()] for g in groups}})
-
-
-def to_markdown(frame: pd.DataFrame) -> str:
-    """A pipe table of text cells."""
-    header = "| " + " | ".join(map(str, frame.columns)) + " |"
-    rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
-    body = ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *body]) + "\n"
-
-
-def to_latex(frame: pd.DataFrame) -> str:
-    """A LaTeX ``tabular`` of text cells (the original prints such rows)."""
-    def escape(text: object) -> str:
-        return str(text).replace("\\", r"\textbackslash{}").replace("_", r"\_").replace(
-            "&", r"\&").replace("%", r"\%").replace("#", r"\#")
-
-    lines = [r"\begin{tabular}{l" + "c" * (frame.shape[1] - 1) + "}", r"\hline",
-             " & ".join(escape(c) for c in frame.columns) + r" \\", r"\hline"]
-    lines += [" & ".join(escape(c) for c in row) + r" \\" for row in frame.itertuples(index=False)]
-    return "\n".join([*lines, r"\hline", r"\end{tabular}"]) + "\n"
-
-
 @dataclass(frozen=True)
 class ScoreResult:
     """What :func:`score_predictions` produced."""
@@ -409,6 +379,8 @@ def score_predictions(labels: str | Path, predictions: Mapping[str, str | Path],
         For a groups file naming an unknown target, a metadata CSV without its columns,
         predictions whose ids are not the labels' test ids, an unknown compared model.
     """
+    if bootstrap < 1:
+        raise SettingsError(f"bootstrap resamples must be at least 1, not {bootstrap}")
     read = read_labels(labels)
     test = read.split == "test"
     test_ids = read.ids[test].astype(str)

@@ -26,7 +26,7 @@ from raptorz.defaults import SettingsError
 from raptorz.downstream.features import Features
 from raptorz.downstream.fitting import FitSettings, fit_features
 from raptorz.downstream.labels import SPLITS, encode_targets, match_embeddings, read_labels
-from raptorz.downstream.scoring import to_markdown
+from raptorz.downstream.tables import to_markdown
 from raptorz.embedding.embeddings import (
     open_embeddings,
     project_stored_tokens,
