@@ -27,8 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raptorz.embedding.encoders import IMAGENET_MEAN, IMAGENET_STD
-from raptorz.embedding.encoders._config import InputResize
+from raptorz.embedding.encoders import IMAGENET_MEAN, IMAGENET_STD, InputResize
 
 PreprocessMode = Literal["default", "reference"]
 ResizeMode = Literal["stretch", "pad", "pad_shared"]
@@ -122,6 +121,8 @@ def prepare_images(slices: np.ndarray, *, img_size: int = 224,
     std_ = torch.tensor(std, dtype=torch.float32, device=device)[:, None, None]
     normalised = (images.float().expand(-1, 3, -1, -1) - mean_) / std_
     height, width = normalised.shape[-2:]
+    if (height, width) == (img_size, img_size):
+        return normalised
     # SAM pads after normalisation, so the padding is 0 in normalised units
     return F.pad(normalised, (0, img_size - width, 0, img_size - height))
 
