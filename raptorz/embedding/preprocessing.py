@@ -27,8 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raptorz.embedding.encoders import IMAGENET_MEAN, IMAGENET_STD
-from raptorz.embedding.encoders._config import InputResize
+from raptorz.embedding.encoders import IMAGENET_MEAN, IMAGENET_STD, InputResize
 from raptorz.embedding.settings import PreprocessMode as PreprocessMode  # re-exported
 from raptorz.embedding.settings import ResizeMode as ResizeMode  # re-exported
 from raptorz.embedding.settings import slice_indices as slice_indices  # re-exported
@@ -120,6 +119,8 @@ def prepare_slices(slices: torch.Tensor, *, img_size: int = 224,
     mean_, std_ = _normalisation(device, tuple(mean), tuple(std))
     normalised = (images.float().expand(-1, 3, -1, -1) - mean_) / std_
     height, width = normalised.shape[-2:]
+    if (height, width) == (img_size, img_size):
+        return normalised
     # SAM pads after normalisation, so the padding is 0 in normalised units
     return F.pad(normalised, (0, img_size - width, 0, img_size - height))
 

@@ -23,6 +23,8 @@ from raptorz.embedding.encoders._config import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     EncoderConfig,
+    InputResize,
+    OutputKind,
     get_config,
 )
 from raptorz.embedding.encoders._encoder import Encoder, Precision, TokenSelection
@@ -50,7 +52,8 @@ SMALL_ENCODERS: Mapping[str, tuple[str, Mapping[str, Any]]] = MappingProxyType({
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "DEFAULT_ENCODER", "IMAGENET_MEAN", "IMAGENET_STD",
     "RANDOM_WEIGHTS", "SMALL_ENCODERS", "Encoder", "EncoderConfig", "EncoderInfo",
-    "Precision", "TokenSelection", "create_encoder", "describe", "device_precision",
+    "InputResize", "OutputKind", "Precision", "TokenSelection", "create_encoder", "describe",
+    "device_precision",
     "from_transformers_layout",
     "get_config", "list_encoders", "meta_model", "read_state_dict", "resolve_config",
     "weights_available", "weights_checksum",
