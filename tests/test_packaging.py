@@ -41,6 +41,16 @@ def test_constraints_pin_every_floor_of_pyproject() -> None:
     assert pins["distributed"] == pins["dask"]
 
 
+def test_conda_environment_has_the_same_floors() -> None:
+    floors = _floors((ROOT / "pyproject.toml").read_text())
+    conda = dict(re.findall(r"^  - ([a-z0-9_.-]+)>=(\S+)", (ROOT / "environment.yml").read_text(),
+                            flags=re.MULTILINE))
+    conda["torch"] = conda.pop("pytorch")
+    floors["distributed"] = floors["dask"]  # pip's dask[distributed]
+    for name, floor in conda.items():
+        assert Version(floor) == Version(floors[name]), name
+
+
 def test_min_versions_script_is_not_part_of_ci_run() -> None:
     script = ROOT / ".ci" / "min-versions"
     assert script.stat().st_mode & 0o111
