@@ -74,6 +74,7 @@ def test_voxel_baseline_pca_fitted_on_train_only(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.requires_data
 def test_ixi_raptor_avgpool_and_voxels_in_one_table(
         shared_data: Path, tmp_path: Path, tiny_vit_weights: tuple[str, Path],
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -55,6 +55,7 @@ QUICK = ["--penalties", "0.1", "--max-iter", "30"]
 
 
 @pytest.mark.slow
+@pytest.mark.requires_data
 def test_sweep_k_and_seeds(adrenal: dict, tmp_path: Path,
                            capsys: pytest.CaptureFixture[str]) -> None:
     """Table 6: K in {1, 10, 100} x 3 seeds, mean and std across seeds."""
@@ -79,6 +80,7 @@ def test_sweep_k_and_seeds(adrenal: dict, tmp_path: Path,
 
 
 @pytest.mark.slow
+@pytest.mark.requires_data
 def test_sweep_plane_subsets(adrenal: dict, tmp_path: Path) -> None:
     """Table 7: the 7 plane subsets x 3 seeds, from the same stored tokens."""
     out = tmp_path / "planes"
@@ -94,6 +96,7 @@ def test_sweep_plane_subsets(adrenal: dict, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.requires_data
 def test_sweep_projections_equal_a_fresh_embed(adrenal: dict, tiny_vit_weights: tuple[str, Path],
                                                tmp_path: Path) -> None:
     """The sweep's K=10 seed=1 projections are those of a fresh embed with that projector."""
@@ -117,6 +120,7 @@ def test_sweep_projections_equal_a_fresh_embed(adrenal: dict, tiny_vit_weights: 
 
 
 @pytest.mark.slow
+@pytest.mark.requires_data
 def test_few_shot_sizes(adrenal: dict, tmp_path: Path) -> None:
     quick = FitSettings(bootstrap=0, head=HeadSettings(penalties=(0.1,), max_iter=30))
     table = sweep(adrenal["store"], adrenal["labels"], tmp_path / "few",
