@@ -102,9 +102,9 @@ def test_sweep_projections_equal_a_fresh_embed(adrenal: dict, tiny_vit_weights: 
     """The sweep's K=10 seed=1 projections are those of a fresh embed with that projector."""
     fresh = tmp_path / "fresh.zarr"
     _embed(adrenal["volumes"], fresh, tiny_vit_weights, [adrenal["projector"]],
-           "--start", "0", "--many", "6")
+           "--start", "0", "--many", "9")  # a whole unit: 150 volumes, 9 a unit
     name = adrenal["projector"].stem
-    positions = np.arange(6)
+    positions = np.arange(9)
     swept = project_stored_tokens(adrenal["store"], seeded_matrix(1, 64, 10), positions)
     embedded = open_embeddings(fresh)[name].isel(id=positions).values
     np.testing.assert_allclose(swept, embedded, rtol=1e-6, atol=1e-6)

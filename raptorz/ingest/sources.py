@@ -230,6 +230,9 @@ def resolve_sources(
         manifest = Path(manifest)
         root = Path(os.path.abspath(folder if folder else manifest.parent))
         resolved += _from_manifest(manifest, root, selection)
+    if not resolved:
+        raise RaptorzError("nothing to convert: 0 volumes found (every DICOM series was "
+                           "skipped, or the inputs hold no volume)")
     selected = resolved[stores.id_range(len(resolved), start, many)]
     seen: dict[str, list[str]] = defaultdict(list)
     for source in selected:
