@@ -279,11 +279,7 @@ def _selection(n: int, start: int, many: int | None, unit: int = 1) -> np.ndarra
     Separate processes may write disjoint ranges of one store at once, so a range must
     start and end on unit boundaries (or at the last volume): never two writers in a unit.
     """
-    if start < 0 or (many is not None and many < 1):
-        raise InputError("--start/--many", f"need start >= 0 and many >= 1, got {start}, {many}")
-    if start >= n:
-        raise InputError("--start", f"{start} is past the last of the {n} volumes")
-    stop = n if many is None else min(n, start + many)
+    stop = stores.id_range(n, start, many).stop  # the range checks convert makes too
     if start % unit or (stop % unit and stop != n):
         low, high = start // unit * unit, min(n, -(-stop // unit) * unit)
         raise InputError("--start/--many", f"the output is written in units of {unit} "
