@@ -111,18 +111,28 @@ def _wall(encoder: StandIn, block: np.ndarray, settings: KernelSettings) -> floa
 
 
 def test_host_preparation_overlaps_the_device_forward() -> None:
-    """Wall time is about max(host, device), not their sum (ratio, not absolute times)."""
+    """Wall time is about max(host, device), not their sum (ratio, not absolute times).
+
+    Other processes (a cluster from an earlier test still closing, say) only ever slow a
+    run down, so each trial measures host and wall side by side and the best trial counts.
+    Taking turns would cost host + device = 1.25 x max in every trial.
+    """
     block = _block(count=4, shape=(48, 56, 40))
     settings = KernelSettings(batch_size=24, dedup=False)
-    free = StandIn(0.0)
-    host = min(_wall(free, block, settings) for _ in range(3))  # preparation alone
-    batches = free.batches // 3
-    per_batch = 4 * host / batches  # the device is the bottleneck, by 4x
-    device = per_batch * batches
-    slow = StandIn(per_batch)
-    wall = min(_wall(slow, block, settings) for _ in range(3))
-    assert wall <= 1.1 * max(host, device), (wall, host, device)
-    assert wall < 0.95 * (host + device)  # taking turns would cost the sum
+    trials = []
+    for _ in range(5):
+        free = StandIn(0.0)
+        host = min(_wall(free, block, settings) for _ in range(2))  # preparation alone
+        batches = free.batches // 2
+        per_batch = 4 * host / batches  # the device is the bottleneck, by 4x
+        device = per_batch * batches
+        wall = min(_wall(StandIn(per_batch), block, settings) for _ in range(2))
+        trials.append((wall / max(host, device), wall / (host + device)))
+        if trials[-1][0] <= 1.1:
+            break
+    best = min(trials)
+    assert best[0] <= 1.1, trials
+    assert best[1] < 0.95, trials
 
 
 def test_an_out_of_memory_batch_is_halved_and_the_size_recorded(encoder: Encoder) -> None:
