@@ -1,7 +1,8 @@
 """Written units: a large embeddings store keeps one file per unit of volumes per variable.
 
-The unit is a Zarr shard of one-volume chunks; tasks, resumes and ``--start/--many``
-ranges all work in whole units (stores of fewer than 32 volumes have units of one).
+The unit is one Zarr chunk, or a shard of chunks of at most 1 MiB; tasks, resumes and
+``--start/--many`` ranges all work in whole units
+(stores of fewer than 32 volumes have units of one).
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ import pytest
 import xarray as xr
 
 from raptorz import stores
-from raptorz.embedding.embeddings import open_embeddings, store_unit, unit_size
+from raptorz.embedding.embeddings import (
+    _lazy,
+    inner_chunk,
+    open_embeddings,
+    store_unit,
+    unit_size,
+)
 from raptorz.embedding.encoders import create_encoder
 from raptorz.embedding.kernel import KernelSettings, embed_block
 from raptorz.embedding.projection import create_projector
@@ -38,6 +45,19 @@ def volumes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_unit_sizes() -> None:
     assert [unit_size(n) for n in (1, 31, 48, 1600, 100_000)] == [1, 1, 3, 100, 100]
+
+
+def test_a_unit_is_one_chunk_of_small_embeddings_and_a_shard_of_large_ones() -> None:
+    """Each Zarr chunk costs a fixed encode: small embeddings go a unit to a chunk; a
+    DINOv2-L projection at K = 100 (308 KB a volume) stays readable a few volumes at a time."""
+    assert inner_chunk(100, 2_560) == 100  # 256 KB: the whole unit
+    assert inner_chunk(100, 3 * 100 * 257 * 4) == 2  # 2 x 308 KB: 3 do not divide 100
+    assert inner_chunk(100, 2**21) == 1  # a volume over 1 MiB is a chunk alone
+    assert inner_chunk(3, 400_000) == 1 and inner_chunk(48, 100_000) == 8
+    small = _lazy((400, 1, 4, 5), ("id", "plane", "k", "token"), 100)
+    large = _lazy((400, 3, 100, 257), ("id", "plane", "k", "token"), 100)
+    assert small.encoding == {"chunks": (100, 1, 4, 5)}
+    assert large.encoding == {"chunks": (2, 3, 100, 257), "shards": (100, 3, 100, 257)}
 
 
 def test_a_store_of_units_equals_the_kernel_and_resumes_by_unit(

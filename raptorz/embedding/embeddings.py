@@ -22,8 +22,11 @@ of the chosen planes), ``token`` (index) with ``token_kind(token)`` = ``cls``,
 ``encoder``, ``settings``, ``source`` (the volumes store's path and attributes),
 versions and time. A rerun must match the :func:`identity` of these.
 
-The id-chunk is one volume (an embedding is ~300 KB at K = 100), so that any split of
-the ids (``--start`` / ``--many``) gives writers disjoint chunks.
+Every ``id``-indexed variable is written in *units* of volumes (:func:`unit_size`, one file
+per unit per variable): tasks and ``--start`` / ``--many`` ranges hold whole units, so
+that writers never share one. A unit is one Zarr chunk, or a shard of smaller chunks
+(down to one volume: an embedding is ~300 KB at K = 100) where it would hold more than
+:data:`INNER_BYTES`.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ KIND: Final = "embeddings"
 UNIT_VOLUMES: Final = 100
 #: Units at least, in a smaller store, so that that many workers can share its work.
 MIN_UNITS: Final = 16
+#: Most bytes of one Zarr chunk inside a unit: a unit of small embeddings is one chunk
+#: (each chunk costs a fixed encode/decode in Zarr), one of large ones is read in parts.
+INNER_BYTES: Final = 2**20
 MATRIX_PREFIX: Final = "matrix_"
 RESERVED: Final = frozenset({"tokens", "avgpool", "status", "error", "id", "plane", "token",
                              "token_kind", "dim"})
@@ -103,8 +109,9 @@ def embeddings_template(
     """The lazy template of an embeddings store (nothing computed).
 
     Every ``id``-indexed variable is stored in units of ``unit`` volumes (default
-    :func:`unit_size`): Zarr shards of one-volume chunks, so that one volume still reads
-    alone while a unit is one file.
+    :func:`unit_size`), one file per unit: a Zarr chunk, or a Zarr shard of smaller
+    chunks where a unit would hold more than :data:`INNER_BYTES` (:func:`inner_chunk`),
+    so that one volume still reads without its whole unit.
     """
     n, p, t = len(ids), len(plane_names), len(token_kind)
     unit = unit or unit_size(n)
@@ -134,11 +141,19 @@ def embeddings_template(
     return xr.Dataset(variables, coords=coords, attrs=stores.json_attr(dict(attrs)))
 
 
+def inner_chunk(unit: int, volume_bytes: int) -> int:
+    """Volumes per Zarr chunk in a unit: the most that divides ``unit`` and holds at most
+    :data:`INNER_BYTES` (at least one volume)."""
+    fits = max(1, INNER_BYTES // max(1, volume_bytes))
+    return max(d for d in range(1, unit + 1) if unit % d == 0 and d <= fits)
+
+
 def _lazy(shape: tuple[int, ...], dims: tuple[str, ...], unit: int) -> xr.DataArray:
     array = xr.DataArray(da.zeros(shape, chunks=(unit, *shape[1:]), dtype=np.float32),
                          dims=dims)
-    array.encoding["chunks"] = (1, *shape[1:])
-    if unit > 1:
+    inner = inner_chunk(unit, 4 * int(np.prod(shape[1:])))
+    array.encoding["chunks"] = (inner, *shape[1:])
+    if inner < unit:
         array.encoding["shards"] = (unit, *shape[1:])
     return array
 

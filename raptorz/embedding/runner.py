@@ -10,8 +10,8 @@ worker died rewrites the same values.
 Resume: a volume is to do while its embedding is pending, or failed while its source is
 ok (a kernel failure is retried; a volume that failed conversion is recorded as failed
 and left alone). ``start`` / ``many`` select ids exactly as the original's manifest
-options do; since the embeddings store holds one volume per chunk, processes given
-disjoint ranges never write the same chunk.
+options do; since the embeddings store is written in whole units, processes given
+disjoint ranges never write the same file.
 """
 
 from __future__ import annotations
