@@ -42,6 +42,7 @@ from raptorz.cluster import (
     advertises_gpus,
     connect,
     create_cluster,
+    keep_freed_memory,
     pinned_gpu,
     share_cpus,
     worker_device,
@@ -464,6 +465,7 @@ def worker_encoder(options: EncoderOptions) -> Encoder:
     from raptorz.embedding.encoders import create_encoder
 
     if options not in _ENCODERS:
+        keep_freed_memory()  # before the first batch: Dask's malloc settings cost 30%
         _ENCODERS.clear()  # one model per worker: free the previous one first
         _ENCODERS[options] = create_encoder(options.name, weights=options.weights,
                                             precision=options.precision,
