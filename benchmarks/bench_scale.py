@@ -16,6 +16,7 @@ cluster whose worker is already up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import resource
@@ -26,14 +27,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import timm
-import torch
 from distributed import Client
-from safetensors.torch import save_file
 
 import raptorz
-from raptorz.embedding.encoders import SMALL_ENCODERS, create_encoder
-from raptorz.embedding.kernel import KernelSettings, embed_block
+from raptorz.embedding.settings import KernelSettings
+
+# torch is imported only where the encoder runs in this process (weights, the kernel):
+# the embed step's process is a client and scheduler, as `raptorz embed`'s is
 
 ENCODER = "raptorz_tiny_dinov2"
 SETTINGS = KernelSettings(planes=(0,), subsample=8, batch_size=256)
@@ -42,6 +42,15 @@ BLOCK = 1024
 
 
 def _peak_mib() -> float:
+    """This process's peak resident memory since it started its program.
+
+    Linux's ``ru_maxrss`` also counts the parent's pages at the fork before ``exec`` (a
+    worker spawned by a big process would inherit its size), so VmHWM comes first.
+    """
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -84,6 +93,9 @@ def one(n: int, folder: Path, weights: Path) -> dict[str, float | int]:
                           capture_output=True, text=True, check=True)
     measured = json.loads(step.stdout.strip().splitlines()[-1])
     times["embed"], times["startup"] = measured["embed"], measured["startup"]
+    from raptorz.embedding.encoders import create_encoder
+    from raptorz.embedding.kernel import embed_block
+
     encoder = create_encoder(ENCODER, weights=weights, device="cpu")
     block = raptorz.open_volumes(volumes)["volume"].values
     began = time.perf_counter()
@@ -120,6 +132,12 @@ def main() -> None:
     if args.embed_step:
         embed_step(*args.embed_step)
         return
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from raptorz.embedding.encoders import SMALL_ENCODERS
+
     rows = []
     for n in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:
@@ -132,7 +150,7 @@ def main() -> None:
             print(rows[-1], file=sys.stderr)
     print(f"\n{platform.processor() or platform.machine()}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads; each volume 8^3, one "
-          f"slice, tiny ViT; peak memory is each process's maximum resident set\n")
+          f"slice, tiny ViT; peak memory is each process's maximum resident set (VmHWM)\n")
     columns = list(rows[0])
     print("| " + " | ".join(columns) + " |")
     print("|" + "|".join(" ---: " for _ in columns) + "|")
