@@ -45,8 +45,9 @@ from raptorz.embedding.projection import Projector, check_projectors
 from raptorz.errors import InputError, RaptorzError
 
 KIND: Final = "embeddings"
-#: Volumes per written unit (a Zarr shard of one-volume chunks) in a large store: one
-#: file per 100 volumes per variable. Writers never share a unit; a task writes whole ones.
+#: Volumes per written unit (a Zarr chunk, or a shard: see :data:`INNER_BYTES`) in a large
+#: store: one file per 100 volumes per variable. Writers never share a unit; a task
+#: writes whole ones.
 UNIT_VOLUMES: Final = 100
 #: Units at least, in a smaller store, so that that many workers can share its work.
 MIN_UNITS: Final = 16
