@@ -112,7 +112,13 @@ def _mapped_afresh() -> bool:
     return bool(mapped)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def _glibc() -> bool:
+    import ctypes
+
+    return sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "mallinfo2")
+
+
+@pytest.mark.skipif(not _glibc(), reason="glibc's malloc (2.33 or later, for mallinfo2)")
 def test_a_worker_reuses_freed_memory_after_its_first_task(
         volumes: Path, tmp_path: Path, tiny_vit_weights: tuple[str, Path]) -> None:
     """Dask's worker environment makes glibc map every allocation over 128 KiB afresh
