@@ -8,6 +8,8 @@ volumes chunk), then times, for each precision,
 * ``raptorz embed`` as a user runs it (a fresh process, its own LocalCluster, model
   loading, store writes): 1 worker with every CPU (against the kernel), and 1 worker x 1
   thread against 2 workers x 1 thread (do 2 workers share one volumes chunk?);
+* the machine's own ceiling for that last ratio: the in-process kernel on one thread, and
+  two processes each running it on one thread over half the volumes at once;
 
 and prints the start-up and the run after it against the kernel's time.
 
@@ -22,6 +24,7 @@ UK Biobank grid, 582 slices) and of the bare encoder forward, for a few batch si
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
 import re
@@ -36,6 +39,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from raptorz.defaults import Precision
 from raptorz.embedding.encoders import DEFAULT_ENCODER, SMALL_ENCODERS, create_encoder
 from raptorz.embedding.kernel import KernelSettings, embed_block
 from raptorz.embedding.projection import create_projector
@@ -68,6 +72,41 @@ def _embed_cli(volumes: Path, output: Path, folder: Path, weights: Path, args: a
     return wall, outside + startup, seconds - startup
 
 
+def _one_thread_kernel(volumes: Path, part: slice, encoder: str, weights: Path,
+                       precision: Precision, ready: multiprocessing.synchronize.Barrier,
+                       seconds: multiprocessing.queues.Queue) -> None:
+    """In a fresh process: the one-thread kernel on volumes ``part``, timed from ``ready``."""
+    torch.set_num_threads(1)
+    model = create_encoder(encoder, weights=weights, device="cpu", precision=precision)
+    projector = create_projector(0, model.embed_dim, 100)
+    block = open_volumes(volumes)["volume"].values[part]
+    ready.wait()
+    start = time.perf_counter()
+    embed_block(block, model, [projector], KernelSettings())
+    seconds.put(time.perf_counter() - start)
+
+
+def _ceiling(volumes: Path, count: int, encoder: str, weights: Path, precision: Precision,
+             processes: int) -> float:
+    """Wall seconds of ``processes`` one-thread kernels over equal parts of the volumes."""
+    spawn = multiprocessing.get_context("spawn")
+    ready, seconds = spawn.Barrier(processes + 1), spawn.Queue()
+    bounds = np.linspace(0, count, processes + 1).astype(int)
+    started = [spawn.Process(target=_one_thread_kernel,
+                             args=(volumes, slice(a, b), encoder, weights, precision, ready,
+                                   seconds)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    for process in started:
+        process.start()
+    ready.wait()
+    start = time.perf_counter()
+    for _ in started:
+        seconds.get()
+    wall = time.perf_counter() - start
+    for process in started:
+        process.join()
+    return wall
+
+
 def cpu(args: argparse.Namespace) -> None:
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,6 +134,11 @@ def cpu(args: argparse.Namespace) -> None:
             kernel = time.perf_counter() - start
             rows.append((f"in-process kernel, {cores} threads", precision, kernel, 0.0, kernel,
                          1.0))
+            for processes in (1, 2):
+                wall = _ceiling(volumes, args.volumes, args.encoder, weights, precision,
+                                processes)
+                rows.append((f"in-process kernel, {processes} process(es) x 1 thread",
+                             precision, wall, 0.0, wall, wall / kernel))
             runs = [(1, cores), (1, 1), (2, max(1, cores // 2))]
             for n, (workers, threads) in enumerate(runs):
                 wall, startup, run = _embed_cli(volumes, folder / f"e{precision}{n}.zarr",
@@ -111,6 +155,15 @@ def cpu(args: argparse.Namespace) -> None:
               f"{ratio:.2f} |")
     print("\nwall: the whole command; start-up: interpreter, imports, cluster start, model "
           "load, store creation;\nrun after start-up: the tasks (reads, kernel, writes).")
+    after = {(name, precision): run for name, precision, _, _, run, _ in rows}
+    for precision in args.precisions:
+        scaling = (after["raptorz embed, 1 worker(s) x 1 thread(s)", precision]
+                   / after[f"raptorz embed, 2 worker(s) x {max(1, cores // 2)} thread(s)",
+                           precision])
+        ceiling = (after["in-process kernel, 1 process(es) x 1 thread", precision]
+                   / after["in-process kernel, 2 process(es) x 1 thread", precision])
+        print(f"\n{precision}: 2 workers over 1 worker, 1 thread each: {scaling:.2f}x; "
+              f"the machine's ceiling, 2 one-thread kernels at once over 1: {ceiling:.2f}x")
 
 
 def gpu(args: argparse.Namespace) -> None:
