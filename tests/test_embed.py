@@ -20,7 +20,7 @@ import dask.array as da
 import numpy as np
 import pytest
 import xarray as xr
-from distributed import Client
+from distributed import Client, get_task_stream
 from vit_fixtures import write_tiny_vit
 
 from raptorz import stores
@@ -99,6 +99,11 @@ def _encoders_loaded() -> list[int]:
     return [id(encoder) for encoder in sys.modules["raptorz.embedding.runner"]._ENCODERS.values()]
 
 
+def _precisions_loaded() -> list[str]:
+    """On a worker: the precision of each encoder its process holds."""
+    return [options.precision for options in sys.modules["raptorz.embedding.runner"]._ENCODERS]
+
+
 def _cli(*args: str | Path) -> list[str]:
     return [sys.executable, "-m", "raptorz.cli.main", "embed", *map(str, args)]
 
@@ -131,6 +136,27 @@ def test_two_workers_equal_in_process_kernel(client: Client, volumes: Path, tmp_
     again = embed(volumes, output, PROJECTORS, encoder=name, weights=weights,
                   settings=SETTINGS, progress=False)
     assert again.nothing_to_do and again.ok == 6
+
+
+def test_every_worker_loads_the_encoder_before_the_run(
+        client: Client, volumes: Path, tmp_path: Path,
+        tiny_vit_weights: tuple[str, Path]) -> None:
+    """Each worker builds the model during start-up, all at once, before any task runs.
+
+    No worker spends the run importing torch and reading weights while the others encode.
+    """
+    name, weights = tiny_vit_weights
+    with get_task_stream(client) as stream:
+        summary = embed(volumes, tmp_path / "embeddings.zarr", PROJECTORS[:1], encoder=name,
+                        weights=weights, precision="bf16", cluster=client, torch_threads=1,
+                        progress=False)
+    assert summary.computed == 6
+    loads = [t for t in stream.data if t["key"].startswith("embed-load-encoder-")]
+    tasks = [t for t in stream.data if not t["key"].startswith("embed-load-encoder-")]
+    assert {t["worker"] for t in loads} == set(client.scheduler_info()["workers"])
+    first_task = min(s["start"] for t in tasks for s in t["startstops"])
+    assert max(s["stop"] for t in loads for s in t["startstops"]) <= first_task
+    assert list(client.run(_precisions_loaded).values()) == [["bf16"], ["bf16"]]
 
 
 def test_other_settings_are_refused(client: Client, volumes: Path, tmp_path: Path,

@@ -189,7 +189,7 @@ def embed(
         :class:`~raptorz.embedding.projection.Projector` objects or ``.npy`` files.
     encoder, weights, precision
         The slice encoder (:func:`~raptorz.embedding.encoders.create_encoder`), built once
-        per worker.
+        per worker, on every connected worker at once before the first task.
     settings
         :class:`~raptorz.embedding.kernel.KernelSettings` (planes, preprocessing, tokens, ...).
     device
@@ -237,8 +237,7 @@ def embed(
         if torch_threads is None:
             share_cpus(client)
         resources = {GPU_RESOURCE: 1} if advertises_gpus(client) else None
-        info = client.submit(_encoder_provenance, options, resources=resources, pure=False,
-                             key=f"embed-load-encoder-{uuid.uuid4().hex[:8]}").result()
+        info = _load_encoders(client, options, resources)
         if "refused" in info:
             raise RaptorzError(info["refused"])
         template = embeddings_template(
@@ -304,6 +303,24 @@ def _slices_per_volume(source: xr.Dataset, settings: KernelSettings) -> int:
     """Slices the kernel encodes per volume of the store (every volume has one shape)."""
     shape = source["volume"].shape[1:]
     return sum(len(slice_indices(shape[axis], settings.subsample)) for axis in settings.planes)
+
+
+def _load_encoders(client: Client, options: EncoderOptions,
+                   resources: dict[str, int] | None) -> dict[str, Any]:
+    """Build the encoder on every connected worker at once; the first one's provenance.
+
+    All during start-up, so that no worker spends the run importing torch and reading
+    weights while the others encode, and a worker that cannot load it refuses before any
+    task. A worker that joins later builds it on its first task.
+    """
+    tag = uuid.uuid4().hex[:8]
+    workers: list[str | None] = [*client.scheduler_info(n_workers=-1)["workers"]] or [None]
+    infos = client.gather([
+        client.submit(_encoder_provenance, options, resources=resources, pure=False,
+                      workers=worker, allow_other_workers=True,  # a worker may leave
+                      key=f"embed-load-encoder-{tag}-{n}")
+        for n, worker in enumerate(workers)])
+    return next((info for info in infos if "refused" in info), infos[0])
 
 
 def _expected_workers(client: Client) -> int:
