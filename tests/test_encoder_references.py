@@ -34,6 +34,10 @@ TOLERANCE = 1e-5
 BUILDERS: dict[str, Callable[[Path], Reference]] = {
     "dinov2": lambda p: dinov2_transformers(p),
     "dinov2-reg": lambda p: dinov2_transformers(p, registers=True),
+    # as facebook/dinov2-* ship: trained at 518 px, run at 224 (the position embedding
+    # resampled as transformers and DINOv2 do it, bicubic without antialiasing)
+    "dinov2-518": lambda p: dinov2_transformers(p, img_size=518),
+    "dinov2-reg-518": lambda p: dinov2_transformers(p, registers=True, img_size=518),
     "rad-dino": lambda p: dinov2_transformers(p, name="rad-dino", img_size=518),
     "dinov3": dinov3_transformers,
     "dinov3-h+": lambda p: dinov3_transformers(p, gated=True),

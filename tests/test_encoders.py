@@ -61,17 +61,17 @@ def to_transformers_layout(timm_sd: dict[str, torch.Tensor]) -> dict[str, torch.
 
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One set of 518-px random weights in the original and transformers layouts, plus the
-    timm layout at 224 px made by timm's own pretrained-file route (the reference)."""
+    """One set of 518-px random weights in the original, transformers and timm layouts
+    (the timm one made by timm's own pretrained-file route)."""
     folder = tmp_path_factory.mktemp("layouts")
     at_518 = tiny_vit_state_dict(seed=1, img_size=518)
     original = folder / "dinov2_original.pth"
     torch.save(to_original_layout(at_518), original)
     transformers = folder / "model.safetensors"
     save_file(to_transformers_layout(at_518), str(transformers))
-    reference = timm.create_model(ARCH, pretrained=True, num_classes=0, img_size=224,
+    reference = timm.create_model(ARCH, pretrained=True, num_classes=0, img_size=518,
                                   pretrained_cfg_overlay={"file": str(original)}, **ARCH_KWARGS)
-    timm_file = folder / "timm_224.safetensors"
+    timm_file = folder / "timm_518.safetensors"
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(timm_file))
     return {"original": original, "transformers": transformers, "timm": timm_file}
 
@@ -101,10 +101,11 @@ def test_all_layouts_load_to_identical_weights(layouts: dict[str, Path]) -> None
     outputs = [enc.encode(images) for enc in encoders.values()]
     for output in outputs[1:]:
         assert torch.equal(output, outputs[0])
-    # the 37 x 37 grid was resampled to 16 x 16 the way timm does it
+    # the 37 x 37 grid was resampled to 16 x 16 as DINOv2 and transformers do it at each
+    # forward (not antialiased, unlike timm's own filter)
     original = torch.load(layouts["original"], weights_only=True)["pos_embed"]
     expected = resample_abs_pos_embed(original, new_size=[16, 16], num_prefix_tokens=1,
-                                      interpolation="bicubic", antialias=True)
+                                      interpolation="bicubic", antialias=False)
     assert torch.equal(encoders["transformers"].model.pos_embed.data, expected)
 
 

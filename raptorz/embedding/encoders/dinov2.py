@@ -5,11 +5,14 @@ Layouts read: timm's; Meta's original release (``dinov2_vitl14_pretrain.pth``, w
 converts; and the Hugging Face transformers layout (``Dinov2Model`` /
 ``Dinov2WithRegistersModel``: ``facebook/dinov2-*``, ``microsoft/rad-dino``), converted
 here to the original layout first. A position embedding trained at another size (518 px)
-is resampled by timm's filter (bicubic, antialiased).
+is resampled to the model's patch grid as DINOv2 and transformers do it at every forward
+(bicubic, not antialiased, in float32), so that the tokens equal those of the original
+tool, which runs ``facebook/dinov2-large`` through transformers at 224 px.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -91,7 +94,29 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor],
     elif "mask_token" in state_dict:
         layout = "dinov2"
     state_dict = {k.removeprefix("backbone."): v for k, v in state_dict.items()}
-    return timm_filter(state_dict, model), layout
+    return timm_filter(_resample_position_embedding(state_dict, model), model), layout
+
+
+def _resample_position_embedding(state_dict: dict[str, torch.Tensor],
+                                 model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The class position and the patch grid, bicubic to the model's grid, not antialiased.
+
+    timm's filter would antialias, which moves every token (a relative error of 0.5 with
+    tiny random weights, against transformers' ``Dinov2Model`` at 224 px).
+    """
+    position, target = state_dict.get("pos_embed"), getattr(model, "pos_embed", None)
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if position is None or target is None or grid is None or position.shape == target.shape:
+        return state_dict
+    side = math.isqrt(position.shape[1] - 1)
+    if side * side != position.shape[1] - 1 or target.shape[1] != 1 + grid[0] * grid[1]:
+        return state_dict  # not one class position and a square grid: timm's filter
+    patches = position[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patches = torch.nn.functional.interpolate(patches.float(), size=tuple(grid),
+                                              mode="bicubic", align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+    return {**state_dict, "pos_embed": torch.cat([position[:, :1],
+                                                  patches.to(position.dtype)], dim=1)}
 
 
 register_family(FAMILY, checkpoint_filter_fn)
