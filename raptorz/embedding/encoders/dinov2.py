@@ -12,7 +12,6 @@ tool, which runs ``facebook/dinov2-large`` through transformers at 224 px.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -99,24 +98,21 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor],
 
 def _resample_position_embedding(state_dict: dict[str, torch.Tensor],
                                  model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The class position and the patch grid, bicubic to the model's grid, not antialiased.
+    """The position embedding on the model's patch grid, bicubic, not antialiased.
 
     timm's filter would antialias, which moves every token (a relative error of 0.5 with
     tiny random weights, against transformers' ``Dinov2Model`` at 224 px).
     """
+    from timm.layers import resample_abs_pos_embed
+
     position, target = state_dict.get("pos_embed"), getattr(model, "pos_embed", None)
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    if position is None or target is None or grid is None or position.shape == target.shape:
-        return state_dict
-    side = math.isqrt(position.shape[1] - 1)
-    if side * side != position.shape[1] - 1 or target.shape[1] != 1 + grid[0] * grid[1]:
-        return state_dict  # not one class position and a square grid: timm's filter
-    patches = position[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    patches = torch.nn.functional.interpolate(patches.float(), size=tuple(grid),
-                                              mode="bicubic", align_corners=False)
-    patches = patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
-    return {**state_dict, "pos_embed": torch.cat([position[:, :1],
-                                                  patches.to(position.dtype)], dim=1)}
+    if position is None or target is None or grid is None or position.shape == target.shape \
+            or target.shape[1] != 1 + grid[0] * grid[1]:
+        return state_dict  # registers' models hold no class position: timm's filter, as tested
+    return {**state_dict, "pos_embed": resample_abs_pos_embed(
+        position, new_size=list(grid), num_prefix_tokens=1, interpolation="bicubic",
+        antialias=False)}
 
 
 register_family(FAMILY, checkpoint_filter_fn)
