@@ -12,7 +12,9 @@ one set of random weights:
   architecture is ``--hidden/--layers/--heads`` (ViT-S/14 by default: ViT-L is hours
   on a laptop CPU);
 * raptorz reads the same ``model.safetensors`` (the transformers layout) through
-  ``--weights``, with a local cluster of 1 worker with every CPU, at fp32 and bf16.
+  ``--weights``, at fp32 and bf16, with a local cluster of 1 worker with every CPU (as
+  the original runs: one process, every core), and of one worker per CPU with one
+  thread each (what raptorz's workers allow).
 
 The original always runs fp32 (it has no precision option). Each row is the whole command,
 wall clock, start-up and model load included; the ratio is the original's time over
@@ -113,14 +115,18 @@ def main() -> None:
         assert len(written) == len(images), f"the original wrote {len(written)} files"
         subprocess.run([sys.executable, "-m", "raptorz.cli.main", "convert", "m.npz", "-o",
                         "volumes.zarr"], cwd=folder, env=env, check=True, capture_output=True)
+        layouts = sorted({(1, cores), (cores, 1)})
         for precision in ("fp32", "bf16"):
-            command = [sys.executable, "-m", "raptorz.cli.main", "embed", "volumes.zarr",
-                       "-o", f"e{precision}.zarr", "--projector", "p.npy",
-                       "--encoder", args.timm_name,
-                       "--weights", str(model / "model.safetensors"),
-                       "--precision", precision, "--cluster", "local", "--workers", "1",
-                       "--threads", str(cores), "--dashboard-address", ":0"]
-            rows.append(("raptorz embed", precision, _timed(command, folder, env)))
+            for workers, threads in layouts:
+                command = [sys.executable, "-m", "raptorz.cli.main", "embed", "volumes.zarr",
+                           "-o", f"e{precision}{workers}.zarr", "--projector", "p.npy",
+                           "--encoder", args.timm_name,
+                           "--weights", str(model / "model.safetensors"),
+                           "--precision", precision, "--cluster", "local",
+                           "--workers", str(workers), "--threads", str(threads),
+                           "--dashboard-address", ":0"]
+                rows.append((f"raptorz embed, {workers} worker(s) x {threads} thread(s)",
+                             precision, _timed(command, folder, env)))
     source = "random" if args.npz is None else f"{args.npz.name}'s first train"
     print(f"\n{len(images)} {source} volumes of {'x'.join(map(str, images.shape[1:]))}, "
           f"DINOv2 ({args.hidden} wide, {args.layers} blocks), random weights, K=100, "

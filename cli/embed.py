@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast, get_args
 
-from raptorz.defaults import ClusterKind
+from raptorz.defaults import EMBED_WORKER_IMPORTS, ClusterKind
 from raptorz.errors import RaptorzError
 
 _KINDS = get_args(ClusterKind)
@@ -99,6 +99,12 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Embed, with a progress bar and a summary; 1 when any volume failed."""
+    if _local(args) and not args.output.exists():
+        # a first run has work: the workers' imports (torch, timm: seconds) start now, in
+        # a process of their own, while this one imports and checks the inputs
+        from raptorz import start_worker_server
+
+        start_worker_server()
     from raptorz import DEFAULT_ENCODER, KernelSettings, embed
 
     try:
@@ -141,7 +147,9 @@ def _cluster(args: argparse.Namespace) -> str | Callable[[], Any]:
                            "address like tcp://HOST:8786")
     options: dict[str, Any] = {"dashboard_address": args.dashboard_address,
                                "workers": args.workers}
-    if kind not in ("auto", "local", "cuda"):
+    if _local(args):
+        options["worker_imports"] = EMBED_WORKER_IMPORTS
+    else:
         options.update(
             jobs=args.jobs, queue=args.queue, account=args.account, walltime=args.walltime,
             cores=args.cores, memory=args.memory, gpus_per_job=args.gpus_per_job,
@@ -153,3 +161,8 @@ def _cluster(args: argparse.Namespace) -> str | Callable[[], Any]:
     from raptorz import create_cluster
 
     return functools.partial(create_cluster, cast(ClusterKind, kind), **options)
+
+
+def _local(args: argparse.Namespace) -> bool:
+    """Whether the options start worker processes on this machine."""
+    return (args.cluster or "auto") in ("auto", "local", "cuda")

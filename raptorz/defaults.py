@@ -21,6 +21,11 @@ ClusterKind = Literal["auto", "local", "cuda", "slurm", "pbs", "sge", "lsf"]
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
+#: What the worker processes of an embedding run import before their first task (the
+#: runner, which brings xarray, Zarr and Dask; then torch and timm), where they can be
+#: forked from a server that imported them once (:func:`raptorz.cluster.start_worker_server`).
+EMBED_WORKER_IMPORTS: Final = ("raptorz.embedding.runner", "raptorz.embedding.encoders",
+                               "torch", "timm")
 #: The encoder of the Raptor paper.
 DEFAULT_ENCODER: Final = "vit_large_patch14_dinov2.lvd142m"
 #: ``weights=RANDOM_WEIGHTS``: timm's initial weights drawn with seed 0, for demos and

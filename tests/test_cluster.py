@@ -48,6 +48,42 @@ def test_local_cluster_has_no_gpu_resource() -> None:
         assert client.status == "running"
 
 
+def _imported(modules: tuple[str, ...]) -> bool:
+    return all(name in sys.modules for name in modules)
+
+
+def _cuda_initialised() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_initialized())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a Linux fork server")
+def test_workers_start_with_their_imports_forked_from_one_server() -> None:
+    """What ``raptorz embed`` starts: workers ready to encode, torch imported once."""
+    modules = ("raptorz.embedding.runner", "torch", "timm")
+    with create_cluster("local", workers=2, worker_imports=modules,
+                        dashboard_address=":0") as cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
+        assert all(client.run(_imported, modules).values())  # before any task
+        parents = set(client.run(os.getppid).values())
+        assert len(parents) == 1 and os.getpid() not in parents  # forked by the server
+        assert set(client.run(os.getenv, WORKERS_PER_HOST).values()) == {"2"}
+    with create_cluster("cuda", gpus=["0", "1"], worker_imports=modules,
+                        dashboard_address=":0") as cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
+        assert sorted(client.run(os.getenv, "CUDA_VISIBLE_DEVICES").values()) == ["0", "1"]
+        assert set(client.run(os.getppid).values()) == parents  # the same server, reused
+        # torch was imported before the fork, CUDA never initialised: each worker's own
+        # CUDA_VISIBLE_DEVICES still decides its device
+        assert not any(client.run(_cuda_initialised).values())
+    with create_cluster("local", workers=1, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:  # the default: spawned, nothing imported ahead
+        client.wait_for_workers(1)
+        assert not any(client.run(_imported, ("timm",)).values())
+        assert set(client.run(os.getppid).values()) == {os.getpid()}
+
+
 @pytest.mark.slow
 def test_preload_pins_the_workers_of_a_multi_gpu_job() -> None:
     """What a job with --gpus-per-job 2 runs: one worker per GPU, each pinned."""
