@@ -63,7 +63,8 @@ def register(subparsers: Any) -> None:
                        help="default bf16 on GPU, fp32 on CPU")
     model.add_argument("--keep-tokens", action="store_true",
                        help="also store the pooled tokens (new projections need no encoder)")
-    model.add_argument("--batch-size", type=int, default=64, help="slices per forward pass")
+    model.add_argument("--batch-size", type=int,
+                       help="slices per forward pass (default 64 on a GPU, 16 on a CPU)")
     model.add_argument("--start", type=int, default=0, help="first volume id to embed")
     model.add_argument("--many", type=int, help="how many volumes to embed (default all)")
     dask = parser.add_argument_group("cluster")

@@ -143,6 +143,19 @@ def test_dedup_equals_no_dedup(encoder: Encoder, odd_volume: np.ndarray,
     assert_close(on.avgpool, off.avgpool)
 
 
+def test_the_batch_size_defaults_to_the_device_s(encoder: Encoder, odd_volume: np.ndarray,
+                                                 projectors: list[Projector]) -> None:
+    """A CPU runs batches of 16 (its caches), a GPU of 64; a set size wins; same result."""
+    assert (KernelSettings().batch_for("cpu"), KernelSettings().batch_for("cuda")) == (16, 64)
+    assert KernelSettings(batch_size=5).batch_for("cuda") == 5
+    default = embed_volume(odd_volume, encoder, projectors, KernelSettings(dedup=False))
+    large = embed_volume(odd_volume, encoder, projectors,
+                         KernelSettings(batch_size=64, dedup=False))
+    assert (default.batch_size, large.batch_size) == (16, 64)
+    for name in default.projections:
+        assert_close(default.projections[name], large.projections[name])
+
+
 def test_block_equals_volumes_one_by_one(encoder: Encoder, odd_volume: np.ndarray,
                                          projectors: list[Projector]) -> None:
     second = np.random.default_rng(7).random(odd_volume.shape)

@@ -143,7 +143,8 @@ def pool_tokens(volumes: np.ndarray, encoder: Encoder, settings: KernelSettings,
     volumes, as it is submitted.
     """
     plan = _plan(volumes, encoder, settings)
-    sums, batch_size = encode_batches(plan, encoder, settings.batch_size, progress)
+    sums, batch_size = encode_batches(plan, encoder, settings.batch_for(encoder.device.type),
+                                      progress)
     means = sums.cpu().numpy() / plan.slices_per_group[:, None, None]
     return Pooled(means.reshape(len(volumes), len(settings.planes), *means.shape[1:]),
                   int(plan.slices_per_group.sum()), plan.constant_slices, batch_size)
@@ -228,7 +229,7 @@ class _Plan:
                     reps[key][1][group] += 1
         self.constant_slices = int(sum(int(c.sum()) for _, c in reps.values()))
         self.batches: list[_Batch] = []
-        size = settings.batch_size
+        size = settings.batch_for(encoder.device.type)
         for first in range(0, len(entries), size):
             chunk = entries[first:first + size]
             runs = self._gather(host, [(p, b, s) for p, b, s, _ in chunk])

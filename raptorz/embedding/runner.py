@@ -129,8 +129,9 @@ class EmbedSummary:
     seconds
         Wall time of the call.
     batch_size
-        The smallest batch the encoder ran in this call (less than the settings' where a
-        batch ran out of device memory and was halved); ``None`` when nothing ran.
+        The smallest batch the encoder ran in this call (less than the settings' or the
+        device's default where a batch ran out of device memory and was halved); ``None``
+        when nothing ran.
     startup
         Of ``seconds``, the time before the first task was submitted: checks, cluster
         start, the encoder's first load on a worker, the store's creation.
@@ -257,9 +258,9 @@ def embed(
                                     _slices_per_volume(source, settings),
                                     _expected_workers(client))]
         startup = time.perf_counter() - began
-        used = _run(client, tasks, resources, ids, total=int(selected.sum()),
-                    done=int(selected.sum() - todo.sum()), progress=progress)
-    if used is not None and used < settings.batch_size:
+        used, halved = _run(client, tasks, resources, ids, total=int(selected.sum()),
+                            done=int(selected.sum() - todo.sum()), progress=progress)
+    if halved:
         print(f"raptorz embed: a batch ran out of device memory; batches of {used} were used",
               file=sys.stderr)
     return _summary(output, ids, selected, int(todo.sum()), began, batch_size=used,
@@ -420,8 +421,10 @@ class _Progress:
 
 
 def _run(client: Client, tasks: list[EmbedTask], resources: dict[str, int] | None,
-         ids: np.ndarray, *, total: int, done: int, progress: bool) -> int | None:
-    """Submit the tasks and follow them; returns the smallest batch size a task used.
+         ids: np.ndarray, *, total: int, done: int,
+         progress: bool) -> tuple[int | None, bool]:
+    """Submit the tasks and follow them: the smallest batch size a task used, and whether
+    a task ran out of device memory and halved its batches.
 
     A task that fails is retried by Dask on another worker; one that keeps failing
     leaves its volumes pending and its error is printed (a rerun retries them).
@@ -435,6 +438,7 @@ def _run(client: Client, tasks: list[EmbedTask], resources: dict[str, int] | Non
                              key=f"embed-{ids[task.start]}-{ids[task.stop - 1]}-{run}"):
                task for task in tasks}
     used: list[int] = []
+    halved = False
     try:
         for future in as_completed(futures, loop=client.loop):
             task = futures[future]
@@ -444,14 +448,16 @@ def _run(client: Client, tasks: list[EmbedTask], resources: dict[str, int] | Non
                       f"pending ({type(error).__name__}: {error}); rerun to retry",
                       file=sys.stderr)
             else:
-                used.append(future.result()["batch_size"])
+                result = future.result()
+                used.append(result["batch_size"])
+                halved |= result["halved"]
             bar.finish(task, len(task.indices))
             future.release()
     finally:
         if progress and tasks:
             client.unsubscribe_topic(tasks[0].topic)
         bar.close()
-    return min(used) if used else None
+    return (min(used) if used else None), halved
 
 
 def _summary(output: Path, ids: np.ndarray, selected: np.ndarray, computed: int,
@@ -545,7 +551,7 @@ def _read(volumes: str, indices: np.ndarray) -> _Read:
     return _Read(block[keep], good[keep], errors)
 
 
-def _embed_task(task: EmbedTask) -> dict[str, int]:
+def _embed_task(task: EmbedTask) -> dict[str, int | bool]:
     """Embed one task's volumes and write its units once; returns counts and batch size.
 
     The volumes are read and embedded in blocks of about :data:`TASK_SLICES` slices, the
@@ -566,7 +572,7 @@ def _embed_task(task: EmbedTask) -> dict[str, int]:
                            BLOCK_BYTES // pooled))
     blocks = [indices[i:i + per_block] for i in range(0, len(indices), per_block)]
     report = _reporter(task)
-    batch_size = task.settings.batch_size
+    asked = batch_size = task.settings.batch_for(encoder.device.type)
     results: list[tuple[_Read, BlockEmbedding | None]] = []
     with ThreadPoolExecutor(1, thread_name_prefix="raptorz-read") as reader:
         ahead = reader.submit(_read, task.volumes, blocks[0]) if blocks else None
@@ -586,7 +592,7 @@ def _embed_task(task: EmbedTask) -> dict[str, int]:
                     batch_size = min(batch_size, embedded.batch_size)
             results.append((read, embedded))
     _write(task, results, _worker_projectors(task.output))
-    return {"volumes": len(indices), "batch_size": batch_size}
+    return {"volumes": len(indices), "batch_size": batch_size, "halved": batch_size < asked}
 
 
 def _slices_per_task_volume(task: EmbedTask) -> int:

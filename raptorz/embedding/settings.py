@@ -8,7 +8,7 @@ that checking a store or finding nothing to do stays fast.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 import numpy as np
 
@@ -17,6 +17,12 @@ ResizeMode = Literal["stretch", "pad", "pad_shared"]
 
 #: The original's names of planes 0, 1, 2 (slices along array axes 0, 1, 2).
 PLANE_NAMES = ("A", "C", "S")
+#: Slices per forward where the settings leave it to the device (``batch_size=None``).
+#: A GPU wants large batches. On a CPU, a small batch keeps a ViT's activations in the
+#: caches: DINOv2 ViT-S/14 took 12-15% less time per slice at 16 than at 64 on one
+#: thread, 7-15% on two (2-core AMD EPYC, fp32 and bf16; benchmarks/README.md).
+CPU_BATCH_SIZE: Final = 16
+DEVICE_BATCH_SIZE: Final = 64
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,9 @@ class KernelSettings:
     subsample
         Keep every n-th slice along each axis (centered); 1 keeps all.
     batch_size
-        Images per encoder forward.
+        Images per encoder forward; ``None`` (default): :data:`DEVICE_BATCH_SIZE` on a GPU,
+        :data:`CPU_BATCH_SIZE` on a CPU (:meth:`batch_for`). The results do not depend
+        on it (the tokens' sums are float64), and a store resumes with any.
     dedup
         Encode each distinct constant slice once (exact up to fp32 rounding).
     keep_tokens
@@ -49,7 +57,7 @@ class KernelSettings:
     resize: ResizeMode = "stretch"
     tokens: Literal["all", "patch", "cls"] = "all"
     subsample: int = 1
-    batch_size: int = 64
+    batch_size: int | None = None
     dedup: bool = True
     keep_tokens: bool = False
 
@@ -58,7 +66,7 @@ class KernelSettings:
         if not planes or len(set(planes)) != len(planes) or not set(planes) <= {0, 1, 2}:
             raise ValueError(f"planes must be distinct axes among 0, 1, 2, got {self.planes}")
         object.__setattr__(self, "planes", planes)
-        if self.subsample < 1 or self.batch_size < 1:
+        if self.subsample < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise ValueError("subsample and batch_size must be >= 1")
         for name, value, allowed in (
             ("preprocess", self.preprocess, ("default", "reference")),
@@ -67,6 +75,12 @@ class KernelSettings:
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+    def batch_for(self, device_type: str) -> int:
+        """Slices per forward on a device of ``device_type`` (``"cpu"``, ``"cuda"``, ...)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return CPU_BATCH_SIZE if device_type == "cpu" else DEVICE_BATCH_SIZE
 
 
 def slice_indices(length: int, subsample: int = 1) -> np.ndarray:
