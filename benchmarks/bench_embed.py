@@ -13,9 +13,13 @@ volumes chunk), then times, for each precision,
 
 and prints the start-up and the run after it against the kernel's time.
 
-GPU (``--gpu``): slices/s of the kernel with the default DINOv2 ViT-L/14 architecture in
-bf16 (random weights: speed does not depend on them) on one 182 x 218 x 182 volume (the
-UK Biobank grid, 582 slices) and of the bare encoder forward, for a few batch sizes.
+GPU (``--gpu``): with the default DINOv2 ViT-L/14 architecture in bf16 (random weights:
+speed does not depend on them), slices/s of the bare encoder forward and of the kernel
+on one 182 x 218 x 182 volume (the UK Biobank grid, 582 slices) for a few batch sizes;
+then of ``raptorz embed`` end to end over ``--gpu-volumes`` such volumes, on one GPU and
+on every visible GPU, against the bare forward's best slices/s times the GPUs (the
+issue's goal: at least 90%). ``--device cpu --gpu-encoder raptorz_tiny_dinov2
+--gpu-volumes 2`` runs the same steps on a CPU, to check the script.
 
     python benchmarks/bench_embed.py [--volumes 8 --size 32 --encoder raptorz_tiny_dinov2]
     python benchmarks/bench_embed.py --gpu
@@ -63,12 +67,17 @@ def _embed_cli(volumes: Path, output: Path, folder: Path, weights: Path, args: a
                "--encoder", args.encoder, "--weights", str(weights), "--precision", precision,
                "--cluster", "local", "--workers", str(workers), "--threads", str(threads),
                "--dashboard-address", ":0"]
+    return _timed_embed(command)
+
+
+def _timed_embed(command: list[str]) -> tuple[float, float, float]:
+    """(wall s, start-up s, s after start-up) of a ``raptorz embed`` command."""
     start = time.perf_counter()
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     wall = time.perf_counter() - start
     seconds, startup = (float(x) for x in re.search(  # type: ignore[union-attr]
         r"this run, ([\d.]+) s, ([\d.]+) s of it to start", done.stdout).groups())
-    outside = wall - seconds  # the interpreter, imports, printing the summary
+    outside = wall - seconds  # the interpreter, imports, printing the summary, the exit
     return wall, outside + startup, seconds - startup
 
 
@@ -183,6 +192,7 @@ def gpu(args: argparse.Namespace) -> None:
     volume = np.random.default_rng(0).random((1, 182, 218, 182), dtype=np.float32)
     print("| batch | encoder forward slices/s | kernel slices/s (582-slice volume) |")
     print("|-------|--------------------------|------------------------------------|")
+    best = 0.0
     for batch in args.batches:
         images = torch.randn(batch, 3, 224, 224, device=device)
         for _ in range(3):
@@ -201,6 +211,48 @@ def gpu(args: argparse.Namespace) -> None:
         sync()
         kernel = result.slices / (time.perf_counter() - start)
         print(f"| {batch:>5} | {forward:>24.0f} | {kernel:>34.0f} |")
+        best = max(best, forward)
+    del encoder
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the workers need the memory
+    _gpu_end_to_end(args, best)
+
+
+def _gpu_end_to_end(args: argparse.Namespace, forward: float) -> None:
+    """``raptorz embed`` over ``--gpu-volumes`` UK Biobank-sized volumes: 1 GPU, then all."""
+    from raptorz.cluster import visible_gpus
+
+    gpus = len(visible_gpus()) if args.device.startswith("cuda") else 0
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        images = np.random.default_rng(0).integers(
+            0, 256, (args.gpu_volumes, 182, 218, 182), dtype=np.uint8)
+        np.savez(folder / "m.npz", train_images=images,
+                 train_labels=np.zeros((len(images), 1)))
+        del images
+        volumes = folder / "volumes.zarr"
+        convert([folder / "m.npz"], volumes, workers=1)
+        weights = random_weights(args.gpu_encoder, folder / "weights.safetensors")
+        dim = create_encoder(args.gpu_encoder, weights=weights, device="cpu").embed_dim
+        np.save(folder / "p.npy", create_projector(0, dim, 100).matrix)
+        slices = args.gpu_volumes * (182 + 218 + 182)
+        layouts = sorted({1, gpus}) if gpus else [1]
+        print(f"\n`raptorz embed`, {args.gpu_volumes} volumes of 182 x 218 x 182 "
+              f"({slices} slices), {args.precision}, default batch size\n")
+        print("| GPUs | wall s | start-up s | run after start-up s | slices/s | "
+              "x bare forward (its best x GPUs) |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+        for count in layouts:
+            command = [sys.executable, "-m", "raptorz.cli.main", "embed", str(volumes),
+                       "-o", str(folder / f"e{count}.zarr"), "--projector",
+                       str(folder / "p.npy"), "--encoder", args.gpu_encoder,
+                       "--weights", str(weights), "--precision", args.precision,
+                       "--cluster", "cuda" if gpus else "local", "--workers", str(count),
+                       "--dashboard-address", ":0"]
+            wall, startup, run = _timed_embed(command)
+            rate = slices / run
+            print(f"| {count if gpus else 0} | {wall:.2f} | {startup:.2f} | {run:.2f} | "
+                  f"{rate:.0f} | {rate / (forward * max(count, 1) if gpus else forward):.2f} |")
 
 
 def main() -> None:
@@ -214,6 +266,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="--gpu: torch device")
     parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--gpu-volumes", type=int, default=64,
+                        help="--gpu: volumes of 182 x 218 x 182 for raptorz embed")
     args = parser.parse_args()
     if args.gpu:
         gpu(args)

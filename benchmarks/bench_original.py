@@ -18,9 +18,10 @@ one set of random weights:
 
 The original always runs fp32 (it has no precision option). Each row is the whole command,
 wall clock, start-up and model load included; the ratio is the original's time over
-raptorz's.
+raptorz's. ``--rounds N`` runs every command N times, one of each in turn, and reports
+medians: a shared machine's speed can drift by 10% over minutes.
 
-    python benchmarks/bench_original.py PATH/TO/embed.py [--volumes 12 --size 28]
+    python benchmarks/bench_original.py PATH/TO/embed.py [--volumes 12 --size 28 --rounds 3]
     python benchmarks/bench_original.py PATH/TO/embed.py \
         --npz ../shared/data/medmnist/adrenalmnist3d.npz
 """
@@ -32,6 +33,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -84,6 +86,11 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=384)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every command this many times, in turn; medians")
+    parser.add_argument("--layouts", type=int, default=2, choices=(1, 2),
+                        help="1: raptorz with 1 worker and every core only; 2: also one "
+                        "worker per core")
     parser.add_argument("--timm-name", default="vit_small_patch14_dinov2",
                         help="raptorz's encoder: the same architecture as --hidden/--layers")
     args = parser.parse_args()
@@ -105,36 +112,45 @@ def main() -> None:
             "".join(f"train_{i}\n" for i in range(len(images))))
         np.save(folder / "p.npy", create_projector(0, args.hidden, 100).matrix)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(folder / "hf")}
-        rows = []
         original = [sys.executable, str(args.original.resolve()), "--npz", "m.npz",
                     "--manifest", "manifest.txt", "--start", "0", "--many",
                     str(len(images)), "--device", "cpu", "--num_torch_threads", str(cores),
                     "--saveto", "original", "--k", "p.npy"]
-        rows.append(("original embed.py", "fp32", _timed(original, folder, env)))
-        written = sorted((folder / "original" / "p").glob("*.npy"))
-        assert len(written) == len(images), f"the original wrote {len(written)} files"
         subprocess.run([sys.executable, "-m", "raptorz.cli.main", "convert", "m.npz", "-o",
                         "volumes.zarr"], cwd=folder, env=env, check=True, capture_output=True)
-        layouts = sorted({(1, cores), (cores, 1)})
+        runs: list[tuple[str, str, list[str]]] = [("original embed.py", "fp32", original)]
+        layouts = sorted({(1, cores), (cores, 1)})[:args.layouts]
         for precision in ("fp32", "bf16"):
             for workers, threads in layouts:
-                command = [sys.executable, "-m", "raptorz.cli.main", "embed", "volumes.zarr",
-                           "-o", f"e{precision}{workers}.zarr", "--projector", "p.npy",
-                           "--encoder", args.timm_name,
-                           "--weights", str(model / "model.safetensors"),
-                           "--precision", precision, "--cluster", "local",
-                           "--workers", str(workers), "--threads", str(threads),
-                           "--dashboard-address", ":0"]
-                rows.append((f"raptorz embed, {workers} worker(s) x {threads} thread(s)",
-                             precision, _timed(command, folder, env)))
+                runs.append((f"raptorz embed, {workers} worker(s) x {threads} thread(s)",
+                             precision, [
+                                 sys.executable, "-m", "raptorz.cli.main", "embed",
+                                 "volumes.zarr", "-o", "e.zarr", "--projector", "p.npy",
+                                 "--encoder", args.timm_name,
+                                 "--weights", str(model / "model.safetensors"),
+                                 "--precision", precision, "--cluster", "local",
+                                 "--workers", str(workers), "--threads", str(threads),
+                                 "--dashboard-address", ":0"]))
+        seconds: list[list[float]] = [[] for _ in runs]
+        for _ in range(args.rounds):  # one of each per round: a slow spell hits all alike
+            for n, (_, _, command) in enumerate(runs):
+                shutil.rmtree(folder / "original", ignore_errors=True)
+                shutil.rmtree(folder / "e.zarr", ignore_errors=True)
+                seconds[n].append(_timed(command, folder, env))
+                if n == 0:
+                    written = sorted((folder / "original" / "p").glob("*.npy"))
+                    assert len(written) == len(images), f"the original wrote {len(written)}"
+        rows = [(name, precision, float(np.median(times)), min(times), max(times))
+                for (name, precision, _), times in zip(runs, seconds, strict=True)]
     source = "random" if args.npz is None else f"{args.npz.name}'s first train"
     print(f"\n{len(images)} {source} volumes of {'x'.join(map(str, images.shape[1:]))}, "
           f"DINOv2 ({args.hidden} wide, {args.layers} blocks), random weights, K=100, "
           f"{cores} CPU cores ({platform.processor() or platform.machine()})\n")
-    print("| run | precision | wall s | original / this |")
-    print("| --- | --- | ---: | ---: |")
-    for name, precision, seconds in rows:
-        print(f"| {name} | {precision} | {seconds:.2f} | {rows[0][2] / seconds:.2f} |")
+    print(f"| run | precision | wall s (median of {args.rounds}) | range | original / this |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for name, precision, median, low, high in rows:
+        print(f"| {name} | {precision} | {median:.2f} | {low:.1f}-{high:.1f} | "
+              f"{rows[0][2] / median:.2f} |")
     cpu = Path("/proc/cpuinfo")
     if cpu.exists() and not re.search(r"\b(avx512_bf16|amx_bf16)\b", cpu.read_text()):
         print("\nthis CPU has no native bf16: the bf16 row is not the issue's target")
