@@ -143,8 +143,8 @@ def test_dedup_equals_no_dedup(encoder: Encoder, odd_volume: np.ndarray,
     assert_close(on.avgpool, off.avgpool)
 
 
-def test_the_batch_size_defaults_to_the_device_s(encoder: Encoder, odd_volume: np.ndarray,
-                                                 projectors: list[Projector]) -> None:
+def test_the_default_batch_size_follows_the_device(encoder: Encoder, odd_volume: np.ndarray,
+                                                   projectors: list[Projector]) -> None:
     """A CPU runs batches of 16 (its caches), a GPU of 64; a set size wins; same result."""
     assert (KernelSettings().batch_for("cpu"), KernelSettings().batch_for("cuda")) == (16, 64)
     assert KernelSettings(batch_size=5).batch_for("cuda") == 5
