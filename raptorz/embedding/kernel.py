@@ -50,8 +50,8 @@ class BlockEmbedding:
     constant_slices
         Of those, the constant slices served by the dedup shortcut (0 without it).
     batch_size
-        The largest batch the encoder ran: ``settings.batch_size``, or less where a batch
-        ran out of device memory and was halved.
+        The largest batch the encoder ran: ``settings.batch_for(device)``, or less where a
+        batch ran out of device memory and was halved.
     """
 
     projections: dict[str, np.ndarray]
@@ -143,8 +143,7 @@ def pool_tokens(volumes: np.ndarray, encoder: Encoder, settings: KernelSettings,
     volumes, as it is submitted.
     """
     plan = _plan(volumes, encoder, settings)
-    sums, batch_size = encode_batches(plan, encoder, settings.batch_for(encoder.device.type),
-                                      progress)
+    sums, batch_size = encode_batches(plan, encoder, plan.batch_size, progress)
     means = sums.cpu().numpy() / plan.slices_per_group[:, None, None]
     return Pooled(means.reshape(len(volumes), len(settings.planes), *means.shape[1:]),
                   int(plan.slices_per_group.sum()), plan.constant_slices, batch_size)
@@ -229,7 +228,7 @@ class _Plan:
                     reps[key][1][group] += 1
         self.constant_slices = int(sum(int(c.sum()) for _, c in reps.values()))
         self.batches: list[_Batch] = []
-        size = settings.batch_for(encoder.device.type)
+        self.batch_size = size = settings.batch_for(encoder.device.type)
         for first in range(0, len(entries), size):
             chunk = entries[first:first + size]
             runs = self._gather(host, [(p, b, s) for p, b, s, _ in chunk])
