@@ -11,7 +11,9 @@ Usage::
     python benchmarks/bench_kernel.py --quick    # fewer slices, for a smoke run
 
 Targets (issue 3): kernel overhead <= 10 % over the bare forward; peak memory flat in
-the slice count; bf16 >= 1.6x fp32 on this CPU.
+the slice count; bf16 >= 1.6x fp32 on this CPU. The bare forward also runs with the
+linear layers unpacked (``create_encoder(..., pack=False)``), for the gain of packing.
+Batches are the CPU default (:data:`~raptorz.embedding.settings.CPU_BATCH_SIZE`).
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from raptorz.embedding.settings import CPU_BATCH_SIZE
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ARCH = "vit_small_patch14_dinov2"
+BATCH = CPU_BATCH_SIZE
 
 
 def load_volumes(source: str, count: int) -> np.ndarray:
@@ -90,11 +95,11 @@ def run_one(config: dict[str, Any], weights: str) -> list[dict[str, Any]]:
 
 
 def bare_forward(config: dict[str, Any], weights: str) -> list[dict[str, Any]]:
-    """The encoder alone, fp32 and bf16 batches alternating, the mean batch of each.
+    """The encoder alone at fp32 and bf16, packed (the default on a CPU) and not, batches
+    of each in turn; the mean batch of each.
 
-    Alternating in one process makes the bf16 / fp32 ratio fair; the mean (after a
-    warm-up batch) is what the kernel's rows measure too, so "vs bare" compares like
-    with like.
+    Taking turns in one process makes the ratios fair; the mean (after a warm-up batch)
+    is what the kernel's rows measure too, so "vs bare" compares like with like.
     """
     import torch
 
@@ -102,39 +107,41 @@ def bare_forward(config: dict[str, Any], weights: str) -> list[dict[str, Any]]:
 
     batch = config["batch_size"]
     images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    encoders = {p: create_encoder(ARCH, weights=weights, device="cpu", precision=p)
-                for p in ("fp32", "bf16")}
+    encoders = {(kind, p): create_encoder(ARCH, weights=weights, device="cpu", precision=p,
+                                          pack=kind == "bare")
+                for kind in ("bare", "unpacked") for p in ("fp32", "bf16")}
     total = dict.fromkeys(encoders, 0.0)
     for encoder in encoders.values():
         encoder.encode(images)  # warm-up: first-call allocations and kernel selection
     for _ in range(config["batches"]):
-        for precision, encoder in encoders.items():
+        for key, encoder in encoders.items():
             start = time.perf_counter()
             encoder.encode(images)
-            total[precision] += time.perf_counter() - start
-    mean = {p: total[p] / config["batches"] for p in encoders}
-    return [{**config, "precision": p, "seconds": mean[p], "slices": batch, "encoded": batch,
-             "in_encoder": mean[p], "rss_before_mib": rss_mib(), "rss_peak_mib": rss_mib()}
-            for p in encoders]
+            total[key] += time.perf_counter() - start
+    mean = {key: total[key] / config["batches"] for key in encoders}
+    return [{**config, "kind": kind, "precision": p, "seconds": mean[kind, p], "slices": batch,
+             "encoded": batch, "in_encoder": mean[kind, p], "rss_before_mib": rss_mib(),
+             "rss_peak_mib": rss_mib()}
+            for kind, p in encoders]
 
 
 def configurations(quick: bool) -> list[dict[str, Any]]:
     """The table's rows."""
-    batches = 2 if quick else 4
+    batches = 4 if quick else 12
     brain_sub = 4 if quick else 1
     rows: list[dict[str, Any]] = [
-        {"kind": "bare", "precision": "both", "batch_size": 64, "batches": batches,
+        {"kind": "bare", "precision": "both", "batch_size": BATCH, "batches": batches,
          "source": "random", "dedup": False, "subsample": 1}
     ]
     rows.extend(
-        {"kind": "kernel", "precision": precision, "batch_size": 64, "source": source,
+        {"kind": "kernel", "precision": precision, "batch_size": BATCH, "source": source,
          "volumes": 1, "dedup": dedup, "subsample": sub}
         for source, sub in (("adrenal64", 1), ("brain", brain_sub))
         for precision in ("fp32", "bf16")
         for dedup in (True, False)
     )
     # memory flat in the slice count: the same brain with 4x fewer slices
-    rows.append({"kind": "kernel", "precision": "fp32", "batch_size": 64, "source": "brain",
+    rows.append({"kind": "kernel", "precision": "fp32", "batch_size": BATCH, "source": "brain",
                  "volumes": 1, "dedup": True, "subsample": brain_sub * 4})
     return rows
 
@@ -147,8 +154,12 @@ def print_table(results: list[dict[str, Any]]) -> None:
     outside the encoder forward (slicing, resizing, pooling, projecting), measured in the
     same run and so robust to load from other processes.
     """
-    bare = {r["precision"]: r["encoded"] / r["seconds"] for r in results if r["kind"] == "bare"}
-    header = (f"{'what':<8}{'data':<11}{'prec':<6}{'dedup':<7}{'slices':>7}{'encoded':>9}"
+    def rates(kind: str) -> dict[str, float]:
+        return {r["precision"]: r["encoded"] / r["seconds"] for r in results
+                if r["kind"] == kind}
+
+    bare, unpacked = rates("bare"), rates("unpacked")
+    header = (f"{'what':<9}{'data':<11}{'prec':<6}{'dedup':<7}{'slices':>7}{'encoded':>9}"
               f"{'s':>8}{'slices/s':>10}{'enc/s':>8}{'vs bare':>9}{'not enc':>9}"
               f"{'RSS MiB':>9}{'+kernel':>9}")
     print(header)
@@ -158,7 +169,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
         overhead = (f"{100 * (1 - encoded_rate / bare[r['precision']]):.1f}%"
                     if r["kind"] == "kernel" else "")
         data = r["source"] + (f"/{r['subsample']}" if r["subsample"] > 1 else "")
-        print(f"{r['kind']:<8}{data:<11}{r['precision']:<6}"
+        print(f"{r['kind']:<9}{data:<11}{r['precision']:<6}"
               f"{('on' if r['dedup'] else 'off'):<7}{r['slices']:>7}{r['encoded']:>9}"
               f"{r['seconds']:>8.1f}{r['slices'] / r['seconds']:>10.1f}{encoded_rate:>8.1f}"
               f"{overhead:>9}{100 * (1 - r['in_encoder'] / r['seconds']):>8.1f}%"
@@ -166,6 +177,9 @@ def print_table(results: list[dict[str, Any]]) -> None:
               f"{r['rss_peak_mib'] - r['rss_before_mib']:>9.0f}")
     if "fp32" in bare and "bf16" in bare:
         print(f"\nbare forward bf16 / fp32: {bare['bf16'] / bare['fp32']:.2f}x")
+    for precision in unpacked:
+        print(f"bare forward {precision} packed / unpacked: "
+              f"{bare[precision] / unpacked[precision]:.2f}x")
 
 
 def main() -> None:
@@ -182,7 +196,7 @@ def main() -> None:
     from safetensors.torch import save_file
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"ViT-S/14 random weights, 224 px, batch 64")
+          f"ViT-S/14 random weights, 224 px, batch {BATCH}")
     with tempfile.TemporaryDirectory() as folder:
         weights = Path(folder) / "vits14.safetensors"
         model = timm.create_model(ARCH, pretrained=False, img_size=224, num_classes=0)

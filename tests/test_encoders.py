@@ -18,6 +18,8 @@ from vit_fixtures import TINY_ENCODER, tiny_vit_state_dict
 from raptorz.embedding.encoders import (
     RANDOM_WEIGHTS,
     SMALL_ENCODERS,
+    PackedLinear,
+    Precision,
     create_encoder,
     weights_checksum,
 )
@@ -153,6 +155,43 @@ def test_bf16_is_close_to_fp32(tiny_vit_weights: tuple[str, Path]) -> None:
     assert (bf16 - fp32).norm() / fp32.norm() < 0.05
     with pytest.raises(RaptorzError, match="precision"):
         create_encoder(name, weights=path, precision="fp8")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cpu_encoders_pack_their_linear_layers_with_the_same_results(
+        tiny_vit_weights: tuple[str, Path], precision: Precision) -> None:
+    name, path = tiny_vit_weights
+    plain = create_encoder(name, weights=path, precision=precision, pack=False)
+    packed = create_encoder(name, weights=path, precision=precision)
+    linears = [m for m in plain.model.modules() if type(m) is torch.nn.Linear]
+    assert linears  # four per block
+    if precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        # oneDNN would emulate bf16 here: nothing is packed, and asking for it is refused
+        assert not any(isinstance(m, PackedLinear) for m in packed.model.modules())
+        with pytest.raises(RaptorzError, match="cannot pack"):
+            create_encoder(name, weights=path, precision=precision, pack=True)
+        return
+    assert sum(isinstance(m, PackedLinear) for m in packed.model.modules()) == len(linears)
+    assert not any(type(m) is torch.nn.Linear for m in packed.model.modules())
+    # the weights' identity is the file's, whatever the layout in memory
+    assert packed.checksum == plain.checksum == weights_checksum(load_file(str(path)))
+    # any batch size, not only the one the layout was chosen for (16 images)
+    for batch in (1, 5, 16):
+        images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
+        want, got = plain.encode(images), packed.encode(images)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        # fp32: the same sums in another order. bf16: the same bf16 products as autocast's
+        # matmul, summed in float32, so a bf16 rounding of the outputs at most
+        scale = want.abs().max()
+        assert (got - want).abs().max() <= (1e-5 if precision == "fp32" else 1e-2) * scale
+
+
+def test_packing_needs_a_cpu_and_fp32_or_bf16(tiny_vit_weights: tuple[str, Path]) -> None:
+    name, path = tiny_vit_weights
+    with pytest.raises(RaptorzError, match="cannot pack"):
+        create_encoder(name, weights=path, precision="fp16", pack=True)
+    fp16 = create_encoder(name, weights=path, precision="fp16")  # default: left as it is
+    assert any(type(m) is torch.nn.Linear for m in fp16.model.modules())
 
 
 def test_small_encoder_without_weights_is_refused() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +35,10 @@ def encoder(tiny_vit_weights: tuple[str, Path]) -> Encoder:
 
 
 @pytest.fixture(scope="module")
-def model64(encoder: Encoder) -> torch.nn.Module:
-    return copy.deepcopy(encoder.model).double()
+def model64(tiny_vit_weights: tuple[str, Path]) -> torch.nn.Module:
+    """The encoder's timm model in float64 (unpacked: packed layers hold fp32 weights)."""
+    name, path = tiny_vit_weights
+    return create_encoder(name, weights=path, pack=False).model.double()
 
 
 @pytest.fixture(scope="module")

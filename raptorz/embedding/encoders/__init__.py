@@ -37,6 +37,7 @@ from raptorz.embedding.encoders._factory import (
     weights_available,
 )
 from raptorz.embedding.encoders._listing import EncoderInfo, describe, list_encoders, meta_model
+from raptorz.embedding.encoders._packing import PackedLinear, pack_linears
 from raptorz.embedding.encoders._weights import read_state_dict, weights_checksum
 from raptorz.embedding.encoders.dinov2 import from_transformers_layout
 
@@ -52,9 +53,8 @@ SMALL_ENCODERS: Mapping[str, tuple[str, Mapping[str, Any]]] = MappingProxyType({
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "DEFAULT_ENCODER", "IMAGENET_MEAN", "IMAGENET_STD",
     "RANDOM_WEIGHTS", "SMALL_ENCODERS", "Encoder", "EncoderConfig", "EncoderInfo",
-    "InputResize", "OutputKind", "Precision", "TokenSelection", "create_encoder", "describe",
-    "device_precision",
-    "from_transformers_layout",
-    "get_config", "list_encoders", "meta_model", "read_state_dict", "resolve_config",
-    "weights_available", "weights_checksum",
+    "InputResize", "OutputKind", "PackedLinear", "Precision", "TokenSelection",
+    "create_encoder", "describe", "device_precision", "from_transformers_layout",
+    "get_config", "list_encoders", "meta_model", "pack_linears", "read_state_dict",
+    "resolve_config", "weights_available", "weights_checksum",
 ]

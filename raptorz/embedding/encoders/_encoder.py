@@ -32,7 +32,9 @@ class Encoder:
     name, config
         The encoder's name and its :class:`EncoderConfig`.
     model
-        The timm model (eval mode, no gradients).
+        The timm model (eval mode, no gradients). On a CPU its ``nn.Linear`` layers are
+        usually :class:`~raptorz.embedding.encoders.PackedLinear` (see ``create_encoder``'s
+        ``pack``).
     img_size, mean, std, resize
         The model's input: square side, per-channel normalisation on the [0, 1] scale,
         and the resize policy (``stretch`` or SAM's ``longest_side``).
