@@ -194,6 +194,19 @@ def test_packing_needs_a_cpu_and_fp32_or_bf16(tiny_vit_weights: tuple[str, Path]
     assert any(type(m) is torch.nn.Linear for m in fp16.model.modules())
 
 
+def test_weights_from_a_file_draw_no_random_initial_weights(
+        tiny_vit_weights: tuple[str, Path]) -> None:
+    """The model a file fills is built empty: quick (seconds for DINOv2-L), and the
+    caller's random stream is left as it was."""
+    name, path = tiny_vit_weights
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    encoder = create_encoder(name, weights=path)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(t.device.type == "cpu" for t in encoder.model.state_dict().values())
+    assert encoder.checksum == weights_checksum(load_file(str(path)))
+
+
 def test_small_encoder_without_weights_is_refused() -> None:
     with pytest.raises(RaptorzError, match="no published weights"):
         create_encoder(TINY_ENCODER)

@@ -147,7 +147,7 @@ def create_encoder(name: str = DEFAULT_ENCODER, *, weights: str | Path | None = 
     else:
         path = Path(weights) if weights is not None else find_cached(config)
         if path is not None:
-            model = _build(config, kwargs)
+            model = _build_empty(config, kwargs)
             layout = load_weights(model, path, config)
             source = str(path)
         else:
@@ -215,6 +215,29 @@ def _build(config: EncoderConfig, kwargs: Mapping[str, Any]) -> torch.nn.Module:
     except RuntimeError as error:  # timm: unknown model
         raise RaptorzError(f"encoder {config.name!r}: {error}; `raptorz encoders` lists "
                            "the named encoders") from error
+
+
+def _build_empty(config: EncoderConfig, kwargs: Mapping[str, Any]) -> torch.nn.Module:
+    """The architecture with uninitialised weights, for a weights file to fill.
+
+    Built on the meta device, so no memory is written and no random weights are drawn
+    (timm's initialisation of DINOv2-L takes seconds), then given empty CPU memory. That is
+    only safe where the file fills every tensor: :func:`load_weights` refuses a file that
+    lacks any key of the state dict, and a buffer outside it (rotary frequencies a model
+    computes as it is built, say) would stay empty, so such models, and any the meta
+    device cannot build, are built as usual.
+    """
+    import timm
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(config.architecture, pretrained=False, **kwargs)
+    except Exception:  # any failure here: the usual build, with its own errors
+        return _build(config, kwargs)
+    saved = model.state_dict().keys()
+    if any(name not in saved for name, _ in model.named_buffers()):
+        return _build(config, kwargs)
+    return model.to_empty(device="cpu")
 
 
 def _timm_cached(architecture: str) -> bool:
