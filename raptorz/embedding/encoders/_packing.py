@@ -17,6 +17,9 @@ memory does not double; the model's ``state_dict`` then lacks those weights, and
 
 from __future__ import annotations
 
+import functools
+import platform
+
 import torch
 
 #: dtype of the packed weights, per precision; fp16 stays unpacked (few CPUs run it)
@@ -24,15 +27,37 @@ PACKED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def can_pack(device: torch.device, precision: str) -> bool:
-    """Whether :func:`pack_linears` packs at ``precision`` on ``device``: a CPU, a torch
-    built with oneDNN and, for bf16, a CPU that oneDNN runs bf16 on natively."""
+    """Whether :func:`pack_linears` packs at ``precision`` on ``device``: an x86 CPU (where
+    it was measured), a torch whose oneDNN packs and runs a small layer correctly, and for
+    bf16 a CPU that oneDNN runs bf16 on natively."""
     if device.type != "cpu" or precision not in PACKED_DTYPES:
         return False
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    return _packs(precision)
+
+
+@functools.cache
+def _packs(precision: str) -> bool:
+    """One small layer packed and run: the ops exist, and agree with ``nn.Linear``."""
     ops = torch.ops.mkldnn
     if not (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
             and hasattr(ops, "_linear_pointwise")):
         return False
-    return precision != "bf16" or bool(ops._is_mkldnn_bf16_supported())
+    if precision == "bf16" and not ops._is_mkldnn_bf16_supported():
+        return False
+    dtype = PACKED_DTYPES[precision]
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left alone
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(8, 4).eval().requires_grad_(False)
+        x = torch.randn(3, 8)
+    try:
+        got = PackedLinear(layer, dtype, rows=3)(x).float()
+    except RuntimeError:  # an op this build of torch lacks for this CPU
+        return False
+    want = torch.nn.functional.linear(x.to(dtype), layer.weight.to(dtype),
+                                      layer.bias.to(dtype)).float()
+    return bool(torch.allclose(got, want, rtol=1e-2, atol=1e-2))
 
 
 class PackedLinear(torch.nn.Module):
