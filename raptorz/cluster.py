@@ -187,7 +187,8 @@ def start_worker_server(imports: Sequence[str] = EMBED_WORKER_IMPORTS) -> bool:
     start and the checks of its inputs.
 
     The server keeps the environment and working directory of the moment it starts, and
-    lives as long as this process: the command line uses it; a long-lived session
+    lives as long as this process, then exits at once, without tearing its imports down
+    (:mod:`raptorz._server_exit`): the command line uses it; a long-lived session
     (Jupyter) that changes its environment between runs should keep the default
     (``worker_imports=()``: workers are spawned afresh). Linux only: returns ``False``
     and does nothing elsewhere, where workers are always spawned. Starting it again does
@@ -200,7 +201,8 @@ def start_worker_server(imports: Sequence[str] = EMBED_WORKER_IMPORTS) -> bool:
 
     with dask.config.set({_START_METHOD: "forkserver"}):
         context = get_mp_context()  # Dask sets its own list once per process: then ours
-    context.set_forkserver_preload(["distributed", *imports])
+    # raptorz._server_exit last: the server exits without tearing its imports down
+    context.set_forkserver_preload(["distributed", *imports, "raptorz._server_exit"])
     multiprocessing.forkserver.ensure_running()
     return True
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,36 @@ def test_workers_start_with_their_imports_forked_from_one_server() -> None:
         client.wait_for_workers(1)
         assert not any(client.run(_imported, ("timm",)).values())
         assert set(client.run(os.getppid).values()) == {os.getpid()}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a Linux fork server")
+def test_the_worker_server_ends_without_tearing_its_imports_down(tmp_path: Path) -> None:
+    """The server holds the command's stdout and stderr; its teardown (torch, timm, Dask)
+    made a caller that reads the output to its end wait 1.5 s after the command ended."""
+    (tmp_path / "teardown_marker.py").write_text(textwrap.dedent("""
+        import atexit, pathlib
+        here = pathlib.Path(__file__).parent
+        (here / "imported").touch()
+        atexit.register((here / "torn_down").touch)
+    """))
+    command = textwrap.dedent("""
+        import multiprocessing.forkserver
+        from raptorz.cluster import start_worker_server
+        assert start_worker_server(imports=("teardown_marker",))
+        # a forked child: the server has imported its modules and serves
+        from multiprocessing import get_context
+        child = get_context("forkserver").Process(target=print)
+        child.start(); child.join()
+        print("server up")
+    """)
+    done = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "server up" in done.stdout
+    assert (tmp_path / "imported").exists()  # the server imported the module...
+    # ...and, its command ended, exited before any teardown: the handler never ran.
+    # (The output was read to its end, so the server, which held it, is gone.)
+    assert not (tmp_path / "torn_down").exists()
 
 
 @pytest.mark.slow
