@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from raptorz.errors import InputError, RaptorzError, RaptorzWarning
 
 if TYPE_CHECKING:
-    from raptorz.cluster import create_cluster, start_worker_server
+    from raptorz._forkserver import start_worker_server
+    from raptorz.cluster import create_cluster
     from raptorz.defaults import HeadSettings
     from raptorz.demo import make_demo_data, run_demo
     from raptorz.downstream.baselines import VoxelSettings, voxel_baseline
@@ -62,7 +63,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 #: Public name -> the module that defines it.
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(["create_cluster", "start_worker_server"], "cluster"),
+    "create_cluster": "cluster", "start_worker_server": "_forkserver",
     **dict.fromkeys(["HeadSettings"], "defaults"),
     **dict.fromkeys(["make_demo_data", "run_demo"], "demo"),
     **dict.fromkeys(["add_projections", "export_npy", "open_embeddings"], "embedding.embeddings"),

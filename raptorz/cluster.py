@@ -15,8 +15,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
-import multiprocessing
-import multiprocessing.forkserver
 import os
 import shutil
 import subprocess
@@ -30,7 +28,7 @@ import dask.config
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster, WorkerPlugin
 from distributed.deploy import Cluster
 
-from raptorz.defaults import EMBED_WORKER_IMPORTS
+from raptorz._forkserver import start_worker_server as start_worker_server  # re-exported
 from raptorz.defaults import ClusterKind as ClusterKind  # re-exported
 from raptorz.errors import InputError, RaptorzError, RaptorzWarning
 
@@ -173,38 +171,6 @@ def _worker_resources() -> dict[str, float]:
         return dict(get_worker().state.total_resources)
     except ValueError:
         return {}
-
-
-def start_worker_server(imports: Sequence[str] = EMBED_WORKER_IMPORTS) -> bool:
-    """Start, in the background, the process that local workers are then forked from.
-
-    The server imports ``imports`` once (by default what an embedding worker needs:
-    raptorz's runner with xarray, Zarr and Dask, then torch and timm; about 3.5 s on a
-    small CPU), while this process goes on. Local clusters that :func:`create_cluster`
-    starts with ``worker_imports`` fork their workers from it, each ready at once: no
-    worker imports torch on its own, and 2 workers cost the start-up of one. The
-    ``raptorz embed`` command starts it first thing, so that the imports overlap its own
-    start and the checks of its inputs.
-
-    The server keeps the environment and working directory of the moment it starts, and
-    lives as long as this process, then exits at once, without tearing its imports down
-    (:mod:`raptorz._server_exit`): the command line uses it; a long-lived session
-    (Jupyter) that changes its environment between runs should keep the default
-    (``worker_imports=()``: workers are spawned afresh). Linux only: returns ``False``
-    and does nothing elsewhere, where workers are always spawned. Starting it again does
-    nothing; the modules of the first call stay.
-    """
-    if not sys.platform.startswith("linux") or \
-            "forkserver" not in multiprocessing.get_all_start_methods():
-        return False
-    from distributed.utils import get_mp_context
-
-    with dask.config.set({_START_METHOD: "forkserver"}):
-        context = get_mp_context()  # Dask sets its own list once per process: then ours
-    # raptorz._server_exit last: the server exits without tearing its imports down
-    context.set_forkserver_preload(["distributed", *imports, "raptorz._server_exit"])
-    multiprocessing.forkserver.ensure_running()
-    return True
 
 
 @contextlib.contextmanager
