@@ -115,7 +115,7 @@ def create_encoder(name: str = DEFAULT_ENCODER, *, weights: str | Path | None = 
         default the encoder's own (224 for a timm name).
     pack
         Prepack the linear layers' weights for oneDNN (:func:`pack_linears`): default on
-        a CPU where torch can, at fp32 and (with native bf16) bf16. The same results up to
+        an x86 CPU where torch can, at fp32 and (with native bf16) bf16. The same results up to
         summation order, in less time; the model's linear layers are then
         :class:`PackedLinear` and its ``state_dict`` lacks their weights. ``False`` keeps
         the plain timm model.
@@ -159,7 +159,7 @@ def create_encoder(name: str = DEFAULT_ENCODER, *, weights: str | Path | None = 
         pack = can_pack(torch_device, chosen)
     elif pack and not can_pack(torch_device, chosen):
         raise RaptorzError(f"cannot pack {name!r} for {torch_device} at {chosen}: packing "
-                           "needs a CPU, oneDNN and fp32 (or bf16 on a CPU that has it)")
+                           "needs an x86 CPU, oneDNN and fp32 (or bf16 on a CPU that has it)")
     if pack:
         pack_linears(model, chosen, rows=CPU_BATCH_SIZE * encoder.num_tokens)
     return encoder
