@@ -23,9 +23,8 @@ def start_worker_server(imports: Sequence[str] = EMBED_WORKER_IMPORTS) -> bool:
     small CPU), while this process goes on. Local clusters that
     :func:`~raptorz.cluster.create_cluster` starts with ``worker_imports`` fork their
     workers from it, each ready at once: no worker imports torch on its own, and 2
-    workers cost the start-up of one. The
-    ``raptorz embed`` command starts it first thing, so that the imports overlap its own
-    start and the checks of its inputs.
+    workers cost the start-up of one. The ``raptorz embed`` command starts it first
+    thing, so that the imports overlap its own start and the checks of its inputs.
 
     The server keeps the environment and working directory of the moment it starts, and
     lives as long as this process, then ends without tearing its imports down

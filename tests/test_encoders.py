@@ -23,6 +23,7 @@ from raptorz.embedding.encoders import (
     create_encoder,
     weights_checksum,
 )
+from raptorz.embedding.encoders._packing import can_pack
 from raptorz.errors import InputError, RaptorzError
 
 ARCH, ARCH_KWARGS = SMALL_ENCODERS[TINY_ENCODER]
@@ -165,8 +166,8 @@ def test_cpu_encoders_pack_their_linear_layers_with_the_same_results(
     packed = create_encoder(name, weights=path, precision=precision)
     linears = [m for m in plain.model.modules() if type(m) is torch.nn.Linear]
     assert linears  # four per block
-    if precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        # oneDNN would emulate bf16 here: nothing is packed, and asking for it is refused
+    if not can_pack(torch.device("cpu"), precision):
+        # not x86, or bf16 that oneDNN would emulate: nothing is packed, asking is refused
         assert not any(isinstance(m, PackedLinear) for m in packed.model.modules())
         with pytest.raises(RaptorzError, match="cannot pack"):
             create_encoder(name, weights=path, precision=precision, pack=True)

@@ -6,8 +6,9 @@ into the layout its kernels read. A frozen encoder's weights never change, so
 that holds oneDNN's prepacked weight (what ``torch.compile`` does for frozen CPU models,
 without the compilation). Measured on 2 threads of an AMD EPYC (AVX-512 bf16): each
 linear layer of ViT-S/14 and ViT-L/14 takes 12-27% less time at fp32; the whole ViT-S/14
-forward, batches of 16, 6-10% less at fp32 and 7-10% less at bf16
-(``benchmarks/bench_kernel.py`` prints the ratio).
+forward, batches of 16, 5-11% less at bf16, and at fp32 between 3% more and 10% less
+depending on the measure on that noisy machine (the profiler's op totals: 10% less).
+``benchmarks/bench_kernel.py`` prints the ratio.
 
 The results are those of ``nn.Linear`` up to summation order (fp32: about 1e-6 relative;
 bf16 under autocast: the same bf16 matmul). The packed weight replaces the original, so
@@ -22,8 +23,10 @@ import platform
 
 import torch
 
+from raptorz.embedding.encoders._encoder import PRECISION_DTYPES
+
 #: dtype of the packed weights, per precision; fp16 stays unpacked (few CPUs run it)
-PACKED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PACKED_DTYPES = {p: PRECISION_DTYPES[p] for p in ("fp32", "bf16")}
 
 
 def can_pack(device: torch.device, precision: str) -> bool:
