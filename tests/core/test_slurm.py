@@ -19,7 +19,7 @@ from raptorz.ingest.volumes import convert
 
 pytest.importorskip("dask_jobqueue")
 
-START_SLURM = Path(__file__).resolve().parents[2] / "shared" / "tools" / "start-local-slurm.sh"
+START_SLURM = Path(__file__).resolve().parents[3] / "shared" / "tools" / "start-local-slurm.sh"
 WORKER = f"{sys.executable} -m distributed.cli.dask_worker"
 
 
@@ -90,7 +90,7 @@ def test_hpc_guide_config_makes_a_gpu_job(tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The complete configuration file of docs/hpc.md works as printed."""
     monkeypatch.chdir(tmp_path)  # its relative log-directory is created on start
-    guide = (Path(__file__).resolve().parents[1] / "docs" / "hpc.md").read_text()
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "hpc.md").read_text()
     config = tmp_path / "jobqueue.yaml"
     text = guide.split("```yaml\n", 1)[1].split("```", 1)[0]
     config.write_text(text.replace("interface: ib0", "interface: lo"))  # no InfiniBand here
