@@ -18,7 +18,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from raptorz.ingest.volumes import convert, open_volumes
+from raptorz.ingest.volumes import convert
+from raptorz.layouts import open_volumes
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -43,11 +43,13 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from raptorz.defaults import Precision
-from raptorz.embedding.encoders import DEFAULT_ENCODER, SMALL_ENCODERS, create_encoder
-from raptorz.embedding.kernel import KernelSettings, embed_block
+from raptorz.defaults import DEFAULT_ENCODER, Precision
+from raptorz.embedding.encoders import SMALL_ENCODERS, create_encoder
+from raptorz.embedding.kernel import embed_block
 from raptorz.embedding.projection import create_projector
-from raptorz.ingest.volumes import convert, open_volumes
+from raptorz.embedding.settings import KernelSettings
+from raptorz.ingest.volumes import convert
+from raptorz.layouts import open_volumes
 
 
 def random_weights(name: str, path: Path) -> Path:

@@ -36,7 +36,7 @@ def one(store: str, labels: str, output: str, head: str, budget: str | None) -> 
     import sklearn.metrics  # noqa: F401
 
     from raptorz.downstream.fitting import FitSettings, fit
-    from raptorz.downstream.heads import HeadSettings
+    from raptorz.downstream.settings import HeadSettings
 
     # ru_maxrss would keep the imports' high-water mark: sample the resident size instead.
     process, samples, running = psutil.Process(), [], threading.Event()

@@ -59,8 +59,9 @@ def run_one(config: dict[str, Any], weights: str) -> list[dict[str, Any]]:
     import torch
 
     from raptorz.embedding.encoders import create_encoder
-    from raptorz.embedding.kernel import KernelSettings, embed_block
+    from raptorz.embedding.kernel import embed_block
     from raptorz.embedding.projection import create_projector
+    from raptorz.embedding.settings import KernelSettings
 
     batch = config["batch_size"]
     if config["kind"] == "bare":

@@ -52,7 +52,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--shape", type=_shape, help="target shape X,Y,Z for all volumes")
     parser.add_argument("--fit", choices=("resample", "pad"), default="resample",
                         help="how --shape is reached: resample, or pad / crop (centred)")
-    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                        help="stored precision of the volumes, in [0, 1] (default float16: "
+                        "ample for 8 to 12-bit scans, half the size)")
     parser.add_argument("--chunk", type=int, help="volumes per chunk (default: ~64 MB)")
     parser.add_argument("--workers", type=int,
                         help="local Dask worker processes (default: one per CPU)")

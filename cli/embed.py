@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast, get_args
 
-from raptorz.defaults import EMBED_WORKER_IMPORTS, ClusterKind
+from raptorz.defaults import EMBED_WORKER_IMPORTS, RANDOM_WEIGHTS, ClusterKind
 from raptorz.errors import RaptorzError
 
 _KINDS = get_args(ClusterKind)
@@ -22,6 +22,11 @@ def _planes(text: str) -> tuple[int, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected axes like 0,1,2 or A,C,S, got {text!r}")\
             from None
+
+
+def _weights(text: str) -> str | Path:
+    """``random`` is the sentinel for random weights (a file of that name: ``./random``)."""
+    return RANDOM_WEIGHTS if text == RANDOM_WEIGHTS else Path(text)
 
 
 def register(subparsers: Any) -> None:
@@ -42,16 +47,19 @@ def register(subparsers: Any) -> None:
                        "clip-l14-336, llava-med, sam-b, medsam, rad-dino, biomedclip...: "
                        "`raptorz encoders` lists them) or any timm model name (default "
                        "DINOv2 ViT-L/14, the paper's)")
-    model.add_argument("--weights", type=Path,
+    model.add_argument("--weights", type=_weights, metavar="FILE|random",
                        help="the encoder's weights: a file (safetensors, PyTorch state dict "
                        "or checkpoint) or a Hugging Face model folder, in any layout the "
                        "encoder accepts (`raptorz encoders`: timm, transformers, original "
                        "DINOv2/DINOv3, OpenAI/open_clip, segment_anything, LLaVA), or "
                        "'random' for seeded random weights (checks the pipeline; embeddings "
-                       "mean nothing)")
+                       "mean nothing; a file named random: ./random)")
     model.add_argument("--preprocess", choices=("default", "reference"), default="default",
                        help="reference reproduces the original tool's 8-bit quirks")
-    model.add_argument("--resize", choices=("stretch", "pad", "pad_shared"), default="stretch")
+    model.add_argument("--resize", choices=("stretch", "pad", "pad_shared"), default="stretch",
+                       help="stretch: each slice fills the square (default, the original's); "
+                       "pad: zero-padded to a centered square first, aspect kept; "
+                       "pad_shared: every slice of a volume padded to its largest side")
     model.add_argument("--tokens", choices=("all", "patch", "cls"), default="all",
                        help="all: CLS + register + patch tokens (the original's layout); "
                        "patch: patch tokens only (for SAM/MedSAM, every grid position); "
@@ -108,13 +116,10 @@ def run(args: argparse.Namespace) -> int:
         start_worker_server()
     from raptorz import DEFAULT_ENCODER, KernelSettings, embed
 
-    try:
-        settings = KernelSettings(
-            planes=args.planes, preprocess=args.preprocess, resize=args.resize,
-            tokens=args.tokens, subsample=args.subsample, batch_size=args.batch_size,
-            keep_tokens=args.keep_tokens)
-    except ValueError as error:
-        raise RaptorzError(str(error)) from None
+    settings = KernelSettings(
+        planes=args.planes, preprocess=args.preprocess, resize=args.resize,
+        tokens=args.tokens, subsample=args.subsample, batch_size=args.batch_size,
+        keep_tokens=args.keep_tokens)
     summary = embed(
         args.volumes, args.output, args.projector, encoder=args.encoder or DEFAULT_ENCODER,
         weights=args.weights, settings=settings, precision=args.precision,

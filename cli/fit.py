@@ -7,7 +7,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from raptorz.defaults import BATCH, PAPER_DEPTHS, PENALTIES, HeadSettings
+from raptorz import HeadSettings
+from raptorz.defaults import BATCH, PAPER_DEPTHS, PENALTIES
 
 MEMORY_HELP = (
     "memory the features may take, e.g. 8GB or 512MiB. When the float32 features of all "

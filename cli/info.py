@@ -14,7 +14,8 @@ def register(subparsers: Any) -> None:
         description="Print a store's kind, counts by status, dimensions, variables "
         "(dtype, chunking, compression), provenance, failures and whether its metadata is "
         "consolidated; --repair consolidates it.")
-    parser.add_argument("store", type=Path, metavar="STORE")
+    parser.add_argument("store", type=Path, metavar="STORE",
+                        help="a raptorz store (volumes, embeddings or a baseline's)")
     parser.add_argument("--repair", action="store_true",
                         help="first consolidate the store's metadata where it is missing or "
                         "stale (stores of older raptorz versions), so that xr.open_zarr(STORE) "

@@ -33,7 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="few-shot train sizes, e.g. 10,100,all (default all)")
     parser.add_argument("--targets", help="comma-separated target columns (default: all)")
     parser.add_argument("--task", default="auto",
-                        choices=("auto", "classification", "multilabel", "regression"))
+                        choices=("auto", "classification", "multilabel", "regression"),
+                        help="what the labels are (default auto: from the columns, as "
+                        "raptorz fit decides)")
     parser.add_argument("--penalties", type=_floats, default=PENALTIES, metavar="C,C,...",
                         help="linear head: inverse penalties tried on val (default the "
                         f"paper's {','.join(f'{c:g}' for c in PENALTIES)})")

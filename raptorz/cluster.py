@@ -12,7 +12,6 @@ devices are discovered from ``CUDA_VISIBLE_DEVICES`` or ``nvidia-smi``.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import ctypes
 import os
@@ -28,9 +27,9 @@ import dask.config
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster, WorkerPlugin
 from distributed.deploy import Cluster
 
-from raptorz._forkserver import start_worker_server as start_worker_server  # re-exported
-from raptorz.defaults import ClusterKind as ClusterKind  # re-exported
-from raptorz.errors import InputError, RaptorzError, RaptorzWarning
+from raptorz.defaults import ClusterKind
+from raptorz.errors import InputError, RaptorzError, RaptorzWarning, SettingsError
+from raptorz.processes import exit_without_teardown, start_worker_server
 
 JOBQUEUE_KINDS: Final = ("slurm", "pbs", "sge", "lsf")
 
@@ -113,8 +112,8 @@ def keep_freed_memory() -> bool:
 
     Dask starts each worker with ``MALLOC_TRIM_THRESHOLD_=65536``. Setting any malloc
     threshold also fixes glibc's mmap threshold at 128 KiB, so every tensor of a batch
-    over that size is mapped and unmapped again each batch: on a CPU worker 3x the page
-    faults and about 30% more time per batch than the same kernel in a plain process.
+    over that size is mapped and unmapped again each batch, which costs a CPU worker many
+    page faults and much time per batch (benchmarks/README.md measures it).
     Called once per worker process by the embedding run; returns whether it applied
     (glibc only; elsewhere it does nothing).
     """
@@ -129,7 +128,7 @@ def keep_freed_memory() -> bool:
         bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
-#: Torch threads this worker process was given by :func:`share_cpus` (None: not yet).
+#: Torch threads this worker process was given by :func:`share_cpus` (empty: not yet).
 _THREADS: list[int] = []
 
 
@@ -287,7 +286,8 @@ def _cuda_cluster(
 ) -> Cluster:
     devices = list(gpus) if gpus is not None else visible_gpus()
     if not devices:
-        raise RaptorzError("--cluster cuda: no GPU found (CUDA_VISIBLE_DEVICES, nvidia-smi)")
+        raise SettingsError("'cuda': no GPU found (CUDA_VISIBLE_DEVICES, nvidia-smi)",
+                            option="cluster")
     devices = devices[: workers or len(devices)]
     try:
         from dask_cuda import LocalCUDACluster
@@ -336,7 +336,7 @@ def _jobqueue_cluster(
         import dask_jobqueue
     except ImportError:
         raise RaptorzError(
-            f"--cluster {kind} needs dask-jobqueue: pip install 'raptorz[hpc]'") from None
+            f"a {kind} cluster needs dask-jobqueue: pip install 'raptorz[hpc]'") from None
     cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster,
            "sge": dask_jobqueue.SGECluster, "lsf": dask_jobqueue.LSFCluster}[kind]
     kwargs = {key: value for key, value in options.items() if value is not None}
@@ -407,21 +407,16 @@ def connect(target: Client | Cluster | str) -> Iterator[Client]:
 
 
 class ExitOnClose(WorkerPlugin):
-    """Ends a worker process as soon as it closes, skipping Python's slow teardown.
+    """Ends a worker process as soon as it closes (:mod:`raptorz.processes` says why).
 
-    A worker that imported torch (its CUDA build) takes seconds to exit, longer than the
-    nanny's 4-second grace, so closing a cluster that raptorz started for one call cost
-    more than that every time. Registered only on such clusters, after every task has
-    written its results.
+    Registered only on clusters started for one call, after every task has written its
+    results.
     """
 
     name = "raptorz-exit-on-close"
 
     def teardown(self, worker: Any) -> None:
-        atexit._run_exitfuncs()  # Python's own cleanup (semaphores, logs) still runs
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)  # not the native libraries' unloading, the slow part
+        exit_without_teardown()
 
 
 def advertises_gpus(client: Client) -> bool:

@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from raptorz.cluster import create_cluster, visible_gpus
-from raptorz.embedding.encoders import DEFAULT_ENCODER, RANDOM_WEIGHTS, weights_available
+from raptorz.defaults import DEFAULT_ENCODER, RANDOM_WEIGHTS
+from raptorz.embedding.encoders import weights_available
 from raptorz.embedding.projection import make_projector
 from raptorz.errors import InputError
 
@@ -113,8 +114,8 @@ def run_demo(workdir: str | Path = "raptorz-demo", *, data: str | Path | None = 
         Called with one line per step.
     """
     from raptorz.downstream.fitting import fit
-    from raptorz.embedding.kernel import KernelSettings
     from raptorz.embedding.runner import embed
+    from raptorz.embedding.settings import KernelSettings
     from raptorz.ingest.volumes import convert
 
     if labels is not None and data is None:

@@ -28,5 +28,31 @@ class InputError(RaptorzError):
         super().__init__(f"{self.source}: {problem}")
 
 
+class SettingsError(RaptorzError, ValueError):
+    """A setting is out of its range (the command line exits with code 2 on it).
+
+    Raised by the settings objects and the public functions that check their options,
+    in the words of the Python API: ``option`` names the keyword argument(s) (``"planes"``,
+    ``"start/many"``), and the command line shows the matching flags (``--start/--many``).
+
+    Parameters
+    ----------
+    problem
+        What is wrong, and where it helps, what to do about it.
+    option
+        The keyword argument the problem is about, if one; several joined by ``/``.
+    """
+
+    def __init__(self, problem: str, *, option: str | None = None) -> None:
+        self.problem = problem
+        self.option = option
+        super().__init__(f"{option}: {problem}" if option else problem)
+
+    def flags(self) -> str:
+        """``option`` as the command line spells it (``start/many`` -> ``--start/--many``)."""
+        assert self.option is not None
+        return "/".join("--" + name.replace("_", "-") for name in self.option.split("/"))
+
+
 class RaptorzWarning(UserWarning):
     """Base class of raptorz's own warnings (turned into errors in the test suite)."""

@@ -1,19 +1,21 @@
 """The resumable-store mechanics shared by ``volumes.zarr`` and ``embeddings.zarr``.
 
 Both stores are Zarr v3 groups opened as xarray Datasets, chunked along ``id``, with a
-per-volume ``status`` (pending / ok / failed) and ``error`` text. They are written the
-same way:
+per-volume ``status`` (pending / ok / failed) and ``error`` text (their layouts:
+:mod:`raptorz.layouts`). A *unit* is the ``id`` extent of one ``status`` chunk: every
+variable's file boundaries fall on unit boundaries (a unit is one Zarr chunk of a
+variable, or one shard of smaller chunks), so a unit is written whole or not at all.
+Both stores are written the same way:
 
 1. :func:`create_store` writes a template (lazy arrays of the final shape, every
    coordinate and attribute) without computing any data, and consolidates its metadata;
-2. each task writes one whole id-chunk with :func:`write_chunk`: first the data, then the
-   error text, then, last, the status. ``status`` is the commit mark: a task killed
-   before it is written leaves its volumes *pending* (or as an earlier run left them),
-   so a chunk is never counted as done before all of it is on disk;
-3. a rerun reads the statuses (:func:`read_status`) and recomputes only the chunks that
-   hold a volume that is not ``ok`` (:func:`chunks_to_do`).
+2. each task writes the whole units it owns with :func:`write_units`: first the data,
+   then the error text, then, last, the status. ``status`` is the commit mark: a task
+   killed before it is written leaves its volumes *pending* (or as an earlier run left
+   them), so a unit is never counted as done before all of it is on disk;
+3. a rerun reads the statuses (:func:`read_status`) and recomputes only what is not ``ok``.
 
-Writes touch whole chunks only, so several processes may write disjoint chunks of one
+Writes touch whole units only, so several processes may write disjoint units of one
 store at once.
 
 Crash safety. Zarr (>= 3.1.3) writes every chunk file of a local store aside and renames
@@ -49,7 +51,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from raptorz.errors import InputError, RaptorzWarning
+from raptorz.errors import InputError, RaptorzWarning, SettingsError
 
 PENDING: Final = 0
 OK: Final = 1
@@ -110,15 +112,15 @@ def id_range(n: int, start: int = 0, many: int | None = None) -> slice:
 
     Raises
     ------
-    InputError
+    SettingsError
         For ``start < 0``, ``many < 1``, or a ``start`` past the last of the ``n`` ids.
     """
     if start < 0 or (many is not None and many < 1):
-        raise InputError("start/many", f"need start >= 0 and many >= 1, got start={start}, "
-                         f"many={many}")
+        raise SettingsError(f"need start >= 0 and many >= 1, got start={start}, many={many}",
+                            option="start/many")
     if start >= n:
-        raise InputError("start", f"{start} is past the last of the {n} volumes "
-                         f"(start counts from 0)")
+        raise SettingsError(f"{start} is past the last of the {n} volumes (start counts "
+                            "from 0)", option="start")
     return slice(start, n if many is None else min(n, start + many))
 
 
@@ -151,7 +153,7 @@ def require_kind(path: str | Path, kind: str) -> None:
     if found is None:
         raise InputError(path, f"no {kind} store here")
     if found != kind:
-        raise InputError(path, f"holds raptorz {found}, not {kind}")
+        raise InputError(path, f"holds a raptorz {found} store, not {kind}")
 
 
 def create_store(path: str | Path, template: xr.Dataset, kind: str) -> bool:
@@ -292,29 +294,29 @@ def chunks_to_do(status: np.ndarray, chunk: int, within: slice | None = None) ->
     return [s for s in slices if np.any(status[s] != OK)]
 
 
-def write_chunk(
+def write_units(
     path: str | Path,
     data: Mapping[str, xr.DataArray],
     region: slice,
     status: np.ndarray,
     errors: Iterable[str],
 ) -> None:
-    """Write one whole id-chunk: its data, then its error text, and last its status.
+    """Write whole units of the store: their data, then their error text, last their status.
 
-    The status is the chunk's commit mark, written alone after everything else: a task
-    stopped at any point before it leaves the chunk to be recomputed by a rerun.
+    The status is the units' commit mark, written alone after everything else: a task
+    stopped at any point before it leaves the units to be recomputed by a rerun.
 
     Parameters
     ----------
     path
         The store.
     data
-        The chunk's data variables, each with ``id`` as its first dimension; variables
-        may be omitted (they keep their fill value), e.g. for a chunk that failed whole.
+        The units' data variables, each with ``id`` as its first dimension; variables
+        may be omitted (they keep their fill value), e.g. for units that failed whole.
     region
-        The chunk's ``id`` slice; it must be a whole chunk of the store.
+        The ``id`` slice of one or more whole, neighbouring units of the store.
     status, errors
-        Per volume of the chunk: the status code and the error text ("" when ok).
+        Per volume of the region: the status code and the error text ("" when ok).
     """
     if data:
         write_region(path, data, region)

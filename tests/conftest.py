@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from raptorz.embedding.encoders import Encoder
 
 pytest_plugins = ("pytester",)  # tests/test_data_marker.py runs this file's hooks
 
@@ -58,3 +65,31 @@ def tiny_vit_weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Pat
 
     path = write_tiny_vit(tmp_path_factory.mktemp("vit") / "tiny_vit.safetensors")
     return TINY_ENCODER, path
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_vit_weights: tuple[str, Path]) -> Encoder:
+    """The tiny ViT of :func:`tiny_vit_weights`, loaded on the CPU (one per test module)."""
+    from raptorz.embedding.encoders import create_encoder
+
+    name, path = tiny_vit_weights
+    return create_encoder(name, weights=path, device="cpu")
+
+
+# --- A real Dask cluster -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[Client]:
+    """A real LocalCluster of 2 worker processes with 2 threads each (one per test module:
+    the workers keep their loaded encoders between the module's tests, as in a run).
+
+    Not the default client: a test that wants the active-client path makes its own.
+    """
+    from distributed import Client
+
+    from raptorz.cluster import create_cluster
+
+    with create_cluster("local", workers=2, threads_per_worker=2, dashboard_address=":0") \
+            as cluster, Client(cluster, set_as_default=False) as client:
+        yield client

@@ -41,7 +41,7 @@ def write_embeddings(path: Path, features: np.ndarray, ids: Sequence[str], *,
                                    dims=dims),
                 "avgpool": xr.DataArray(features[region].mean(axis=(1, 2)), dims=("id", "dim"))}
         errors = ["" if good else "unreadable volume" for good in ok]
-        stores.write_chunk(path, data, region, status[region], errors)
+        stores.write_units(path, data, region, status[region], errors)
     return path
 
 

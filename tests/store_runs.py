@@ -14,9 +14,9 @@ from pathlib import Path
 from distributed import Client, LocalCluster
 from volume_files import write_npz
 
-from raptorz.embedding.kernel import KernelSettings
 from raptorz.embedding.projection import create_projector
 from raptorz.embedding.runner import EmbedSummary, embed
+from raptorz.embedding.settings import KernelSettings
 from raptorz.ingest.volumes import convert
 
 SETTINGS = KernelSettings(keep_tokens=True, batch_size=32)

@@ -21,10 +21,9 @@ import torch
 import xarray as xr
 
 from raptorz import stores
-from raptorz.defaults import SettingsError
 from raptorz.downstream.labels import read_labels, store_index
-from raptorz.embedding.embeddings import KIND as EMBEDDINGS
-from raptorz.errors import InputError
+from raptorz.errors import InputError, SettingsError
+from raptorz.layouts import EMBEDDINGS, VOLUMES
 
 #: The variable the baseline writes (a feature choice of ``raptorz fit``).
 VOXELS: Final = "voxels"
@@ -96,7 +95,7 @@ def voxel_baseline(volumes: str | Path, labels: str | Path, output: str | Path,
     output = Path(output)
     if stores.store_kind(output) is not None:
         raise InputError(output, "already exists; write the baseline to a new store")
-    ds = stores.open_store(volumes, "volumes")
+    ds = VOLUMES.open(volumes)
     ids = stores.store_ids(ds)
     status = stores.read_status(volumes)
     ok = np.flatnonzero(status == stores.OK)
@@ -133,8 +132,8 @@ def _write(path: Path, ids: np.ndarray, features: np.ndarray, status: np.ndarray
                            **stores.status_variables(n, max(n, 1))},
                           coords={"id": stores.as_strings(ids.tolist())},
                           attrs=stores.json_attr(attrs))
-    stores.create_store(path, template, EMBEDDINGS)
+    stores.create_store(path, template, EMBEDDINGS.kind)
     errors = ["" if s == stores.OK else "not ok in the volumes store" for s in status]
     written = np.where(status == stores.OK, stores.OK, stores.FAILED).astype(np.int8)
-    stores.write_chunk(path, {VOXELS: xr.DataArray(features, dims=("id", "component"))},
+    stores.write_units(path, {VOXELS: xr.DataArray(features, dims=("id", "component"))},
                        slice(0, n), written, errors)

@@ -25,7 +25,7 @@ from dask.utils import format_bytes, parse_bytes
 
 from raptorz.defaults import BATCH
 from raptorz.embedding.embeddings import projector_names
-from raptorz.errors import InputError
+from raptorz.errors import SettingsError
 
 #: Rows read from the store per request while filling the in-memory copy.
 LOAD_ROWS: Final = 1024
@@ -54,11 +54,11 @@ def feature_variable(ds: xr.Dataset, store: str | Path, name: str | None) -> xr.
     if name is None:
         if len(projectors) == 1:
             return ds[projectors[0]]
-        raise InputError(store, f"holds {len(projectors)} projectors; choose the features with "
-                                f"--projector, one of: {', '.join(choices) or 'none'}")
+        raise SettingsError(f"{store} holds {len(projectors)} projectors; choose one of: "
+                            f"{', '.join(choices) or 'none'}", option="projector")
     if name not in choices:
-        raise InputError(store, f"no projector or feature variable '{name}'; available: "
-                                f"{', '.join(choices) or 'none'}")
+        raise SettingsError(f"{store} has no projector or feature variable '{name}'; "
+                            f"available: {', '.join(choices) or 'none'}", option="projector")
     return ds[name]
 
 
@@ -80,8 +80,8 @@ def memory_budget(size: str | int | None) -> int:
     try:
         return int(parse_bytes(size))
     except (ValueError, TypeError):
-        raise InputError("--memory-budget", f"cannot read {size!r} as a size "
-                                            "(e.g. 512MB, 4GiB)") from None
+        raise SettingsError(f"cannot read {size!r} as a size (e.g. 512MB, 4GiB)",
+                            option="memory_budget") from None
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,8 @@ import numpy as np
 import pandas as pd
 
 from raptorz import stores
-from raptorz.defaults import SettingsError
 from raptorz.downstream.features import Features, memory_budget, open_variable, statistics
-from raptorz.downstream.heads import HeadSettings, Scaling, fit_head
+from raptorz.downstream.heads import Scaling, fit_head
 from raptorz.downstream.labels import (
     SPLITS,
     Targets,
@@ -46,7 +45,9 @@ from raptorz.downstream.labels import (
 )
 from raptorz.downstream.metrics import evaluate, plot, table
 from raptorz.downstream.model import FittedModel
-from raptorz.embedding.embeddings import open_embeddings
+from raptorz.downstream.settings import HeadSettings
+from raptorz.errors import SettingsError
+from raptorz.layouts import open_embeddings
 from raptorz.stores import store_ids
 
 

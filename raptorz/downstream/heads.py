@@ -29,12 +29,10 @@ from scipy.optimize import minimize
 from scipy.special import expit, log_expit, logsumexp, softmax
 from torch import nn
 
-from raptorz.defaults import PENALTIES as PENALTIES  # re-exported
-from raptorz.defaults import HeadKind as HeadKind  # re-exported
-from raptorz.defaults import HeadSettings
 from raptorz.downstream.features import Features
 from raptorz.downstream.labels import FittedTask
 from raptorz.downstream.metrics import score
+from raptorz.downstream.settings import HeadSettings
 
 Log = Callable[[str], None]
 

@@ -23,7 +23,6 @@ from raptorz import stores
 from raptorz.downstream.features import Features, memory_budget, open_variable
 from raptorz.downstream.heads import (
     Head,
-    HeadSettings,
     LinearHead,
     MLPHead,
     Scaling,
@@ -31,8 +30,9 @@ from raptorz.downstream.heads import (
     to_output,
 )
 from raptorz.downstream.labels import FittedTask, store_index
-from raptorz.embedding.embeddings import open_embeddings
+from raptorz.downstream.settings import HeadSettings
 from raptorz.errors import InputError
+from raptorz.layouts import open_embeddings
 from raptorz.stores import store_ids
 
 MODEL_JSON: Final = "model.json"

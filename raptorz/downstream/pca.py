@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from raptorz.downstream.features import open_variable
-from raptorz.embedding.embeddings import open_embeddings
+from raptorz.layouts import open_embeddings
 from raptorz.stores import store_ids
 
 if TYPE_CHECKING:

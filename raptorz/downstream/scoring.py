@@ -30,11 +30,10 @@ from typing import Final, Literal
 import numpy as np
 import pandas as pd
 
-from raptorz.defaults import SettingsError
 from raptorz.downstream.labels import read_labels
 from raptorz.downstream.metrics import binary_auroc
 from raptorz.downstream.tables import cells, to_latex, to_markdown
-from raptorz.errors import InputError
+from raptorz.errors import InputError, SettingsError
 
 #: The metadata CSV's columns: a target's field id and its description.
 METADATA_COLUMNS: Final = ("field_id", "description")

@@ -22,17 +22,13 @@ import pandas as pd
 import xarray as xr
 
 from raptorz import stores
-from raptorz.defaults import SettingsError
 from raptorz.downstream.features import Features
 from raptorz.downstream.fitting import FitSettings, fit_features
 from raptorz.downstream.labels import SPLITS, encode_targets, match_embeddings, read_labels
 from raptorz.downstream.tables import to_markdown
-from raptorz.embedding.embeddings import (
-    open_embeddings,
-    project_stored_tokens,
-    seeded_matrix,
-)
-from raptorz.errors import InputError
+from raptorz.embedding.embeddings import project_stored_tokens, seeded_matrix
+from raptorz.errors import InputError, SettingsError
+from raptorz.layouts import open_embeddings
 from raptorz.stores import store_ids
 
 #: The paper's plane subsets (Table 7).

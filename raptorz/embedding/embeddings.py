@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import dask.array as da
 import numpy as np
@@ -41,10 +41,11 @@ import xarray as xr
 import zarr
 
 from raptorz import stores
-from raptorz.embedding.projection import Projector, check_projectors
-from raptorz.errors import InputError, RaptorzError
+from raptorz.embedding.projection import Projector, check_projectors, project, project_tokens
+from raptorz.embedding.settings import TokenSelection, token_kinds, token_slice
+from raptorz.errors import InputError
+from raptorz.layouts import EMBEDDINGS, k_dim, open_embeddings, projection_dims
 
-KIND: Final = "embeddings"
 #: Volumes per written unit (a Zarr chunk, or a shard: see :data:`INNER_BYTES`) in a large
 #: store: one file per 100 volumes per variable. Writers never share a unit; a task
 #: writes whole ones.
@@ -70,30 +71,12 @@ def store_unit(path: str | Path) -> int:
     return int(zarr.open_array(Path(path) / "status", mode="r").chunks[0])
 
 
-def k_dim(name: str) -> str:
-    """The name of projector ``name``'s ``k`` dimension."""
-    return f"k_{name}"
-
-
-def token_kinds(num_tokens: int, num_prefix_tokens: int, *,
-                tokens: Literal["all", "patch", "cls"] = "all") -> np.ndarray:
-    """``cls`` / ``register`` / ``patch`` per stored token (prefix tokens first).
-
-    ``tokens`` keeps all of them, the patch tokens (for a feature-map encoder such as
-    SAM, every grid position is a patch token) or the CLS token alone.
-
-    Raises
-    ------
-    RaptorzError
-        ``tokens="cls"`` for an encoder without prefix tokens.
-    """
-    prefix = ["cls"] + ["register"] * (num_prefix_tokens - 1) if num_prefix_tokens else []
-    kinds = [*prefix, *["patch"] * (num_tokens - num_prefix_tokens)]
-    if tokens == "cls" and not num_prefix_tokens:
-        raise RaptorzError("--tokens cls: this encoder has no CLS token (its tokens are "
-                           "feature-map positions); use --tokens all or patch")
-    kept = {"all": kinds, "patch": kinds[num_prefix_tokens:], "cls": kinds[:1]}[tokens]
-    return stores.as_strings(kept)
+def token_kind_coordinate(num_tokens: int, num_prefix_tokens: int, *,
+                          tokens: TokenSelection = "all") -> np.ndarray:
+    """The ``token_kind`` coordinate of a store: ``cls`` / ``register`` / ``patch`` per
+    token kept by ``tokens`` (see :func:`~raptorz.embedding.settings.token_slice`)."""
+    kinds = token_kinds(num_tokens, num_prefix_tokens)
+    return stores.as_strings(kinds[token_slice(num_prefix_tokens, tokens)])
 
 
 def embeddings_template(
@@ -126,12 +109,12 @@ def embeddings_template(
     variables: dict[str, xr.DataArray] = {}
     for projector in projectors:
         variables[projector.name] = _lazy((n, p, projector.k, t),
-                                          ("id", "plane", k_dim(projector.name), "token"), unit)
+                                          projection_dims(projector.name), unit)
         variables[MATRIX_PREFIX + projector.name] = xr.DataArray(
             projector.matrix, dims=("dim", k_dim(projector.name)))
     if keep_tokens:
-        variables["tokens"] = _lazy((n, p, t, embed_dim), ("id", "plane", "token", "dim"), unit)
-    variables["avgpool"] = _lazy((n, embed_dim), ("id", "dim"), unit)
+        variables["tokens"] = _lazy((n, p, t, embed_dim), EMBEDDINGS.dims["tokens"], unit)
+    variables["avgpool"] = _lazy((n, embed_dim), EMBEDDINGS.dims["avgpool"], unit)
     variables.update(stores.status_variables(n, unit))
     coords = {
         "id": stores.as_strings(ids),
@@ -178,7 +161,7 @@ def create_embeddings(path: str | Path, template: xr.Dataset) -> bool:
         projectors (:func:`check_identity`).
     """
     path = Path(path)
-    if stores.store_kind(path) is None and stores.create_store(path, template, KIND):
+    if stores.store_kind(path) is None and stores.create_store(path, template, EMBEDDINGS.kind):
         return True
     check_identity(path, template["id"].values, template.attrs,
                    list(template.attrs["projectors"].values()))
@@ -245,17 +228,6 @@ def check_identity(path: str | Path, ids: Sequence[str] | np.ndarray,
                              f"{stored[name]['checksum'][:12]}...); write to a new output")
 
 
-def open_embeddings(path: str | Path) -> xr.Dataset:
-    """Open an embeddings store lazily (safe while a run is still writing it).
-
-    Examples
-    --------
-    >>> ds = open_embeddings("embeddings.zarr")  # doctest: +SKIP
-    >>> ds[projector_names(ds)[0]].sel(plane="A")  # doctest: +SKIP
-    """
-    return stores.open_store(path, KIND)
-
-
 def projector_names(ds: xr.Dataset) -> list[str]:
     """The names of the projector variables of an embeddings Dataset."""
     return list(ds.attrs.get("projectors", {}))
@@ -318,8 +290,6 @@ def add_projections(path: str | Path, projectors: Sequence[Projector],
     list of str
         The names of the projectors added.
     """
-    from raptorz.embedding.kernel import project_tokens
-
     ds = open_embeddings(path)
     if "tokens" not in ds:
         raise InputError(path, "holds no pooled tokens (embed with --keep-tokens to allow "
@@ -354,7 +324,7 @@ def add_projections(path: str | Path, projectors: Sequence[Projector],
         projected = project_tokens(np.nan_to_num(tokens), new)
         for value in projected.values():
             value[~ok[span]] = np.nan  # volumes without tokens get no projection
-        xr.Dataset({name: (("id", "plane", k_dim(name), "token"), value)
+        xr.Dataset({name: (projection_dims(name), value)
                     for name, value in projected.items()}).to_zarr(
             path, region={"id": span}, consolidated=False)
     stores.update_attrs(path, {"projectors": {**stored, **{p.name: p.provenance()
@@ -424,5 +394,5 @@ def project_stored_tokens(path: str | Path, matrix: np.ndarray, positions: np.nd
         rows = positions[start:start + block]
         order = np.argsort(rows, kind="stable")  # read in store order, restore the order asked
         values = np.asarray(tokens.isel(id=rows[order]).values, np.float64)
-        out[start + order] = np.einsum("bptd,dk->bpkt", values, matrix).astype(np.float32)
+        out[start + order] = project(values, matrix)
     return out

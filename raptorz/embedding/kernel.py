@@ -10,7 +10,8 @@ are encoded once per distinct (value, shape) and added with their count. Project
 are applied once to the pooled tokens at the end (linearity: the mean of projections
 is the projection of the mean), in float64, then stored as float32.
 
-Plain numpy / torch: the distributed stage maps :func:`embed_block` over chunks.
+Plain numpy / torch, no Dask: a task on a worker (:mod:`raptorz.embedding.worker`) calls
+:func:`embed_block` on blocks of its volumes.
 """
 
 from __future__ import annotations
@@ -24,10 +25,8 @@ import torch
 
 from raptorz.embedding.encoders import Encoder
 from raptorz.embedding.preprocessing import canvas_size, prepare_slices
-from raptorz.embedding.projection import Projector, check_projectors
-from raptorz.embedding.settings import PLANE_NAMES as PLANE_NAMES  # re-exported
-from raptorz.embedding.settings import KernelSettings as KernelSettings  # re-exported
-from raptorz.embedding.settings import slice_indices
+from raptorz.embedding.projection import Projector, check_projectors, project_tokens
+from raptorz.embedding.settings import KernelSettings, slice_indices
 from raptorz.errors import InputError
 
 
@@ -119,17 +118,6 @@ def embed_block(volumes: np.ndarray, encoder: Encoder, projectors: Sequence[Proj
         slices=result.slices, constant_slices=result.constant_slices,
         batch_size=result.batch_size,
     )
-
-
-def project_tokens(tokens: np.ndarray, projectors: Sequence[Projector]) -> dict[str, np.ndarray]:
-    """Project pooled tokens ``(B, planes, T, dim)``: name -> ``(B, planes, K, T)`` float32.
-
-    The matmul runs in float64 (``R^T @ tokens^T`` per plane, as in the method).
-    """
-    tokens = np.asarray(tokens, dtype=np.float64)
-    check_projectors(tuple(projectors), tokens.shape[-1], "of these tokens")
-    return {p.name: np.einsum("bptd,dk->bpkt", tokens, p.matrix).astype(np.float32)
-            for p in projectors}
 
 
 def pool_tokens(volumes: np.ndarray, encoder: Encoder, settings: KernelSettings, *,

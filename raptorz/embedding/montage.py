@@ -10,15 +10,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from raptorz.embedding.kernel import PLANE_NAMES, KernelSettings
-from raptorz.embedding.preprocessing import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    canvas_size,
-    iter_slices,
-    prepare_images,
-    slice_indices,
-)
+from raptorz.embedding.encoders import IMAGENET_MEAN, IMAGENET_STD
+from raptorz.embedding.preprocessing import canvas_size, iter_slices, prepare_images
+from raptorz.embedding.settings import PLANE_NAMES, KernelSettings, slice_indices
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -28,9 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from raptorz.embedding.encoders import IMAGENET_MEAN, IMAGENET_STD, InputResize
-from raptorz.embedding.settings import PreprocessMode as PreprocessMode  # re-exported
-from raptorz.embedding.settings import ResizeMode as ResizeMode  # re-exported
-from raptorz.embedding.settings import slice_indices as slice_indices  # re-exported
+from raptorz.embedding.settings import PreprocessMode, ResizeMode
 
 
 def iter_slices(volume: np.ndarray, axis: int,

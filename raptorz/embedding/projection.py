@@ -9,6 +9,7 @@ bit-identical to one made by the original, and either can be loaded by both.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,3 +165,23 @@ def check_projectors(projectors: list[Projector] | tuple[Projector, ...], dim: i
         if projector.dim != dim:
             raise InputError(projector.name, f"projector has d = {projector.dim} rows but "
                              f"encoder {encoder} gives tokens of width {dim}")
+
+
+def project(tokens: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Pooled tokens ``(B, planes, T, dim)`` times a ``(dim, K)`` matrix: ``(B, planes, K, T)``
+    float32, as stored (``R^T @ tokens^T`` per plane, as in the method).
+
+    One matrix product in float64 (BLAS), rounded to float32 once at the end: the
+    kernel, :func:`raptorz.embedding.embeddings.add_projections` and the sweeps' projections
+    of stored tokens all come through here, so they agree bit for bit.
+    """
+    tokens = np.asarray(tokens, dtype=np.float64)
+    product = np.matmul(tokens, np.asarray(matrix, dtype=np.float64))
+    return product.swapaxes(-1, -2).astype(np.float32)
+
+
+def project_tokens(tokens: np.ndarray, projectors: Sequence[Projector]) -> dict[str, np.ndarray]:
+    """Project pooled tokens ``(B, planes, T, dim)`` with each projector (:func:`project`):
+    name -> ``(B, planes, K, T)`` float32."""
+    check_projectors(tuple(projectors), np.shape(tokens)[-1], "of these tokens")
+    return {p.name: project(tokens, p.matrix) for p in projectors}

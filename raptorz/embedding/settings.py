@@ -12,15 +12,18 @@ from typing import Final, Literal
 
 import numpy as np
 
+from raptorz.errors import SettingsError
+
 PreprocessMode = Literal["default", "reference"]
+#: Which tokens are kept: prefix and patch tokens, patch tokens only, or the CLS token.
+TokenSelection = Literal["all", "patch", "cls"]
 ResizeMode = Literal["stretch", "pad", "pad_shared"]
 
 #: The original's names of planes 0, 1, 2 (slices along array axes 0, 1, 2).
 PLANE_NAMES = ("A", "C", "S")
 #: Slices per forward where the settings leave it to the device (``batch_size=None``).
 #: A GPU wants large batches. On a CPU, a small batch keeps a ViT's activations in the
-#: caches: DINOv2 ViT-S/14 took 12-15% less time per slice at 16 than at 64 on one
-#: thread, 7-15% on two (2-core AMD EPYC, fp32 and bf16; benchmarks/README.md).
+#: caches (benchmarks/README.md measures batch sizes).
 CPU_BATCH_SIZE: Final = 16
 DEVICE_BATCH_SIZE: Final = 64
 
@@ -55,7 +58,7 @@ class KernelSettings:
     planes: tuple[int, ...] = (0, 1, 2)
     preprocess: PreprocessMode = "default"
     resize: ResizeMode = "stretch"
-    tokens: Literal["all", "patch", "cls"] = "all"
+    tokens: TokenSelection = "all"
     subsample: int = 1
     batch_size: int | None = None
     dedup: bool = True
@@ -64,17 +67,20 @@ class KernelSettings:
     def __post_init__(self) -> None:
         planes = tuple(int(p) for p in self.planes)
         if not planes or len(set(planes)) != len(planes) or not set(planes) <= {0, 1, 2}:
-            raise ValueError(f"planes must be distinct axes among 0, 1, 2, got {self.planes}")
+            raise SettingsError(f"must be distinct axes among 0, 1, 2, not {self.planes}",
+                                option="planes")
         object.__setattr__(self, "planes", planes)
-        if self.subsample < 1 or (self.batch_size is not None and self.batch_size < 1):
-            raise ValueError("subsample and batch_size must be >= 1")
+        for name, number in (("subsample", self.subsample), ("batch_size", self.batch_size)):
+            if number is not None and number < 1:
+                raise SettingsError(f"must be at least 1, not {number}", option=name)
         for name, value, allowed in (
             ("preprocess", self.preprocess, ("default", "reference")),
             ("resize", self.resize, ("stretch", "pad", "pad_shared")),
             ("tokens", self.tokens, ("all", "patch", "cls")),
         ):
             if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+                raise SettingsError(f"must be one of {', '.join(allowed)}, not {value!r}",
+                                    option=name)
 
     def batch_for(self, device_type: str) -> int:
         """Slices per forward on a device of ``device_type`` (``"cpu"``, ``"cuda"``, ...)."""
@@ -95,6 +101,30 @@ def slice_indices(length: int, subsample: int = 1) -> np.ndarray:
     [1, 4, 7, 10]
     """
     if subsample < 1:
-        raise ValueError(f"subsample must be >= 1, got {subsample}")
+        raise SettingsError(f"must be at least 1, not {subsample}", option="subsample")
     start = ((length - 1) % subsample) // 2
     return np.arange(start, length, subsample)
+
+
+def token_kinds(num_tokens: int, num_prefix_tokens: int) -> tuple[str, ...]:
+    """``cls`` / ``register`` / ``patch`` per token of an encoder (prefix tokens first;
+    an encoder without prefix tokens, such as SAM's feature map, has patches only)."""
+    registers = max(num_prefix_tokens - 1, 0)
+    return (("cls",) * min(num_prefix_tokens, 1) + ("register",) * registers
+            + ("patch",) * (num_tokens - num_prefix_tokens))
+
+
+def token_slice(num_prefix_tokens: int, tokens: TokenSelection) -> slice:
+    """The tokens kept by ``tokens`` (``all``, ``patch`` or ``cls``), as a slice.
+
+    Raises
+    ------
+    SettingsError
+        ``tokens="cls"`` for an encoder without prefix tokens.
+    """
+    if tokens == "cls":
+        if num_prefix_tokens == 0:
+            raise SettingsError("'cls': this encoder has no CLS token (its tokens are "
+                                "feature-map positions); use 'all' or 'patch'", option="tokens")
+        return slice(0, 1)
+    return slice(num_prefix_tokens if tokens == "patch" else 0, None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Final, Literal
+from typing import Literal
 
 import numpy as np
 import xarray as xr
@@ -20,9 +20,9 @@ from raptorz.errors import InputError
 from raptorz.ingest._shape import Fit, fit_shape
 from raptorz.ingest.intensity import Intensity, parse_intensity, scale_intensity
 from raptorz.ingest.readers import ReadOptions, Source, SourceKind, read_volume
+from raptorz.layouts import VOLUMES
 
 Dtype = Literal["float16", "float32"]
-AXES: Final = ("x", "y", "z")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,10 +91,10 @@ def convert_chunk(path: str, region: slice, sources: Sequence[Source],
         except Exception as error:  # record it: one bad volume never stops the others
             errors[j] = f"{source}: {type(error).__name__}: {error}"
     data = {
-        "volume": xr.DataArray(volume, dims=("id", *AXES)),
+        "volume": xr.DataArray(volume, dims=VOLUMES.dims["volume"]),
         "spacing": xr.DataArray(spacing, dims=("id", "axis")),
         "original_shape": xr.DataArray(original, dims=("id", "axis")),
         "note": xr.DataArray(stores.as_strings(notes), dims="id"),
     }
-    stores.write_chunk(path, data, region, np.asarray(status), errors)
+    stores.write_units(path, data, region, np.asarray(status), errors)
     return ChunkResult([s.id for s in sources], status, errors, notes)

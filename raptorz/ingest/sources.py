@@ -172,7 +172,7 @@ def _from_manifest(manifest: Path, folder: Path, selection: SeriesSelection) -> 
     for number, name in enumerate(names, 1):
         path = folder / name
         if not path.resolve().is_relative_to(root):
-            raise InputError(manifest, f"line {number}: {name!r} escapes --folder {folder}")
+            raise InputError(manifest, f"line {number}: {name!r} escapes the folder {folder}")
         sources += _expand(path, selection)
     return sources
 

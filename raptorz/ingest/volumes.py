@@ -26,11 +26,9 @@ from zarr.codecs import BloscCodec, BloscShuffle
 
 from raptorz import stores
 from raptorz.cluster import connect, create_cluster
-from raptorz.errors import InputError, RaptorzError, RaptorzWarning
+from raptorz.errors import InputError, RaptorzWarning, SettingsError
 from raptorz.ingest._shape import Fit, native_shape
 from raptorz.ingest.conversion import (
-    AXES,
-    DEFAULT_INTENSITY,
     ChunkResult,
     Dtype,
     Settings,
@@ -45,15 +43,12 @@ from raptorz.ingest.readers import (
     Source,
 )
 from raptorz.ingest.sources import DEFAULT_MIN_SLICES, resolve_sources, write_labels
+from raptorz.layouts import VOLUME_AXES, VOLUMES, open_volumes
 
-KIND: Final = "volumes"
 #: Uncompressed bytes aimed at per chunk: a few whole volumes, at least one.
 CHUNK_BYTES: Final = 64 * 2**20
 #: Fewest voxel bytes to write for which ``workers=None`` starts a local cluster.
 CLUSTER_BYTES: Final = 2 * 2**30
-
-__all__ = ["DEFAULT_INTENSITY", "ConvertSummary", "convert", "open_volumes"]
-
 
 @dataclasses.dataclass(frozen=True)
 class ConvertSummary:
@@ -85,17 +80,17 @@ def _template(sources: Sequence[Source], settings: Settings, chunk: int) -> xr.D
     strings = {"chunks": (chunk,)}
     ds = xr.Dataset(
         {
-            "volume": (("id", *AXES), lazy(*shape, dtype=settings.dtype),
+            "volume": (VOLUMES.dims["volume"], lazy(*shape, dtype=settings.dtype),
                        {"long_name": "intensity scaled to [0, 1]"}),
             "source": ("id", stores.as_strings(map(str, sources))),
-            "spacing": (("id", "axis"), lazy(3, dtype="float64"), {"units": "mm"}),
-            "original_shape": (("id", "axis"), lazy(3, dtype="int32"),
+            "spacing": (VOLUMES.dims["spacing"], lazy(3, dtype="float64"), {"units": "mm"}),
+            "original_shape": (VOLUMES.dims["original_shape"], lazy(3, dtype="int32"),
                                {"long_name": "shape as read, after reorientation"}),
             "note": ("id", stores.as_strings([""] * n)),
             **stores.status_variables(n, chunk),
         },
         coords={"id": stores.as_strings(s.id for s in sources),
-                "axis": stores.as_strings(AXES)},
+                "axis": stores.as_strings(VOLUME_AXES)},
         attrs={**stores.provenance(), "convert": settings.record()},
     )
     ds.volume.encoding["compressors"] = [BloscCodec(
@@ -120,11 +115,6 @@ def _check_rerun(path: Path, sources: Sequence[Source], settings: Settings) -> i
             f"{k}: {recorded.get(k)} vs {wanted[k]}" for k in changed) + "); rerun with the "
             "same options to resume, or choose another output")
     return int(ds.volume.encoding["chunks"][0])
-
-
-def open_volumes(path: str | Path) -> xr.Dataset:
-    """Open a ``volumes.zarr`` lazily (safe while a conversion is writing it)."""
-    return stores.open_store(path, KIND)
 
 
 def convert(
@@ -200,22 +190,22 @@ def convert(
     for name, value, allowed in (("orientation", orientation, get_args(Orientation)),
                                  ("fit", fit, get_args(Fit)), ("dtype", dtype, get_args(Dtype))):
         if value not in allowed:
-            raise RaptorzError(f"{name} must be one of {allowed}, not {value!r}")
+            raise SettingsError(f"must be one of {', '.join(allowed)}, not {value!r}",
+                                option=name)
     output = Path(output)
     selected = resolve_sources(sources, folder=folder, manifest=manifest, start=start,
                                many=many, series=series, min_slices=min_slices)
     read = ReadOptions(member, max_member_bytes, orientation)
     scaling = parse_intensity(intensity) if isinstance(intensity, str) else intensity
-    kind = stores.store_kind(output)
-    if kind not in (None, KIND):
-        raise InputError(output, f"holds a raptorz {kind} store; refusing to overwrite it")
-    if kind is None:
+    exists = VOLUMES.exists(output)
+    if not exists:
         target = shape or native_shape(selected, read)
         settings = Settings(read, scaling, target, fit if shape else None, dtype)
         per_chunk = chunk or max(1, min(len(selected), CHUNK_BYTES // item_bytes(settings)))
-        if not stores.create_store(output, _template(selected, settings, per_chunk), KIND):
-            kind = KIND  # another process created it first: resume it like any store
-    if kind == KIND:  # resume: the shape policy is the store's unless given again
+        # False: another process created it first: resume it like any store
+        exists = not stores.create_store(output, _template(selected, settings, per_chunk),
+                                         VOLUMES.kind)
+    if exists:  # resume: the shape policy is the store's unless given again
         policy = open_volumes(output).attrs["convert"]["shape_policy"]
         recorded_fit = None if policy["fit"] == "none" else policy["fit"]
         settings = Settings(read, scaling, shape or tuple(policy["shape"]),

@@ -4,37 +4,57 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from raptorz import __version__
-from raptorz.cli.main import build_parser, main
+from raptorz.cli.main import VERBS, build_parser, main
+
+#: The installed console script, beside this interpreter (the venv's bin/).
+CONSOLE = Path(sys.executable).with_name("raptorz")
 
 
 def test_version_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0
-    assert __version__ in capsys.readouterr().out
+    assert capsys.readouterr().out.strip() == f"raptorz {__version__}"
 
 
-def test_every_verb_has_help(capsys: pytest.CaptureFixture[str]) -> None:
-    parser = build_parser()
-    verbs = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    for verb in verbs:
-        with pytest.raises(SystemExit) as exit_info:
-            main([verb, "--help"])
-        assert exit_info.value.code == 0
-        assert verb in capsys.readouterr().out
+@pytest.mark.parametrize("verb", VERBS)
+def test_every_verb_has_help_with_a_description_and_options(
+        verb: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([verb, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: raptorz {verb} ")
+    subparser = build_parser()._subparsers._group_actions[0].choices[verb]  # type: ignore
+    assert subparser.description, f"raptorz {verb} --help has no description"
+    options = [a for a in subparser._actions if a.dest != "help"]
+    assert options, f"raptorz {verb} takes no option"
+    for action in options:  # every option and argument is shown, with its help text
+        shown = action.option_strings[0] if action.option_strings else action.metavar or \
+            action.dest
+        assert str(shown) in text, f"raptorz {verb} --help does not show {shown}"
+        assert action.help, f"raptorz {verb}: {shown} has no help text"
+    assert "%%" not in text and "%(" not in text  # argparse formatting left unformatted
 
 
-def test_console_script_runs() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "raptorz.cli.main", "--help"],
-        capture_output=True, text=True, check=False,
-    )
-    assert result.returncode == 0
-    assert "raptorz" in result.stdout
+def test_the_installed_command_lists_every_verb_and_refuses_an_unknown_one() -> None:
+    assert CONSOLE.exists(), f"no console script at {CONSOLE}: pip install the package"
+    shown = subprocess.run([str(CONSOLE), "--help"], capture_output=True, text=True,
+                           timeout=120, check=False)
+    assert shown.returncode == 0, shown.stderr
+    listed = [line.split()[0] for line in shown.stdout.split("positional arguments:")[1]
+              .split("options:")[0].splitlines() if line.startswith("    ") and
+              not line.startswith("     ")]
+    assert listed == list(VERBS)
+    refused = subprocess.run([str(CONSOLE), "frobnicate"], capture_output=True, text=True,
+                             timeout=120, check=False)
+    assert refused.returncode == 2
+    assert "invalid choice: 'frobnicate'" in refused.stderr
 
 
 def test_parser_imports_no_heavy_library() -> None:
@@ -49,3 +69,16 @@ def test_parser_imports_no_heavy_library() -> None:
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", f"heavy modules imported: {result.stdout.strip()}"
+
+
+def test_a_weights_file_named_random_is_a_file(tmp_path: Path) -> None:
+    """``--weights random`` asks for random weights; ``--weights ./random`` loads the file."""
+    from raptorz.embedding.runner import _weights_option
+
+    args = build_parser().parse_args(["embed", "v.zarr", "-o", "e.zarr", "--projector",
+                                      "p.npy", "--weights", "random"])
+    assert _weights_option(args.weights) == "random"
+    args = build_parser().parse_args(["embed", "v.zarr", "-o", "e.zarr", "--projector",
+                                      "p.npy", "--weights", "./random"])
+    assert _weights_option(args.weights) == str(Path("random").resolve())
+    assert _weights_option(tmp_path / "random") == str(tmp_path / "random")

@@ -16,7 +16,8 @@ from volume_files import volume, write_nifti, write_npz
 
 from raptorz import stores
 from raptorz.cli.main import main
-from raptorz.ingest.volumes import convert, open_volumes
+from raptorz.ingest.volumes import convert
+from raptorz.layouts import open_volumes
 
 COMMAND = [sys.executable, "-m", "raptorz.cli.main"]
 
@@ -76,7 +77,7 @@ def test_info_understands_an_embeddings_store(
     template = xr.Dataset({"proj": projected, **stores.status_variables(3, 2)},
                           coords={"id": ids}, attrs={"encoder": "tiny-vit"})
     stores.create_store(path, template, "embeddings")
-    stores.write_chunk(path, {}, slice(0, 2), np.array([1, 2]), ["", "b: out of memory"])
+    stores.write_units(path, {}, slice(0, 2), np.array([1, 2]), ["", "b: out of memory"])
     assert main(["info", str(path)]) == 0
     out = capsys.readouterr().out
     assert "raptorz embeddings store" in out and "3 (1 pending, 1 ok, 1 failed)" in out

@@ -29,8 +29,8 @@ from vit_fixtures import write_tiny_vit
 
 from raptorz.cli.main import main
 from raptorz.cluster import create_cluster
-from raptorz.embedding.embeddings import open_embeddings
 from raptorz.ingest.volumes import convert
+from raptorz.layouts import open_embeddings
 
 pytest.importorskip("transformers", reason="the test extra installs transformers")
 

@@ -62,7 +62,7 @@ def _cuda_initialised() -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a Linux fork server")
 def test_workers_start_with_their_imports_forked_from_one_server() -> None:
     """What ``raptorz embed`` starts: workers ready to encode, torch imported once."""
-    modules = ("raptorz.embedding.runner", "torch", "timm")
+    modules = ("raptorz.embedding.worker", "torch", "timm")
     with create_cluster("local", workers=2, worker_imports=modules,
                         dashboard_address=":0") as cluster, Client(cluster) as client:
         client.wait_for_workers(2)

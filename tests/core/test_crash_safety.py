@@ -1,6 +1,6 @@
 """A run stopped at the worst moments loses nothing finished and redoes exactly the rest.
 
-The stores' rule is "data, then error text, then status" (:func:`raptorz.stores.write_chunk`).
+The stores' rule is "data, then error text, then status" (:func:`raptorz.stores.write_units`).
 These tests stop runs between a chunk's data and its status (a real SIGKILL of a converting
 process; a task that dies mid-write in an embedding run) and leave status and error chunk
 files torn, as a kill during a non-atomic write can; a rerun must then recompute exactly
@@ -29,9 +29,9 @@ from store_runs import (
 )
 
 from raptorz import stores
-from raptorz.embedding.embeddings import open_embeddings
 from raptorz.errors import RaptorzWarning
-from raptorz.ingest.volumes import convert, open_volumes
+from raptorz.ingest.volumes import convert
+from raptorz.layouts import open_embeddings, open_volumes
 
 #: Converts argv[1] into argv[2] (2 volumes per chunk) and SIGKILLs itself right after the
 #: data and error text of the chunk starting at argv[3] are written, before its status.
@@ -53,13 +53,13 @@ convert([sys.argv[1]], sys.argv[2], chunk=2, workers=1)
 def written_regions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     """The (start, stop) of every chunk written from now on (spied on the real writer)."""
     regions: list[tuple[int, int]] = []
-    write_chunk = stores.write_chunk
+    write_chunk = stores.write_units
 
     def spy(path: str, data: dict, region: slice, *args: object) -> None:
         regions.append((region.start, region.stop))
         write_chunk(path, data, region, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(stores, "write_chunk", spy)
+    monkeypatch.setattr(stores, "write_units", spy)
     return regions
 
 
@@ -137,8 +137,8 @@ def test_embed_task_stopped_between_data_and_status(
         half = open_embeddings(output).load()
         before = chunk_files(output)
         regions: list[int] = []
-        write_chunk = stores.write_chunk
-        monkeypatch.setattr(stores, "write_chunk", lambda path, data, region, *rest: (
+        write_chunk = stores.write_units
+        monkeypatch.setattr(stores, "write_units", lambda path, data, region, *rest: (
             regions.append(region.start), write_chunk(path, data, region, *rest)))
         again = embed_tiny(volumes, output, client, tiny_vit_weights)
         monkeypatch.undo()

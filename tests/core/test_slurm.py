@@ -13,9 +13,9 @@ import pytest
 
 from raptorz import stores
 from raptorz.cluster import create_cluster
-from raptorz.embedding.embeddings import open_embeddings
 from raptorz.embedding.projection import create_projector
 from raptorz.ingest.volumes import convert
+from raptorz.layouts import open_embeddings
 
 pytest.importorskip("dask_jobqueue")
 

@@ -28,7 +28,7 @@ def test_chunk_written_then_marked(tmp_path: Path) -> None:
     assert stores.chunks_to_do(stores.read_status(path), 2) == [
         slice(0, 2), slice(2, 4), slice(4, 5)]
     block = xr.DataArray(np.arange(6, dtype="f4").reshape(2, 3), dims=("id", "x"))
-    stores.write_chunk(path, {"data": block}, slice(2, 4), np.array([1, 2]), ["", "bad"])
+    stores.write_units(path, {"data": block}, slice(2, 4), np.array([1, 2]), ["", "bad"])
     ds = stores.open_store(path, "test")
     np.testing.assert_array_equal(ds.data.values[2:4], block.values)
     assert list(ds.error.values) == ["", "", "", "bad", ""]
@@ -43,7 +43,7 @@ def test_chunk_written_then_marked(tmp_path: Path) -> None:
 def test_existing_paths_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "s.zarr"
     stores.create_store(path, _template(2, 2), "volumes")
-    with pytest.raises(InputError, match="holds raptorz volumes, not embeddings"):
+    with pytest.raises(InputError, match="holds a raptorz volumes store, not embeddings"):
         stores.require_kind(path, "embeddings")
     # a process that loses the race to create a store leaves the winner's intact
     assert not stores.create_store(path, _template(3, 1), "volumes")

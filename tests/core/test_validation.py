@@ -3,6 +3,7 @@ with one error type; the CLI only parses and maps the error to exit code 2."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ from volume_files import volume, write_nifti
 from raptorz.cli.main import EXIT_REFUSED, main
 from raptorz.demo import run_demo
 from raptorz.embedding.projection import create_projector, make_projector
-from raptorz.errors import InputError
+from raptorz.embedding.settings import KernelSettings
+from raptorz.errors import InputError, SettingsError
 from raptorz.ingest.sources import resolve_sources
 from raptorz.ingest.volumes import convert
 
@@ -44,24 +46,42 @@ def three_volumes(tmp_path: Path) -> list[Path]:
             for i, name in enumerate("abc")]
 
 
-@pytest.mark.parametrize(("start", "many", "problem"), [
-    (-1, None, "start/many: need start >= 0 and many >= 1, got start=-1, many=None"),
-    (0, 0, "start/many: need start >= 0 and many >= 1, got start=0, many=0"),
-    (3, 1, "start: 3 is past the last of the 3 volumes"),
+@pytest.mark.parametrize(("start", "many", "option", "problem"), [
+    (-1, None, "start/many", "need start >= 0 and many >= 1, got start=-1, many=None"),
+    (0, 0, "start/many", "need start >= 0 and many >= 1, got start=0, many=0"),
+    (3, 1, "start", "3 is past the last of the 3 volumes"),
 ])
 def test_start_and_many_are_refused_once_with_one_error_type(
-        three_volumes: list[Path], tmp_path: Path, start: int, many: int | None,
+        three_volumes: list[Path], tmp_path: Path, start: int, many: int | None, option: str,
         problem: str, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(InputError, match=problem):
+    """The library names its keywords, the command line its flags."""
+    with pytest.raises(SettingsError, match=re.escape(f"{option}: {problem}")):
         resolve_sources(three_volumes, start=start, many=many)
     store = tmp_path / "volumes.zarr"
-    with pytest.raises(InputError, match=problem):
+    with pytest.raises(SettingsError, match=re.escape(f"{option}: {problem}")):
         convert(three_volumes, store, start=start, many=many)
     assert not store.exists()
     argv = ["convert", *map(str, three_volumes), "-o", str(store), "--start", str(start)]
     assert main(argv + ([] if many is None else ["--many", str(many)])) == EXIT_REFUSED
-    assert problem in capsys.readouterr().err
+    flags = "/".join(f"--{name}" for name in option.split("/"))
+    assert f"raptorz convert: error: {flags}: {problem}" in capsys.readouterr().err
+
+
+def test_start_and_many_past_the_end_keep_the_volumes_there(three_volumes: list[Path]) -> None:
     assert [s.id for s in resolve_sources(three_volumes, start=1, many=5)] == ["b", "c"]
+
+
+def test_kernel_settings_are_refused_by_the_library_and_named_as_flags(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SettingsError, match="planes: must be distinct axes"):
+        KernelSettings(planes=(0, 0))
+    with pytest.raises(SettingsError, match="batch_size: must be at least 1, not 0"):
+        KernelSettings(batch_size=0)
+    argv = ["embed", str(tmp_path / "v.zarr"), "-o", str(tmp_path / "e.zarr"), "--projector",
+            str(tmp_path / "p.npy"), "--batch-size", "0"]
+    assert main(argv) == EXIT_REFUSED
+    assert "raptorz embed: error: --batch-size: must be at least 1, not 0" in \
+        capsys.readouterr().err
 
 
 def test_demo_labels_without_data_is_refused_with_exit_2(

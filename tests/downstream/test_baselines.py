@@ -15,8 +15,8 @@ from fit_fixtures import write_labels
 from raptorz import stores
 from raptorz.cli.main import main
 from raptorz.downstream.baselines import VOXELS, VoxelSettings, downsample, voxel_baseline
-from raptorz.embedding.embeddings import open_embeddings
 from raptorz.errors import InputError
+from raptorz.layouts import open_embeddings
 
 
 def write_volumes(path: Path, volumes: np.ndarray, ids: list[str], status: np.ndarray) -> Path:
@@ -30,7 +30,7 @@ def write_volumes(path: Path, volumes: np.ndarray, ids: list[str], status: np.nd
     stores.create_store(path, template, "volumes")
     for region in stores.chunk_slices(n, 4):
         data = {"volume": xr.DataArray(volumes[region].astype("f2"), dims=("id", "x", "y", "z"))}
-        stores.write_chunk(path, data, region, status[region],
+        stores.write_units(path, data, region, status[region],
                            ["" if s == stores.OK else "bad" for s in status[region]])
     return path
 

@@ -15,8 +15,9 @@ from raptorz import stores
 from raptorz.cli.main import main
 from raptorz.downstream.features import Features, statistics
 from raptorz.downstream.fitting import FitSettings, fit
-from raptorz.downstream.heads import HeadSettings, build_mlp
+from raptorz.downstream.heads import build_mlp
 from raptorz.downstream.model import load_model, predict
+from raptorz.downstream.settings import HeadSettings
 
 N = 200
 SHAPE = (2, 3, 4)

@@ -10,10 +10,10 @@ import pytest
 from fit_fixtures import write_embeddings, write_labels
 
 from raptorz.cli.main import main
-from raptorz.defaults import HeadSettings, SettingsError
 from raptorz.downstream.fitting import FitSettings, fit
 from raptorz.downstream.model import load_model, predict
-from raptorz.errors import RaptorzError
+from raptorz.downstream.settings import HeadSettings
+from raptorz.errors import RaptorzError, SettingsError
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [

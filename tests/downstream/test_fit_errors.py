@@ -14,7 +14,7 @@ from raptorz.cli.main import main
 from raptorz.downstream.fitting import FitSettings, fit
 from raptorz.downstream.labels import MissingEmbeddingsWarning, read_labels, store_index
 from raptorz.downstream.model import load_model, predict
-from raptorz.errors import InputError
+from raptorz.errors import InputError, SettingsError
 
 N = 40
 QUICK = FitSettings(bootstrap=10)
@@ -76,8 +76,9 @@ def test_ids_match_without_file_extensions(store: dict, tmp_path: Path) -> None:
 
 
 def test_unknown_projector_lists_the_choices(store: dict, tmp_path: Path) -> None:
-    with pytest.raises(InputError, match=f"embeddings.zarr: no projector or feature variable "
-                                         f"'nope'; available: {PROJECTOR}, avgpool"):
+    with pytest.raises(SettingsError, match=f"projector: .*embeddings.zarr has no projector or "
+                                            f"feature variable 'nope'; available: {PROJECTOR}, "
+                                            "avgpool"):
         fit(store["path"], csv(tmp_path, store), tmp_path, FitSettings(projector="nope"))
 
 

@@ -11,17 +11,17 @@ import pandas as pd
 import pytest
 
 from raptorz.cli.main import main
-from raptorz.defaults import HeadSettings
 from raptorz.downstream.fitting import FitSettings, fit
+from raptorz.downstream.settings import HeadSettings
 from raptorz.downstream.sweeps import SweepSettings, sweep
 from raptorz.embedding.embeddings import (
     add_projections,
-    open_embeddings,
     project_stored_tokens,
     seeded_matrix,
 )
 from raptorz.embedding.projection import create_projector
 from raptorz.errors import InputError
+from raptorz.layouts import open_embeddings
 
 #: A subset of the official splits (CPU time): enough to tell K = 1 from K = 100.
 SUBSET = {"train": 60, "val": 30, "test": 60}
@@ -163,7 +163,7 @@ def test_sweep_needs_stored_tokens(tmp_path: Path, capsys: pytest.CaptureFixture
     ({"train_sizes": (1,)}, "train sizes"),
 ])
 def test_sweep_settings_refuse_bad_axes(kwargs: dict, message: str) -> None:
-    from raptorz.defaults import SettingsError
+    from raptorz.errors import SettingsError
 
     with pytest.raises(SettingsError, match=message):
         SweepSettings(**kwargs)

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import dask.array as da
@@ -25,14 +24,14 @@ from vit_fixtures import write_tiny_vit
 
 from raptorz import stores
 from raptorz.cli.main import main
-from raptorz.cluster import create_cluster
-from raptorz.embedding.embeddings import open_embeddings
 from raptorz.embedding.encoders import create_encoder
-from raptorz.embedding.kernel import KernelSettings, embed_block
+from raptorz.embedding.kernel import embed_block
 from raptorz.embedding.projection import create_projector
 from raptorz.embedding.runner import embed
-from raptorz.errors import InputError
-from raptorz.ingest.volumes import convert, open_volumes
+from raptorz.embedding.settings import KernelSettings
+from raptorz.errors import InputError, SettingsError
+from raptorz.ingest.volumes import convert
+from raptorz.layouts import open_embeddings, open_volumes
 
 SETTINGS = KernelSettings(keep_tokens=True, batch_size=32)
 PROJECTORS = [create_projector(0, 64, 5, "p5"), create_projector(1, 64, 3, "p3")]
@@ -69,14 +68,6 @@ def many_volumes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _converted(tmp_path_factory, 10, seed=1, chunk=1)
 
 
-@pytest.fixture(scope="module")
-def client() -> Iterator[Client]:
-    """A real 2-worker LocalCluster of processes, shared by this module's tests."""
-    with create_cluster("local", workers=2, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
-        yield client
-
-
 def _reference(store: Path, weights: tuple[str, Path]) -> dict[str, np.ndarray]:
     """The in-process kernel on every volume of ``store``."""
     block = open_volumes(store)["volume"].values
@@ -96,12 +87,12 @@ def _assert_matches(output: Path, reference: dict[str, np.ndarray],
 
 def _encoders_loaded() -> list[int]:
     """On a worker: the ids of the encoders its process holds (one model per process)."""
-    return [id(encoder) for encoder in sys.modules["raptorz.embedding.runner"]._ENCODERS.values()]
+    return [id(encoder) for encoder in sys.modules["raptorz.embedding.worker"]._ENCODERS.values()]
 
 
 def _precisions_loaded() -> list[str]:
     """On a worker: the precision of each encoder its process holds."""
-    return [options.precision for options in sys.modules["raptorz.embedding.runner"]._ENCODERS]
+    return [options.precision for options in sys.modules["raptorz.embedding.worker"]._ENCODERS]
 
 
 def _cli(*args: str | Path) -> list[str]:
@@ -171,7 +162,7 @@ def test_other_settings_are_refused(client: Client, volumes: Path, tmp_path: Pat
     with pytest.raises(InputError, match="no projector 'p3'"):
         embed(volumes, output, PROJECTORS, encoder=name, weights=weights, settings=SETTINGS,
               cluster=client)
-    with pytest.raises(InputError, match="is past the last"):
+    with pytest.raises(SettingsError, match="start: .* is past the last"):
         embed(volumes, output, PROJECTORS[:1], encoder=name, weights=weights,
               settings=SETTINGS, cluster=client, start=6)
     other = tmp_path / "other.zarr"  # another tiny ViT: another weights checksum
@@ -203,7 +194,7 @@ def _volumes_with_failures(path: Path) -> np.ndarray:
     for chunk, status, errors in ((slice(0, 2), [1, 1], ["", ""]),
                                   (slice(2, 4), [2, 1], ["unreadable header", ""])):
         data = {"volume": xr.DataArray(block[chunk], dims=("id", "x", "y", "z"))}
-        stores.write_chunk(path, data, chunk, np.array(status), errors)
+        stores.write_units(path, data, chunk, np.array(status), errors)
     return block
 
 

@@ -17,14 +17,13 @@ from raptorz.embedding.embeddings import (
     create_embeddings,
     embeddings_template,
     export_npy,
-    open_embeddings,
     projector_names,
     stored_projectors,
-    token_kinds,
+    token_kind_coordinate,
 )
-from raptorz.embedding.kernel import project_tokens
-from raptorz.embedding.projection import Projector, create_projector
+from raptorz.embedding.projection import Projector, create_projector, project_tokens
 from raptorz.errors import InputError, RaptorzError
+from raptorz.layouts import open_embeddings
 
 IDS = ["sub-01", "sub-02", "sub-03", "sub-04"]
 DIM, TOKENS = 8, 5  # 1 CLS + 4 patch tokens
@@ -34,7 +33,7 @@ def _template(projectors: list[Projector], planes: tuple[int, ...] = (0, 2),
               batch_size: int = 8):
     return embeddings_template(
         IDS, plane_names=["A", "S"], projectors=projectors,
-        token_kind=token_kinds(TOKENS, 1), embed_dim=DIM, keep_tokens=True,
+        token_kind=token_kind_coordinate(TOKENS, 1), embed_dim=DIM, keep_tokens=True,
         attrs={"settings": {"planes": planes, "batch_size": batch_size},
                "encoder": {"weights_checksum": "abc", "device": "cpu"},
                "source": {"path": "volumes.zarr", "attrs": {"created": "today"}},
@@ -48,14 +47,14 @@ def _filled_store(path: Path, projectors: list[Projector], seed: int = 0) -> np.
     tokens = tokens.astype(np.float32)
     for i in range(len(IDS)):
         if i == 2:
-            stores.write_chunk(path, {}, slice(i, i + 1), np.array([stores.FAILED]), ["bad"])
+            stores.write_units(path, {}, slice(i, i + 1), np.array([stores.FAILED]), ["bad"])
             continue
         one = tokens[i:i + 1]
         data = {name: (("id", "plane", f"k_{name}", "token"), value)
                 for name, value in project_tokens(one, projectors).items()}
         data["tokens"] = (("id", "plane", "token", "dim"), one)
         data["avgpool"] = (("id", "dim"), one.mean(axis=(1, 2)))
-        stores.write_chunk(path, {k: xr.DataArray(v[1], dims=v[0]) for k, v in data.items()},
+        stores.write_units(path, {k: xr.DataArray(v[1], dims=v[0]) for k, v in data.items()},
                            slice(i, i + 1), np.array([stores.OK]), [""])
     return tokens
 
@@ -74,13 +73,13 @@ def test_template_layout(tmp_path: Path) -> None:
     matrices = {p.name: p.matrix for p in stored_projectors(ds)}
     np.testing.assert_array_equal(matrices["p5"], p5.matrix)
     assert np.isnan(ds["p5"][2].values).all()  # never written: the fill value
-    assert token_kinds(7, 3)[:4].tolist() == [
+    assert token_kind_coordinate(7, 3)[:4].tolist() == [
         "cls", "register", "register", "patch"]
-    assert token_kinds(7, 3, tokens="patch").tolist() == ["patch"] * 4
-    assert token_kinds(7, 3, tokens="cls").tolist() == ["cls"]
-    assert token_kinds(16, 0).tolist() == ["patch"] * 16  # a feature map's grid positions
+    assert token_kind_coordinate(7, 3, tokens="patch").tolist() == ["patch"] * 4
+    assert token_kind_coordinate(7, 3, tokens="cls").tolist() == ["cls"]
+    assert token_kind_coordinate(16, 0).tolist() == ["patch"] * 16  # a feature map grid
     with pytest.raises(RaptorzError, match="no CLS token"):
-        token_kinds(16, 0, tokens="cls")
+        token_kind_coordinate(16, 0, tokens="cls")
 
 
 def test_creation_is_race_safe(tmp_path: Path) -> None:
@@ -173,7 +172,7 @@ def test_export_refuses_ids_that_are_paths(tmp_path: Path) -> None:
     template = _template([create_projector(0, DIM, 5, "p5")])
     template = template.assign_coords(id=stores.as_strings(["a", "../escape", "c", "d"]))
     create_embeddings(path, template)
-    stores.write_chunk(path, {}, slice(1, 2), np.array([stores.OK]), [""])
+    stores.write_units(path, {}, slice(1, 2), np.array([stores.OK]), [""])
     with pytest.raises(InputError, match="'../escape' cannot be a file name"):
         export_npy(path, tmp_path / "npy")
     assert not (tmp_path / "escape").exists()

@@ -7,17 +7,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from raptorz.defaults import RANDOM_WEIGHTS
 from raptorz.embedding.encoders import (
     CLIP_MEAN,
     CLIP_STD,
     IMAGENET_MEAN,
-    RANDOM_WEIGHTS,
     create_encoder,
     get_config,
 )
-from raptorz.embedding.kernel import KernelSettings, embed_volume
+from raptorz.embedding.kernel import embed_volume
 from raptorz.embedding.preprocessing import fitted_size, prepare_images
 from raptorz.embedding.projection import create_projector
+from raptorz.embedding.settings import KernelSettings
 from raptorz.errors import RaptorzError
 
 segment_anything = pytest.importorskip("segment_anything", reason="in the test extra")

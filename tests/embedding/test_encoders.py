@@ -15,11 +15,10 @@ from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 from vit_fixtures import TINY_ENCODER, tiny_vit_state_dict
 
+from raptorz.defaults import RANDOM_WEIGHTS, Precision
 from raptorz.embedding.encoders import (
-    RANDOM_WEIGHTS,
     SMALL_ENCODERS,
     PackedLinear,
-    Precision,
     create_encoder,
     weights_checksum,
 )

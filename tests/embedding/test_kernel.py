@@ -11,27 +11,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from raptorz.embedding.encoders import Encoder, create_encoder
-from raptorz.embedding.kernel import (
-    PLANE_NAMES,
-    KernelSettings,
-    embed_block,
-    embed_volume,
-    project_tokens,
-)
+from raptorz.embedding.kernel import embed_block, embed_volume
 from raptorz.embedding.preprocessing import IMAGENET_MEAN, IMAGENET_STD
-from raptorz.embedding.projection import Projector, create_projector
+from raptorz.embedding.projection import Projector, create_projector, project_tokens
+from raptorz.embedding.settings import PLANE_NAMES, KernelSettings
 from raptorz.errors import InputError
 
 MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float64)[:, None, None]
 STD = torch.tensor(IMAGENET_STD, dtype=torch.float64)[:, None, None]
 #: fp32 kernel vs float64 reference: relative to the largest magnitude of the result
 RTOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_vit_weights: tuple[str, Path]) -> Encoder:
-    name, path = tiny_vit_weights
-    return create_encoder(name, weights=path)
 
 
 @pytest.fixture(scope="module")

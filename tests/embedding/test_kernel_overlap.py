@@ -14,20 +14,10 @@ import pytest
 import torch
 
 from raptorz.embedding.encoders import Encoder, create_encoder
-from raptorz.embedding.kernel import (
-    KernelSettings,
-    _plan,
-    embed_block,
-    encode_batches,
-    pool_tokens,
-)
-from raptorz.embedding.preprocessing import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    prepare_images,
-    slice_indices,
-)
+from raptorz.embedding.kernel import _plan, embed_block, encode_batches, pool_tokens
+from raptorz.embedding.preprocessing import IMAGENET_MEAN, IMAGENET_STD, prepare_images
 from raptorz.embedding.projection import create_projector
+from raptorz.embedding.settings import KernelSettings, slice_indices
 
 
 class StandIn:
@@ -62,12 +52,6 @@ class OutOfMemoryAbove:
         if len(images) > self.most:
             raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
         return self.inner.encode(images)
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_vit_weights: tuple[str, Path]) -> Encoder:
-    name, path = tiny_vit_weights
-    return create_encoder(name, weights=path)
 
 
 def _block(count: int = 2, shape: tuple[int, int, int] = (20, 23, 17)) -> np.ndarray:

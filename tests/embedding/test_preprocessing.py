@@ -12,8 +12,8 @@ from raptorz.embedding.preprocessing import (
     canvas_size,
     iter_slices,
     prepare_images,
-    slice_indices,
 )
+from raptorz.embedding.settings import slice_indices
 
 
 def bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:

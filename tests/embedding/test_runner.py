@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +17,13 @@ from distributed import Client, get_task_stream
 
 from raptorz import stores
 from raptorz.cluster import create_cluster
-from raptorz.embedding import runner
-from raptorz.embedding.embeddings import open_embeddings
-from raptorz.embedding.kernel import KernelSettings
+from raptorz.embedding import runner, worker
 from raptorz.embedding.projection import create_projector
 from raptorz.embedding.runner import _tasks, embed
+from raptorz.embedding.settings import KernelSettings
+from raptorz.errors import SettingsError
 from raptorz.ingest.volumes import convert
+from raptorz.layouts import open_embeddings
 
 SETTINGS = KernelSettings(batch_size=16, subsample=4)
 PROJECTOR = create_projector(0, 64, 4, "p4")
@@ -38,13 +38,6 @@ def _store(folder: Path, count: int, size: int = 16) -> Path:
     store = folder / "volumes.zarr"
     convert([folder / "m.npz"], store, workers=1)
     return store
-
-
-@pytest.fixture(scope="module")
-def client() -> Iterator[Client]:
-    with create_cluster("local", workers=2, threads_per_worker=2, dashboard_address=":0") \
-            as cluster, Client(cluster, set_as_default=False) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +63,10 @@ def test_tasks_are_sized_by_slices_and_by_workers() -> None:
 
 def test_ranges_must_hold_whole_units() -> None:
     from raptorz.embedding.runner import _selection
-    from raptorz.errors import InputError
 
     assert _selection(250, 100, 100, unit=100).sum() == 100
     assert _selection(250, 200, 80, unit=100).sum() == 50  # to the end of the store
-    with pytest.raises(InputError, match="use --start 0 --many 200"):
+    with pytest.raises(SettingsError, match="start/many: .*start=0, many=200"):
         _selection(250, 50, 100, unit=100)
 
 
@@ -149,14 +141,14 @@ def _swap_encoder(kind: str, dask_worker: object = None) -> int:
                 raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
             return self.inner.encode(images)  # type: ignore[attr-defined]
 
-    cache = sys.modules["raptorz.embedding.runner"]._ENCODERS
+    cache = sys.modules["raptorz.embedding.worker"]._ENCODERS
     for key, encoder in list(cache.items()):
         cache[key] = Failing(getattr(encoder, "inner", encoder))  # type: ignore[assignment]
     return len(cache)
 
 
 def _restore_encoder(dask_worker: object = None) -> None:
-    cache = sys.modules["raptorz.embedding.runner"]._ENCODERS
+    cache = sys.modules["raptorz.embedding.worker"]._ENCODERS
     for key, encoder in list(cache.items()):
         cache[key] = getattr(encoder, "inner", encoder)
 
@@ -204,13 +196,13 @@ def test_running_tasks_report_progress_in_volumes(client: Client, volumes: Path,
                                                   tmp_path: Path,
                                                   tiny_vit_weights: tuple[str, Path]) -> None:
     name, weights = tiny_vit_weights
-    client.run(setattr, runner, "PROGRESS_SECONDS", 0.0)
+    client.run(setattr, worker, "PROGRESS_SECONDS", 0.0)
     try:
         embed(volumes, tmp_path / "e.zarr", [PROJECTOR], encoder=name, weights=weights,
               settings=KernelSettings(batch_size=4, subsample=4), cluster=client,
               progress=True)
     finally:
-        client.run(setattr, runner, "PROGRESS_SECONDS", 1.0)
+        client.run(setattr, worker, "PROGRESS_SECONDS", 1.0)
     topics = {t: e for t, e in client.get_events().items() if t.startswith("raptorz-progress")}
     newest = max(topics.values(), key=lambda events: events[-1][0])  # this run's topic
     reports = [message for _, message in newest]

@@ -14,19 +14,15 @@ import pytest
 import xarray as xr
 
 from raptorz import stores
-from raptorz.embedding.embeddings import (
-    _lazy,
-    inner_chunk,
-    open_embeddings,
-    store_unit,
-    unit_size,
-)
+from raptorz.embedding.embeddings import _lazy, inner_chunk, store_unit, unit_size
 from raptorz.embedding.encoders import create_encoder
-from raptorz.embedding.kernel import KernelSettings, embed_block
+from raptorz.embedding.kernel import embed_block
 from raptorz.embedding.projection import create_projector
 from raptorz.embedding.runner import embed
-from raptorz.errors import InputError
-from raptorz.ingest.volumes import convert, open_volumes
+from raptorz.embedding.settings import KernelSettings
+from raptorz.errors import SettingsError
+from raptorz.ingest.volumes import convert
+from raptorz.layouts import open_embeddings, open_volumes
 
 SETTINGS = KernelSettings(planes=(0,), subsample=4, batch_size=64)
 PROJECTOR = create_projector(0, 64, 4, "p4")
@@ -80,7 +76,7 @@ def test_a_store_of_units_equals_the_kernel_and_resumes_by_unit(
     data = {name: xr.DataArray(ds[name][3:6].values, dims=ds[name].dims)
             for name in ("p4", "avgpool")}
     data["p4"][1] = np.nan
-    stores.write_chunk(output, data, slice(3, 6), np.array([1, 2, 1]),
+    stores.write_units(output, data, slice(3, 6), np.array([1, 2, 1]),
                        ["", "RuntimeError: stand-in", ""])
     again = embed(volumes, output, [PROJECTOR], encoder=name, weights=weights,
                   settings=SETTINGS, progress=False)
@@ -92,7 +88,7 @@ def test_a_store_of_units_equals_the_kernel_and_resumes_by_unit(
 def test_a_range_must_hold_whole_units(volumes: Path, tmp_path: Path,
                                        tiny_vit_weights: tuple[str, Path]) -> None:
     name, weights = tiny_vit_weights
-    with pytest.raises(InputError, match="units of 3 volumes.*--start 3 --many 6"):
+    with pytest.raises(SettingsError, match="units of 3 volumes.*start=3, many=6"):
         embed(volumes, tmp_path / "e.zarr", [PROJECTOR], encoder=name, weights=weights,
               settings=SETTINGS, start=4, many=4, progress=False)
     part = embed(volumes, tmp_path / "e.zarr", [PROJECTOR], encoder=name, weights=weights,

@@ -29,7 +29,8 @@ from volume_files import (
 from raptorz.errors import InputError, RaptorzWarning
 from raptorz.ingest.readers import ReadOptions, probe_shape, read_volume
 from raptorz.ingest.sources import resolve_sources
-from raptorz.ingest.volumes import convert, open_volumes
+from raptorz.ingest.volumes import convert
+from raptorz.layouts import open_volumes
 
 #: Every writable format but Analyze, by file name (the id is the stem).
 WRITERS: dict[str, Callable[[Path, np.ndarray], Path]] = {

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from volume_files import volume, write_dicom_series, write_nifti, write_npz
 
-from raptorz.errors import InputError, RaptorzError, RaptorzWarning
+from raptorz.errors import InputError, RaptorzError, RaptorzWarning, SettingsError
 from raptorz.ingest.readers import ReadOptions, read_volume
 from raptorz.ingest.sources import resolve_sources, write_labels
 
@@ -36,7 +36,7 @@ def test_manifest_start_many(folder: Path) -> None:
     assert [(s.id, s.path) for s in chosen] == [("a", str(folder / "a.nii.gz"))]
     assert [s.id for s in resolve_sources(manifest=manifest, folder=folder, start=1)] == [
         "a", "b"]
-    with pytest.raises(InputError, match="start: 5 is past the last of the 3 volumes"):
+    with pytest.raises(SettingsError, match="start: 5 is past the last of the 3 volumes"):
         resolve_sources(manifest=manifest, start=5)
 
 
@@ -44,7 +44,7 @@ def test_manifest_start_many(folder: Path) -> None:
 def test_manifest_names_escaping_the_folder_are_refused(folder: Path, name: str) -> None:
     manifest = folder / "list.txt"
     manifest.write_text(f"a.nii.gz\n{name}\n")
-    with pytest.raises(InputError, match=f"list.txt: line 2: '{name}' escapes --folder"):
+    with pytest.raises(InputError, match=f"list.txt: line 2: '{name}' escapes the folder"):
         resolve_sources(manifest=manifest, folder=folder)
 
 
@@ -171,7 +171,7 @@ def test_dicom_series_ids_are_made_unique(tmp_path: Path) -> None:
 
 def test_dicom_study_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from raptorz.cli.main import main
-    from raptorz.ingest.volumes import open_volumes
+    from raptorz.layouts import open_volumes
 
     _study(tmp_path / "study")
     store = tmp_path / "all.zarr"

@@ -27,10 +27,8 @@ from raptorz.embedding.encoders._config import (
     OutputKind,
     get_config,
 )
-from raptorz.embedding.encoders._encoder import Encoder, Precision, TokenSelection
+from raptorz.embedding.encoders._encoder import Encoder
 from raptorz.embedding.encoders._factory import (
-    DEFAULT_ENCODER,
-    RANDOM_WEIGHTS,
     create_encoder,
     device_precision,
     resolve_config,
@@ -51,9 +49,9 @@ SMALL_ENCODERS: Mapping[str, tuple[str, Mapping[str, Any]]] = MappingProxyType({
 })
 
 __all__ = [
-    "CLIP_MEAN", "CLIP_STD", "DEFAULT_ENCODER", "IMAGENET_MEAN", "IMAGENET_STD",
-    "RANDOM_WEIGHTS", "SMALL_ENCODERS", "Encoder", "EncoderConfig", "EncoderInfo",
-    "InputResize", "OutputKind", "PackedLinear", "Precision", "TokenSelection",
+    "CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD",
+    "SMALL_ENCODERS", "Encoder", "EncoderConfig", "EncoderInfo",
+    "InputResize", "OutputKind", "PackedLinear",
     "create_encoder", "describe", "device_precision", "from_transformers_layout",
     "get_config", "list_encoders", "meta_model", "pack_linears", "read_state_dict",
     "resolve_config", "weights_available", "weights_checksum",

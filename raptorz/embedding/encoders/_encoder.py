@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 
-from raptorz.defaults import Precision as Precision  # re-exported
+from raptorz.defaults import Precision
 from raptorz.embedding.encoders._config import EncoderConfig
 from raptorz.embedding.encoders._weights import weights_checksum
-from raptorz.errors import RaptorzError
-
-#: Which tokens are kept: prefix and patch tokens, patch tokens only, or the CLS token.
-TokenSelection = Literal["all", "patch", "cls"]
+from raptorz.embedding.settings import TokenSelection, token_kinds, token_slice
 
 PRECISION_DTYPES: Mapping[str, torch.dtype] = MappingProxyType({
     "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
@@ -63,10 +60,7 @@ class Encoder:
         self.layout = layout
         self.embed_dim, self.num_tokens, self.num_prefix_tokens = self.token_layout(config,
                                                                                    model)
-        registers = max(self.num_prefix_tokens - 1, 0)
-        self.token_kinds: tuple[str, ...] = (
-            ("cls",) * min(self.num_prefix_tokens, 1) + ("register",) * registers
-            + ("patch",) * (self.num_tokens - self.num_prefix_tokens))
+        self.token_kinds = token_kinds(self.num_tokens, self.num_prefix_tokens)
         self.checksum = weights_checksum(model.state_dict())
 
     @staticmethod
@@ -107,12 +101,7 @@ class Encoder:
 
     def token_slice(self, tokens: TokenSelection) -> slice:
         """The tokens kept by ``tokens`` (``all``, ``patch`` or ``cls``), as a slice."""
-        if tokens == "cls":
-            if self.num_prefix_tokens == 0:
-                raise RaptorzError(f"encoder {self.name!r} has no CLS token (its tokens are "
-                                   "feature-map positions): use --tokens all or patch")
-            return slice(0, 1)
-        return slice(self.num_prefix_tokens if tokens == "patch" else 0, None)
+        return token_slice(self.num_prefix_tokens, tokens)
 
     def provenance(self) -> dict[str, Any]:
         """What identifies these embeddings' encoder and its input, for store attributes."""

@@ -22,17 +22,14 @@ from typing import Any
 
 import torch
 
-# The encoder of the Raptor paper (a timm name; ``dinov2-l`` is the same model) and the
-# random-weights marker live in raptorz.defaults, so that the run reads them without torch.
-from raptorz.defaults import DEFAULT_ENCODER as DEFAULT_ENCODER  # re-exported
-from raptorz.defaults import RANDOM_WEIGHTS as RANDOM_WEIGHTS  # re-exported
+from raptorz.defaults import DEFAULT_ENCODER, RANDOM_WEIGHTS, Precision
 from raptorz.embedding.encoders._config import (
     EncoderConfig,
     family_filter,
     get_config,
     registered,
 )
-from raptorz.embedding.encoders._encoder import PRECISION_DTYPES, Encoder, Precision
+from raptorz.embedding.encoders._encoder import PRECISION_DTYPES, Encoder
 from raptorz.embedding.encoders._packing import can_pack, pack_linears
 from raptorz.embedding.encoders._weights import FOLDER_FILES, load_strict, read_state_dict
 from raptorz.embedding.settings import CPU_BATCH_SIZE

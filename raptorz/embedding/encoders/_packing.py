@@ -4,11 +4,8 @@ An ``nn.Linear`` on the CPU hands its weight to the BLAS at every call, which pa
 into the layout its kernels read. A frozen encoder's weights never change, so
 :func:`pack_linears` does that once: each ``nn.Linear`` becomes a :class:`PackedLinear`
 that holds oneDNN's prepacked weight (what ``torch.compile`` does for frozen CPU models,
-without the compilation). Measured on 2 threads of an AMD EPYC (AVX-512 bf16): each
-linear layer of ViT-S/14 and ViT-L/14 takes 12-27% less time at fp32; the whole ViT-S/14
-forward, batches of 16, 5-11% less at bf16, and at fp32 between 3% more and 10% less
-depending on the measure on that noisy machine (the profiler's op totals: 10% less).
-``benchmarks/bench_kernel.py`` prints the ratio.
+without the compilation). ``benchmarks/bench_kernel.py`` prints the packed/unpacked
+ratio; benchmarks/README.md holds what was measured.
 
 The results are those of ``nn.Linear`` up to summation order (fp32: about 1e-6 relative;
 bf16 under autocast: the same bf16 matmul). The packed weight replaces the original, so

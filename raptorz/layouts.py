@@ -1,0 +1,129 @@
+"""The layouts of raptorz's two stores: their kind, variables and dimensions, and how to
+open them. One home for each, so that the stage that writes a store and the stages that
+read it cannot drift apart.
+
+``volumes.zarr`` (written by :mod:`raptorz.ingest`, read by :mod:`raptorz.embedding` and
+the raw-voxel baseline):
+
+``volume(id, x, y, z)``
+    Intensities in [0, 1] (float16 by default), a few whole volumes per chunk.
+``source(id)``, ``note(id)``
+    The file each volume was read from; a note (e.g. a constant volume) or "".
+``spacing(id, axis)``, ``original_shape(id, axis)``
+    Voxel spacing in mm, and the shape as read (after reorientation).
+
+``embeddings.zarr`` (written by :mod:`raptorz.embedding`, read by :mod:`raptorz.downstream`):
+
+``<projector>(id, plane, k_<projector>, token)``, ``matrix_<projector>(dim, k_<projector>)``
+    One projection variable and its matrix per projector (see :func:`k_dim`).
+``tokens(id, plane, token, dim)``
+    The pooled, unprojected tokens (only with ``keep_tokens``).
+``avgpool(id, dim)``
+    The tokens' mean over slices, tokens and planes (the original's baseline).
+
+Both have ``status(id)`` and ``error(id)`` (:mod:`raptorz.stores`). :meth:`StoreLayout.open`
+is how people and the client read a store (lazily, Dask-backed, from the consolidated
+metadata); :meth:`StoreLayout.read` is how a task on a worker reads it (plain lazy
+indexing with no Dask graph, metadata read afresh so that variables another process just
+added are seen).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import xarray as xr
+
+from raptorz import stores
+
+#: The array axes of ``volume`` after ``id``.
+VOLUME_AXES: Final = ("x", "y", "z")
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """One kind of raptorz store: its ``kind`` attribute and its fixed variables' dims.
+
+    Attributes
+    ----------
+    kind
+        The value of the store's :data:`raptorz.stores.KIND_ATTR` attribute.
+    dims
+        Variable name -> dimensions, for the variables every store of the kind may hold
+        (an embeddings store also holds one variable per projector).
+    """
+
+    kind: str
+    dims: Mapping[str, tuple[str, ...]]
+
+    def require(self, path: str | Path) -> None:
+        """Refuse ``path`` unless it holds a store of this kind (naming what it holds)."""
+        stores.require_kind(path, self.kind)
+
+    def exists(self, path: str | Path) -> bool:
+        """Whether ``path`` holds a store of this kind; ``False`` where it holds nothing.
+
+        Raises
+        ------
+        InputError
+            Where ``path`` holds something else (another kind, or not a raptorz store).
+        """
+        found = stores.store_kind(path)
+        if found is not None and found != self.kind:
+            self.require(path)
+        return found is not None
+
+    def open(self, path: str | Path) -> xr.Dataset:
+        """Open the store lazily (Dask arrays), safe while other processes write it."""
+        return stores.open_store(path, self.kind)
+
+    def read(self, path: str | Path) -> xr.Dataset:
+        """The store for a task on a worker: lazy indexing without Dask, metadata fresh."""
+        return xr.open_zarr(path, consolidated=False, chunks=None)
+
+
+VOLUMES: Final = StoreLayout("volumes", {
+    "volume": ("id", *VOLUME_AXES),
+    "source": ("id",),
+    "spacing": ("id", "axis"),
+    "original_shape": ("id", "axis"),
+    "note": ("id",),
+    "status": ("id",),
+    "error": ("id",),
+})
+
+EMBEDDINGS: Final = StoreLayout("embeddings", {
+    "tokens": ("id", "plane", "token", "dim"),
+    "avgpool": ("id", "dim"),
+    "status": ("id",),
+    "error": ("id",),
+})
+
+
+def k_dim(projector: str) -> str:
+    """The name of projector ``projector``'s ``k`` dimension: projectors may differ in K."""
+    return f"k_{projector}"
+
+
+def projection_dims(projector: str) -> tuple[str, ...]:
+    """The dimensions of projector ``projector``'s variable in an embeddings store."""
+    return ("id", "plane", k_dim(projector), "token")
+
+
+def open_volumes(path: str | Path) -> xr.Dataset:
+    """Open a ``volumes.zarr`` lazily (safe while a conversion is writing it)."""
+    return VOLUMES.open(path)
+
+
+def open_embeddings(path: str | Path) -> xr.Dataset:
+    """Open an ``embeddings.zarr`` lazily (safe while a run is still writing it).
+
+    Examples
+    --------
+    >>> ds = open_embeddings("embeddings.zarr")  # doctest: +SKIP
+    >>> ds[list(ds.attrs["projectors"])[0]].sel(plane="A")  # doctest: +SKIP
+    """
+    return EMBEDDINGS.open(path)
