@@ -11,8 +11,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "score", help="score several predictions.csv side by side, grouped, on shared "
         "bootstrap resamples",
+        # argparse does not %-format a description (it does a help): write a plain "%"
         description="Score each target by squared Pearson r on the labels' test split; a "
-        "group scores the mean over its targets with a 95%% bootstrap interval. The "
+        "group scores the mean over its targets with a 95% bootstrap interval. The "
         "resamples are shared by all targets and models and saved (--resamples), so a model "
         "scored later is scored on the same rows. Writes scores.csv, scores.md and "
         "scores.tex (one row per model) and, with --compare, paired differences.")
@@ -40,6 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(a classification fit's <target>_1 column is its score)")
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
                         help="paired bootstrap differences A - B per group")
+    parser.add_argument("--interval", choices=("percentile", "original"), default="percentile",
+                        help="percentile: the value on the whole test split with the 2.5 and "
+                        "97.5 percentiles of the bootstrap values (default); original: as the "
+                        "original tool's score_ukbb20252.py reports, the mean of the "
+                        "bootstrap values +/- 1.95 standard deviations")
     parser.set_defaults(func=run)
 
 
@@ -51,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         args.labels, dict(args.predictions), groups=args.groups, metadata=args.metadata,
         resamples=args.resamples or args.output / "resamples.npz", bootstrap=args.bootstrap,
         seed=args.seed, compare=tuple(args.compare) if args.compare else None,
-        metric=args.metric)
+        metric=args.metric, interval=args.interval)
     written = write_scores(result, args.output)
     print((args.output / "scores.md").read_text(), end="")
     if result.differences is not None:

@@ -30,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="plane subsets, e.g. A,CS,ACS; all: A,C,S,AC,CS,AS,ACS "
                         "(default ACS)")
     parser.add_argument("--train-sizes", default="all", metavar="N,N,...|all",
-                        help="few-shot train sizes, e.g. 10,100,all (default all)")
+                        help="few-shot train sizes, e.g. 10,100,all (default all); each "
+                        "below the train split's volumes, none repeated")
     parser.add_argument("--targets", help="comma-separated target columns (default: all)")
     parser.add_argument("--task", default="auto",
                         choices=("auto", "classification", "multilabel", "regression"),

@@ -10,6 +10,10 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+#: The plots the quickstart's text promises, each by what its cell's code says.
+QUICKSTART_PLOTS = {"the QC montage": "raptorz.plane_montage(",
+                    "the ROC curves": '"roc.png"',
+                    "the PCA of the embeddings": "raptorz.embedding_pca("}
 
 
 def _execute(name: str, cwd: Path) -> nbformat.NotebookNode:
@@ -24,6 +28,13 @@ def _warnings(notebook: nbformat.NotebookNode) -> list[str]:
     return [line for cell in notebook.cells if cell.cell_type == "code"
             for output in cell.outputs for line in str(output.get("text", "")).splitlines()
             if re.search(r"\b\w*Warning\b", line)]
+
+
+def _images(notebook: nbformat.NotebookNode, code: str) -> int:
+    """PNG images shown by the one code cell whose source contains ``code``."""
+    cells = [cell for cell in notebook.cells if cell.cell_type == "code" and code in cell.source]
+    assert len(cells) == 1, f"{len(cells)} code cells contain {code!r}; expected one"
+    return sum("image/png" in output.get("data", {}) for output in cells[0].outputs)
 
 
 def _outputs(notebook: nbformat.NotebookNode) -> str:
@@ -42,8 +53,9 @@ def test_quickstart_runs(tmp_path: Path, tiny_vit_weights: tuple[str, Path],
     notebook = _execute("quickstart.ipynb", tmp_path)
     results = tmp_path / "work" / "results"
     assert {"predictions.csv", "metrics.json", "roc.png"} <= {p.name for p in results.iterdir()}
+    shown = {plot: _images(notebook, code) for plot, code in QUICKSTART_PLOTS.items()}
+    assert shown == dict.fromkeys(QUICKSTART_PLOTS, 1)  # each promised plot, drawn once
     outputs = _outputs(notebook)
-    assert "image/png" in outputs  # the montage, the ROC curve and the PCA were drawn
     assert "/status" in outputs  # the client's widget shows the dashboard link
     assert _warnings(notebook) == []  # e.g. none from xarray about unconsolidated stores
 

@@ -5,6 +5,10 @@ Raptor paper reports it; regression by ``pearson_r2`` (the squared Pearson corre
 as the original tool scores) and ``R2`` (the coefficient of determination). Every
 metric is given per target and averaged over targets, each with a percentile bootstrap
 95% interval over resamples of the test rows.
+
+``raptorz fit`` (:func:`evaluate`) and ``raptorz score`` (:mod:`~raptorz.downstream.scoring`)
+share one definition of each: :func:`squared_pearson`, :func:`bootstrap_indices` and
+:func:`bootstrap_interval`, so both give the same numbers for the same predictions.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import numpy as np
 from scipy.stats import rankdata
@@ -23,6 +27,14 @@ CLASSIFICATION_METRICS: Final = ("auroc", "accuracy")
 REGRESSION_METRICS: Final = ("pearson_r2", "R2")
 #: Panels drawn at most per plot; further targets are left out of the figure (not the json).
 MAX_PANELS: Final = 16
+#: How a bootstrap interval is formed: see :func:`bootstrap_interval`.
+Interval = Literal["percentile", "original"]
+INTERVALS: Final = ("percentile", "original")
+#: The percentiles of the ``percentile`` interval.
+PERCENTILES: Final = (2.5, 97.5)
+#: The original tool's half-width, in standard deviations of the bootstrap values
+#: (``scripts/ucla/score_ukbb20252.py``: ``1.95 * np.std``).
+ORIGINAL_HALF_WIDTH: Final = 1.95
 
 
 def binary_auroc(truth: np.ndarray, score: np.ndarray) -> float:
@@ -37,6 +49,93 @@ def binary_auroc(truth: np.ndarray, score: np.ndarray) -> float:
         return float("nan")
     ranks = rankdata(score)
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def squared_pearson(truth: np.ndarray, prediction: np.ndarray,
+                    indices: np.ndarray | None = None) -> np.ndarray:
+    """Squared Pearson correlation ``r^2`` of one target, over all rows or per resample.
+
+    Rows where the truth or the prediction is missing are left out (of each resample).
+    ``r^2`` is undefined, and NaN, where either side is constant (among others, a constant
+    prediction) or fewer than two rows are seen: Pearson's r divides by both standard
+    deviations. A constant prediction is not scored 0: that would be a number the formula
+    does not give, and means over targets or resamples skip NaN instead. Float64 throughout.
+
+    Parameters
+    ----------
+    truth, prediction
+        ``(n,)`` values of one target.
+    indices
+        ``(resamples, m)`` row numbers, one resample per row (:func:`bootstrap_indices`);
+        ``None``: all rows once.
+
+    Returns
+    -------
+    ``(resamples,)`` or, with ``indices`` None, a 0-d array.
+    """
+    index = np.arange(len(truth))[None] if indices is None else indices
+    y, p = np.asarray(truth, np.float64)[index], np.asarray(prediction, np.float64)[index]
+    seen = ~(np.isnan(y) | np.isnan(p))
+    count = seen.sum(axis=1)
+    # Constancy is checked on the values, not on the deviations: the mean of equal values
+    # can differ from them by rounding, which would make a tiny, meaningless correlation.
+    constant = _constant(y, seen) | _constant(p, seen)
+    y, p = np.where(seen, y, 0.0), np.where(seen, p, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dy = np.where(seen, y - (y.sum(axis=1) / count)[:, None], 0.0)
+        dp = np.where(seen, p - (p.sum(axis=1) / count)[:, None], 0.0)
+        r2 = (dy * dp).sum(axis=1) ** 2 / ((dy**2).sum(axis=1) * (dp**2).sum(axis=1))
+    r2[constant | (count < 2) | ~np.isfinite(r2)] = np.nan
+    return r2 if indices is not None else r2[0]
+
+
+def _constant(values: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """Per row of ``values``: whether its seen entries are all equal."""
+    high = np.where(seen, values, -np.inf).max(axis=1)
+    low = np.where(seen, values, np.inf).min(axis=1)
+    return high == low
+
+
+def bootstrap_indices(rows: int, resamples: int, seed: int) -> np.ndarray:
+    """``(resamples, rows)`` row numbers, each row one resample of the rows with replacement.
+
+    Drawn at once with ``numpy.random.default_rng(seed).integers``; ``raptorz fit`` and
+    ``raptorz score`` both resample this way, so the same seed gives the same resamples.
+    """
+    return np.random.default_rng(seed).integers(0, rows, (resamples, rows))
+
+
+def bootstrap_interval(value: float, draws: np.ndarray, kind: Interval = "percentile"
+                       ) -> tuple[float, float, float]:
+    """A score and its bootstrap interval, from its value on the test split and per resample.
+
+    Parameters
+    ----------
+    value
+        The score on the whole test split.
+    draws
+        The score on each resample; NaN (undefined there) is left out.
+    kind
+        ``percentile``: ``value`` with the 2.5 and 97.5 percentiles of ``draws``.
+        ``original``: as the original tool reports (``score_ukbb20252.py``): the mean of
+        ``draws`` (not ``value``) with the mean -/+ 1.95 standard deviations of ``draws``
+        (population standard deviation, ``ddof=0``).
+
+    Returns
+    -------
+    ``(value, low, high)``; ``low`` and ``high`` are NaN without any defined draw (and so
+    is the ``original`` value).
+    """
+    draws = draws[~np.isnan(draws)]
+    if kind == "original":
+        if not len(draws):
+            return np.nan, np.nan, np.nan
+        mean, half = float(np.mean(draws)), ORIGINAL_HALF_WIDTH * float(np.std(draws))
+        return mean, mean - half, mean + half
+    if not len(draws):
+        return value, np.nan, np.nan
+    low, high = np.percentile(draws, PERCENTILES)
+    return value, float(low), float(high)
 
 
 def metric_names(task: FittedTask) -> tuple[str, ...]:
@@ -76,9 +175,8 @@ def score(task: FittedTask, truth: np.ndarray, prediction: np.ndarray) -> np.nda
         if task == "multilabel":
             result[j] = binary_auroc(y, p), np.mean((p >= 0.5) == y.astype(bool))
         elif len(y) > 1 and np.ptp(y) > 0:
-            pearson = np.corrcoef(y, p)[0, 1] if np.ptp(p) > 0 else 0.0
             residual = np.sum((y - p) ** 2) / np.sum((y - y.mean()) ** 2)
-            result[j] = pearson**2, 1 - residual
+            result[j] = squared_pearson(y, p), 1 - residual
     return result
 
 
@@ -103,14 +201,11 @@ def evaluate(task: FittedTask, names: Sequence[str], truth: np.ndarray,
     metrics = metric_names(task)
     point = score(task, truth, prediction)
     draws = np.full((resamples, *point.shape), np.nan)
-    rng = np.random.default_rng(seed)
-    for b in range(resamples):
-        rows = rng.integers(0, len(truth), len(truth))
+    for b, rows in enumerate(bootstrap_indices(len(truth), resamples, seed)):
         draws[b] = score(task, truth[rows], prediction[rows])
 
     def summary(value: float, samples: np.ndarray) -> dict[str, float | None]:
-        samples = samples[~np.isnan(samples)]
-        low, high = np.percentile(samples, [2.5, 97.5]) if len(samples) else (None, None)
+        value, low, high = bootstrap_interval(value, samples)
         return {"value": _number(value), "low": _number(low), "high": _number(high)}
 
     with warnings.catch_warnings():  # an all-NaN mean (one class on test) is NaN: expected
@@ -147,18 +242,18 @@ def plot(task: FittedTask, names: Sequence[str], classes: Sequence[str], truth: 
          prediction: np.ndarray, path: str | Path) -> None:
     """Draw ROC curves (classification, multilabel) or predicted vs true (regression).
 
-    One panel per target, at most :data:`MAX_PANELS`; written as a PNG to ``path``.
+    One panel per target, at most :data:`MAX_PANELS`; written as a PNG to ``path``. Drawn
+    on a :class:`~matplotlib.figure.Figure` of its own: pyplot and the session's backend
+    (e.g. a notebook's inline one) are left alone.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from sklearn.metrics import roc_curve
 
     panels = 1 if task == "classification" else min(len(names), MAX_PANELS)
     cols = int(np.ceil(np.sqrt(panels)))
     rows = int(np.ceil(panels / cols))
-    figure, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
+    figure = Figure(figsize=(4 * cols, 4 * rows))
+    axes = figure.subplots(rows, cols, squeeze=False)
     for j, ax in enumerate(axes.flat):
         if j >= panels:
             ax.axis("off")
@@ -186,7 +281,6 @@ def plot(task: FittedTask, names: Sequence[str], classes: Sequence[str], truth: 
             ax.legend(loc="lower right", fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def _number(value: Any) -> float | None:

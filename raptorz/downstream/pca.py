@@ -32,8 +32,13 @@ def embedding_pca(store: str | Path, labels: str | Path, *, feature: str | None 
         the first target column) and marked by split.
     feature
         A projector's name, ``avgpool`` or ``tokens`` (default: the only projector).
+
+    Returns
+    -------
+    A :class:`~matplotlib.figure.Figure` of its own, outside pyplot (a notebook shows it as
+    a cell's value; ``savefig`` writes it); the session's backend is left alone.
     """
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from sklearn.decomposition import PCA
 
     ds = open_embeddings(store)
@@ -47,7 +52,8 @@ def embedding_pca(store: str | Path, labels: str | Path, *, feature: str | None 
     values = variable.isel(id=np.sort(rows)).values.reshape(len(rows), -1)
     values = values[np.argsort(np.argsort(rows))]  # back to the table's order
     points = PCA(n_components=2).fit_transform(values)
-    figure, ax = plt.subplots(figsize=(5, 4.5))
+    figure = Figure(figsize=(5, 4.5))
+    ax = figure.subplots()
     markers = {"train": "o", "val": "s", "test": "^"}
     for split, marker in markers.items():
         mask = (table["split"] == split).to_numpy()

@@ -7,9 +7,13 @@ target). A target ``t`` fitted as a binary classification has no column ``t`` in
 
 A group of targets (e.g. the 8 hippocampus IDPs) scores the
 mean ``r^2`` over its targets, with a 95% percentile interval from bootstrap resamples of
-the test rows. The resamples are drawn once and shared by every target and every model,
-and saved (``resamples.npz``), so a model scored later is scored on the very same rows and
-two models can be compared pair by pair: a paired difference per resample.
+the test rows; or, with ``interval="original"``, as the original tool reports it: the
+mean of the group's bootstrap values -/+ 1.95 of their standard deviations
+(:func:`~raptorz.downstream.metrics.bootstrap_interval`). The resamples are drawn once and
+shared by every target and every model, and saved (``resamples.npz``), so a model scored
+later is scored on the very same rows and two models can be compared pair by pair: a
+paired difference per resample. ``r^2`` and the resamples are those of ``raptorz fit``
+(:func:`~raptorz.downstream.metrics.squared_pearson`: NaN for a constant prediction).
 
 Groups come from a JSON file: ``{"name": ["col", ...]}`` names the target columns, and
 ``{"name": "word"}`` takes every target whose description contains ``word`` (case
@@ -31,14 +35,19 @@ import numpy as np
 import pandas as pd
 
 from raptorz.downstream.labels import read_labels
-from raptorz.downstream.metrics import binary_auroc
+from raptorz.downstream.metrics import (
+    INTERVALS,
+    Interval,
+    binary_auroc,
+    bootstrap_indices,
+    bootstrap_interval,
+    squared_pearson,
+)
 from raptorz.downstream.tables import cells, to_latex, to_markdown
 from raptorz.errors import InputError, SettingsError
 
 #: The metadata CSV's columns: a target's field id and its description.
 METADATA_COLUMNS: Final = ("field_id", "description")
-#: The bootstrap interval's percentiles.
-INTERVAL: Final = (2.5, 97.5)
 #: ``r2``: squared Pearson correlation (the paper's IDP score); ``auroc``: binary targets.
 Metric = Literal["r2", "auroc"]
 
@@ -63,10 +72,9 @@ class Resamples:
 
     @classmethod
     def draw(cls, ids: Sequence[str], resamples: int, seed: int) -> Resamples:
-        """Draw ``resamples`` resamples of ``ids`` with ``numpy.random.default_rng(seed)``."""
-        rng = np.random.default_rng(seed)
-        indices = rng.integers(0, len(ids), (resamples, len(ids)))
-        return cls(np.asarray(ids, str), indices, seed)
+        """Draw ``resamples`` resamples of ``ids`` (:func:`~raptorz.downstream.metrics.
+        bootstrap_indices`: those ``raptorz fit`` draws with the same seed)."""
+        return cls(np.asarray(ids, str), bootstrap_indices(len(ids), resamples, seed), seed)
 
     def save(self, path: str | Path) -> Path:
         """Write ``ids``, ``indices`` and ``seed`` to an ``.npz`` file."""
@@ -187,30 +195,6 @@ def read_groups(path: str | Path, targets: Sequence[str],
     return resolve_groups(spec, targets, descriptions, path)
 
 
-def squared_pearson(truth: np.ndarray, prediction: np.ndarray,
-                    indices: np.ndarray | None = None) -> np.ndarray:
-    """``r^2`` of one target over the rows ``indices`` (one resample per row of it).
-
-    Rows where the truth or the prediction is missing are left out of each resample; a
-    resample with either side constant scores NaN. Float64 throughout.
-
-    Returns
-    -------
-    ``(len(indices),)`` or, with ``indices`` None, a 0-d array for all rows.
-    """
-    index = np.arange(len(truth))[None] if indices is None else indices
-    y, p = np.asarray(truth, np.float64)[index], np.asarray(prediction, np.float64)[index]
-    seen = ~(np.isnan(y) | np.isnan(p))
-    y, p = np.where(seen, y, 0.0), np.where(seen, p, 0.0)
-    count = seen.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dy = np.where(seen, y - (y.sum(axis=1) / count)[:, None], 0.0)
-        dp = np.where(seen, p - (p.sum(axis=1) / count)[:, None], 0.0)
-        r2 = (dy * dp).sum(axis=1) ** 2 / ((dy**2).sum(axis=1) * (dp**2).sum(axis=1))
-    r2[~np.isfinite(r2)] = np.nan
-    return r2 if indices is not None else r2[0]
-
-
 @dataclass(frozen=True)
 class ModelScores:
     """One model's ``r^2`` per target, on the full test split and on each resample."""
@@ -290,44 +274,40 @@ def score_model(name: str, truth: np.ndarray, prediction: np.ndarray,
     return ModelScores(name, tuple(targets), point, draws)
 
 
-def _summary(value: float, draws: np.ndarray) -> tuple[float, float, float]:
-    draws = draws[~np.isnan(draws)]
-    if not len(draws):
-        return value, np.nan, np.nan
-    low, high = np.percentile(draws, INTERVAL)
-    return value, float(low), float(high)
-
-
-def group_table(models: Sequence[ModelScores], groups: Mapping[str, Sequence[str]]
-                ) -> pd.DataFrame:
+def group_table(models: Sequence[ModelScores], groups: Mapping[str, Sequence[str]],
+                interval: Interval = "percentile") -> pd.DataFrame:
     """One row per model: each group's mean ``r^2`` and its 95% bootstrap interval.
 
-    Columns ``model``, then ``<group>``, ``<group>_low``, ``<group>_high`` per group.
+    Columns ``model``, then ``<group>``, ``<group>_low``, ``<group>_high`` per group; the
+    value and interval as :func:`~raptorz.downstream.metrics.bootstrap_interval` forms
+    them (``interval``).
     """
     rows = []
     for model in models:
         row: dict[str, object] = {"model": model.name}
         for group, members in groups.items():
-            value, low, high = _summary(*model.group(members))
+            value, low, high = bootstrap_interval(*model.group(members), interval)
             row.update({group: value, f"{group}_low": low, f"{group}_high": high})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def paired_differences(first: ModelScores, second: ModelScores,
-                       groups: Mapping[str, Sequence[str]]) -> pd.DataFrame:
+                       groups: Mapping[str, Sequence[str]],
+                       interval: Interval = "percentile") -> pd.DataFrame:
     """``first - second`` per group, paired on the shared resamples.
 
-    Columns: ``group``, ``difference`` (on the test split), ``low``, ``high`` (95%
-    interval of the per-resample differences) and ``p_not_better``: the share of
-    resamples where ``first`` does not beat ``second`` (a one-sided bootstrap p-value).
+    Columns: ``group``, ``difference`` (on the test split; with ``interval="original"``
+    the mean of the per-resample differences), ``low``, ``high`` (95% interval of the
+    per-resample differences, formed as ``interval`` says) and ``p_not_better``: the share
+    of resamples where ``first`` does not beat ``second`` (a one-sided bootstrap p-value).
     """
     rows = []
     for group, members in groups.items():
         a, a_draws = first.group(members)
         b, b_draws = second.group(members)
         diff = a_draws - b_draws
-        value, low, high = _summary(a - b, diff)
+        value, low, high = bootstrap_interval(a - b, diff, interval)
         seen = diff[~np.isnan(diff)]
         rows.append({"group": group, "difference": value, "low": low, "high": high,
                      "p_not_better": float(np.mean(seen <= 0)) if len(seen) else np.nan})
@@ -343,6 +323,7 @@ class ScoreResult:
     models: tuple[ModelScores, ...]
     groups: dict[str, list[str]]
     resamples: Resamples
+    interval: Interval = "percentile"
 
 
 def score_predictions(labels: str | Path, predictions: Mapping[str, str | Path], *,
@@ -350,7 +331,8 @@ def score_predictions(labels: str | Path, predictions: Mapping[str, str | Path],
                       metadata: str | Path | None = None,
                       resamples: str | Path | None = None, bootstrap: int = 1000,
                       seed: int = 0, compare: tuple[str, str] | None = None,
-                      metric: Metric = "r2") -> ScoreResult:
+                      metric: Metric = "r2", interval: Interval = "percentile"
+                      ) -> ScoreResult:
     """Score several models' ``predictions.csv`` on shared resamples, grouped.
 
     Parameters
@@ -371,6 +353,11 @@ def score_predictions(labels: str | Path, predictions: Mapping[str, str | Path],
         Two model names: their paired differences, the first minus the second.
     metric
         ``r2`` (squared Pearson) or ``auroc`` (binary targets, 0/1).
+    interval
+        ``percentile`` (default): each group's value on the whole test split, with the 2.5
+        and 97.5 percentiles of its bootstrap values. ``original``: the original tool's
+        report (``scripts/ucla/score_ukbb20252.py``), the mean of the bootstrap values
+        -/+ 1.95 of their standard deviations (``ddof=0``); the same for ``compare``.
 
     Raises
     ------
@@ -380,6 +367,8 @@ def score_predictions(labels: str | Path, predictions: Mapping[str, str | Path],
     """
     if bootstrap < 1:
         raise SettingsError(f"bootstrap resamples must be at least 1, not {bootstrap}")
+    if interval not in INTERVALS:
+        raise SettingsError(f"interval must be one of {', '.join(INTERVALS)}, not {interval!r}")
     read = read_labels(labels)
     test = read.split == "test"
     test_ids = read.ids[test].astype(str)
@@ -408,16 +397,17 @@ def score_predictions(labels: str | Path, predictions: Mapping[str, str | Path],
     truth = truth[order]
     models = tuple(score_model(name, truth, read_predictions(path, shared.ids, targets),
                                targets, shared, metric) for name, path in predictions.items())
-    table = group_table(models, resolved)
+    table = group_table(models, resolved, interval)
     differences = None
     if compare is not None:
         by_name = {m.name: m for m in models}
         unknown = [c for c in compare if c not in by_name]
         if unknown:
-            raise InputError("--compare", f"no model named {', '.join(unknown)}; models are "
-                             f"{', '.join(by_name)}")
-        differences = paired_differences(by_name[compare[0]], by_name[compare[1]], resolved)
-    return ScoreResult(table, differences, models, resolved, shared)
+            raise SettingsError(f"no model named {', '.join(unknown)}; models are "
+                                f"{', '.join(by_name)}", option="compare")
+        differences = paired_differences(by_name[compare[0]], by_name[compare[1]], resolved,
+                                         interval)
+    return ScoreResult(table, differences, models, resolved, shared, interval)
 
 
 def _predicted(names: Sequence[str], path: str | Path, labels: str | Path) -> list[str]:

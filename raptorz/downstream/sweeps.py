@@ -39,7 +39,7 @@ PAPER_KS: Final = (1, 5, 10, 100, 150)
 
 @dataclass(frozen=True)
 class SweepSettings:
-    """What to sweep: every combination of the axes is fitted.
+    """What to sweep: every combination of the axes is fitted, once (no axis may repeat a value).
 
     Attributes
     ----------
@@ -48,7 +48,8 @@ class SweepSettings:
     planes
         Plane subsets, each letters of the store's planes (``A``, ``AC``, ``ACS``...).
     train_sizes
-        Train volumes per fit (few-shot), drawn with the run's seed; ``None``: all.
+        Train volumes per fit (few-shot), drawn with the run's seed; ``None``: all. A size
+        must be below the train split's volumes (:func:`sweep` refuses it otherwise).
     fit
         The head and the scoring (``bootstrap`` 0 by default: the spread across seeds is
         what the sweep reports).
@@ -69,6 +70,11 @@ class SweepSettings:
             raise SettingsError(f"plane subsets are letters of A, C, S, not {self.planes}")
         if not self.train_sizes or any(s is not None and s < 2 for s in self.train_sizes):
             raise SettingsError(f"train sizes must be at least 2, not {self.train_sizes}")
+        for axis, values in (("K", self.ks), ("seeds", self.seeds),
+                             ("plane subsets", self.planes), ("train sizes", self.train_sizes)):
+            if len(set(values)) != len(values):
+                raise SettingsError(f"{axis} must not repeat a value, not {values}: the "
+                                    "runs would be fitted and counted in the summary twice")
 
 
 def sweep(store: str | Path, labels: str | Path, output: str | Path,
@@ -84,7 +90,9 @@ def sweep(store: str | Path, labels: str | Path, output: str | Path,
     ------
     InputError
         Where the store holds no stored tokens (embed with ``--keep-tokens``), a plane
-        subset names a plane the store lacks, or the labels do not match the store.
+        subset names a plane the store lacks, the labels do not match the store, or a
+        train size is not below the train split's volumes (it would repeat the ``all``
+        runs).
     """
     settings = settings or SweepSettings()
     ds = open_embeddings(store)
@@ -101,6 +109,12 @@ def sweep(store: str | Path, labels: str | Path, output: str | Path,
                                        strict=settings.fit.strict)
     targets, reason = encode_targets(kept, settings.fit.task)
     rows = {name: np.flatnonzero(kept.split == name) for name in SPLITS}
+    too_large = [s for s in settings.train_sizes if s is not None and s >= len(rows["train"])]
+    if too_large:
+        raise InputError(labels, f"train size(s) {', '.join(map(str, too_large))} not below "
+                         f"the {len(rows['train'])} train volumes found in {store}: such a "
+                         "run would fit all of them, as 'all' does; ask for smaller sizes "
+                         "(or 'all')")
     metric = "pearson_r2" if targets.task == "regression" else "auroc"
     log(f"task: {targets.task} ({reason}); rows: "
         + ", ".join(f"{name} {len(r)}" for name, r in rows.items()))
@@ -131,14 +145,18 @@ def sweep(store: str | Path, labels: str | Path, output: str | Path,
 
 
 def _few(train: np.ndarray, size: int | None, seed: int) -> np.ndarray:
-    """``size`` train rows drawn with ``seed`` (all of them for ``None`` or a larger size)."""
-    if size is None or size >= len(train):
+    """``size`` train rows drawn with ``seed`` (all of them for ``None``)."""
+    if size is None:
         return train
     return np.sort(np.random.default_rng(seed).choice(train, size, replace=False))
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean and sample standard deviation of the score across seeds, per configuration."""
+    """Mean and sample standard deviation of the score across seeds, per configuration.
+
+    ``seeds`` counts the runs each mean is over: one per seed (a run whose score is
+    undefined, NaN, is left out of the mean and the count).
+    """
     keys = ["k", "planes", "train_size", "metric"]
     grouped = runs.groupby(keys, sort=False)["score"]
     out = grouped.agg(mean="mean", std="std", seeds="count").reset_index()
@@ -147,11 +165,12 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_sweep(runs: pd.DataFrame, output: str | Path) -> None:
-    """``runs.csv``, ``summary.csv``, ``summary.md`` (mean ± std) and ``score_vs_k.png``."""
-    import matplotlib
+    """``runs.csv``, ``summary.csv``, ``summary.md`` (mean ± std) and ``score_vs_k.png``.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    The plot is drawn on a :class:`~matplotlib.figure.Figure` of its own: pyplot and the
+    session's backend are left alone.
+    """
+    from matplotlib.figure import Figure
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -162,7 +181,8 @@ def write_sweep(runs: pd.DataFrame, output: str | Path) -> None:
     text["score"] = [f"{m:.4f} ± {s:.4f}" for m, s in zip(summary["mean"], summary["std"],
                                                           strict=True)]
     (output / "summary.md").write_text(to_markdown(text))
-    figure, ax = plt.subplots(figsize=(5.5, 4))
+    figure = Figure(figsize=(5.5, 4))
+    ax = figure.subplots()
     for (planes, size), line in summary.groupby(["planes", "train_size"], sort=False):
         line = line.sort_values("k")
         ax.errorbar(line["k"], line["mean"], yerr=line["std"], marker="o", capsize=3,
@@ -172,4 +192,3 @@ def write_sweep(runs: pd.DataFrame, output: str | Path) -> None:
     ax.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(output / "score_vs_k.png", dpi=100)
-    plt.close(figure)

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from raptorz.cli.main import main
+from raptorz.downstream.metrics import evaluate
 from raptorz.downstream.scoring import Resamples, score_predictions
-from raptorz.errors import InputError
+from raptorz.errors import InputError, SettingsError
 
 N, TARGETS, B = 60, 12, 200
 #: 3 groups of 4 targets; the columns are UK Biobank-like ``<field>-2.0``.
@@ -224,3 +225,98 @@ def test_default_group_is_what_the_first_model_predicts(data: dict, tmp_path: Pa
     frame[["eid"]].assign(other=1.0).to_csv(tmp_path / "none.csv", index=False)
     with pytest.raises(InputError, match="none.csv: predicts none of the targets"):
         score_predictions(data["folder"] / "labels.csv", {"m": tmp_path / "none.csv"})
+
+
+def test_fit_and_score_agree_on_one_model(data: dict, tmp_path: Path) -> None:
+    """``raptorz fit``'s scores (``evaluate``) equal ``raptorz score``'s for the same
+    predictions and seed: the same r^2 (NaN for a constant prediction), resamples, interval."""
+    test, names = data["test"], COLUMNS[:3]
+    truth = data["truth"][test][:, :3]
+    prediction = truth + np.random.default_rng(9).normal(size=truth.shape)
+    prediction[:, 2] = 0.1  # constant: r^2 undefined
+    frame = pd.DataFrame(prediction, columns=names)
+    frame.insert(0, "eid", np.asarray(data["ids"])[test])
+    frame.to_csv(tmp_path / "p.csv", index=False)
+    scored = score_predictions(data["folder"] / "labels.csv", {"m": tmp_path / "p.csv"},
+                               groups={name: [name] for name in names}, bootstrap=B, seed=7)
+    row = scored.table.iloc[0]
+    fitted = evaluate("regression", names, truth, prediction, resamples=B, seed=7)
+    for name in names[:2]:
+        reported = fitted["targets"][name]["pearson_r2"]
+        np.testing.assert_allclose([row[name], row[f"{name}_low"], row[f"{name}_high"]],
+                                   [reported["value"], reported["low"], reported["high"]],
+                                   rtol=0, atol=1e-12)
+    assert fitted["targets"][names[2]]["pearson_r2"] == {"value": None, "low": None,
+                                                        "high": None}
+    assert np.isnan(row[[names[2], f"{names[2]}_low", f"{names[2]}_high"]].to_numpy(float)).all()
+
+
+def original_report(truth: np.ndarray, prediction: np.ndarray, columns: list[int],
+                    boot_ixs: np.ndarray) -> tuple[float, float]:
+    """The original's ``scripts/ucla/score_ukbb20252.py`` for one group, line for line."""
+    sls = []
+    for ci in columns:
+        reps = []
+        for bixs in boot_ixs:
+            reps += [np.corrcoef(truth[:, ci][bixs], prediction[:, ci][bixs])[0, 1] ** 2]
+        sls += [reps]
+    smat = np.array(sls)
+    avgstat = np.mean(smat, 0)
+    return float(np.mean(avgstat)), float(1.95 * np.std(avgstat))
+
+
+def test_original_interval_equals_the_original_formula(data: dict, tmp_path: Path) -> None:
+    folder = data["folder"]
+    groups = {g: WORDS[g] for g in ("amygdala", "thalamus")}  # no missing truth value
+    path = tmp_path / "resamples.npz"
+    result = score_predictions(folder / "labels.csv", data["paths"], groups=groups,
+                               resamples=path, bootstrap=10, seed=1, compare=("good", "poor"),
+                               interval="original")
+    assert result.interval == "original"
+    shared = result.resamples
+    position = {i: k for k, i in enumerate(data["ids"])}
+    truth = data["truth"][[position[i] for i in shared.ids]]
+    table = result.table.set_index("model")
+    assert result.differences is not None
+    differences = result.differences.set_index("group")
+    for group, members in groups.items():
+        columns = [COLUMNS.index(m) for m in members]
+        reports = {}
+        for name, csv in data["paths"].items():
+            frame = pd.read_csv(csv, dtype={"eid": str}).set_index("eid").loc[shared.ids]
+            prediction = frame[COLUMNS].to_numpy()
+            est, ci95 = original_report(truth, prediction, columns, shared.indices)
+            np.testing.assert_allclose(
+                table.loc[name, [group, f"{group}_low", f"{group}_high"]].to_numpy(float),
+                [est, est - ci95, est + ci95], rtol=0, atol=1e-12)
+            reports[name] = np.mean([[np.corrcoef(truth[rows, c], prediction[rows, c])[0, 1] ** 2
+                                      for c in columns] for rows in shared.indices], axis=1)
+        paired = reports["good"] - reports["poor"]
+        np.testing.assert_allclose(differences.loc[group, ["difference", "low", "high"]]
+                                   .to_numpy(float),
+                                   [paired.mean(), paired.mean() - 1.95 * paired.std(),
+                                    paired.mean() + 1.95 * paired.std()], rtol=0, atol=1e-12)
+    # the default on the same resamples: the value on the whole split, percentile interval
+    default = score_predictions(folder / "labels.csv", data["paths"], groups=groups,
+                                resamples=path).table.set_index("model")
+    assert not np.allclose(default["amygdala"], table["amygdala"])
+    out = tmp_path / "cli"
+    assert main(["score", *(f"{n}={p}" for n, p in data["paths"].items()), "--labels",
+                 str(folder / "labels.csv"), "--groups", str(folder / "explicit.json"),
+                 "--resamples", str(path), "-o", str(out), "--interval", "original"]) == 0
+    written = pd.read_csv(out / "scores.csv").set_index("model")
+    np.testing.assert_allclose(written[table.columns].to_numpy(float), table.to_numpy(float),
+                               rtol=0, atol=1e-12)
+    with pytest.raises(SettingsError, match="interval must be one of percentile, original"):
+        score_predictions(folder / "labels.csv", data["paths"],
+                          interval="normal")  # type: ignore[arg-type]
+
+
+def test_score_help_renders_percent_signs(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["score", "--help"])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "with a 95% bootstrap interval" in text
+    assert "%%" not in text
+    assert "--interval {percentile,original}" in text

@@ -9,16 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import xarray as xr
 
 from raptorz.cli.main import main
 from raptorz.downstream.fitting import FitSettings, fit
 from raptorz.downstream.settings import HeadSettings
-from raptorz.downstream.sweeps import SweepSettings, sweep
-from raptorz.embedding.embeddings import (
-    add_projections,
-    project_stored_tokens,
-    seeded_matrix,
-)
+from raptorz.downstream.sweeps import SweepSettings, sweep, write_sweep
+from raptorz.embedding.embeddings import add_projections, project_stored_tokens, seeded_matrix
 from raptorz.embedding.projection import create_projector
 from raptorz.errors import InputError
 from raptorz.layouts import open_embeddings
@@ -161,9 +158,94 @@ def test_sweep_needs_stored_tokens(tmp_path: Path, capsys: pytest.CaptureFixture
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"ks": (0,)}, "K must be at least 1"), ({"planes": ("AX",)}, "plane subsets"),
     ({"train_sizes": (1,)}, "train sizes"),
+    ({"ks": (1, 5, 1)}, "K must not repeat a value"),
+    ({"seeds": (0, 0)}, "seeds must not repeat a value"),
+    ({"planes": ("A", "A")}, "plane subsets must not repeat a value"),
+    ({"train_sizes": (4, None, None)}, "train sizes must not repeat a value"),
 ])
 def test_sweep_settings_refuse_bad_axes(kwargs: dict, message: str) -> None:
     from raptorz.errors import SettingsError
 
     with pytest.raises(SettingsError, match=message):
         SweepSettings(**kwargs)
+
+
+def _token_store(path: Path, n: int = 20, dim: int = 8, tokens: int = 4) -> tuple[Path, list[str]]:
+    """A small embeddings store with pooled tokens, laid out as ``embed --keep-tokens``."""
+    from raptorz import stores
+    from raptorz.embedding.embeddings import embeddings_template, token_kind_coordinate
+
+    ids = [f"v{i}" for i in range(n)]
+    projector = create_projector(0, dim, 2, name="seed0_k2")
+    template = embeddings_template(ids, plane_names="ACS", projectors=(projector,),
+                                   token_kind=token_kind_coordinate(tokens, 0), embed_dim=dim,
+                                   keep_tokens=True, attrs={}, unit=n)
+    stores.create_store(path, template, "embeddings")
+    pooled = np.random.default_rng(0).normal(size=(n, 3, tokens, dim)).astype(np.float32)
+    projected = np.einsum("nptd,dk->npkt", pooled.astype(np.float64), projector.matrix)
+    data = {"tokens": xr.DataArray(pooled, dims=("id", "plane", "token", "dim")),
+            projector.name: xr.DataArray(projected.astype(np.float32),
+                                         dims=("id", "plane", "k_seed0_k2", "token")),
+            "avgpool": xr.DataArray(pooled.mean(axis=(1, 2)), dims=("id", "dim"))}
+    stores.write_units(path, data, slice(0, n), np.full(n, stores.OK, np.int8), [""] * n)
+    return path, ids
+
+
+@pytest.fixture(scope="module")
+def small_tokens(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """20 volumes with stored tokens: 8 train, 6 val, 6 test, a regression target."""
+    folder = tmp_path_factory.mktemp("tokens")
+    store, ids = _token_store(folder / "tokens.zarr")
+    split = np.array(["train"] * 8 + ["val"] * 6 + ["test"] * 6)
+    tokens = open_embeddings(store)["tokens"].values
+    target = tokens[:, 0, 0, 0] + 0.1 * np.random.default_rng(1).normal(size=len(ids))
+    labels = folder / "labels.csv"
+    pd.DataFrame({"id": ids, "split": split, "y": target}).to_csv(labels, index=False)
+    return {"store": store, "labels": labels}
+
+
+def test_train_sizes_not_below_the_train_split_are_refused(
+        small_tokens: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """8 train volumes: sizes 8 and 10 would fit all of them, repeating the ``all`` runs."""
+    for size in (8, 10):
+        with pytest.raises(InputError, match=rf"labels.csv: train size\(s\) {size} not below "
+                           r"the 8 train volumes found in .*tokens.zarr"):
+            sweep(small_tokens["store"], small_tokens["labels"], tmp_path / "out",
+                  SweepSettings(ks=(2,), seeds=(0, 1), train_sizes=(4, size, None)))
+    assert not (tmp_path / "out").exists()  # refused before any fit
+    assert main(["sweep", str(small_tokens["store"]), "--labels", str(small_tokens["labels"]),
+                 "-o", str(tmp_path / "cli"), "--k", "2", "--seeds", "0,1",
+                 "--train-sizes", "10"]) == 2
+    assert "train size(s) 10 not below the 8 train volumes" in capsys.readouterr().err
+
+
+def test_few_shot_summary_counts_each_run_once(small_tokens: dict, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "few"
+    assert main(["sweep", str(small_tokens["store"]), "--labels", str(small_tokens["labels"]),
+                 "-o", str(out), "--k", "2", "--seeds", "0,1", "--train-sizes", "4,all",
+                 "--penalties", "1", "--max-iter", "20"]) == 0
+    assert "| 2 | ACS | 4 | pearson_r2 | 2 |" in capsys.readouterr().out
+    runs = pd.read_csv(out / "runs.csv", dtype={"planes": str})
+    assert len(runs) == 2 * 2
+    assert not runs.duplicated(["k", "seed", "planes", "train_size"]).any()
+    summary = pd.read_csv(out / "summary.csv", dtype={"planes": str})
+    assert list(summary["train_size"]) == [4, 8]
+    assert list(summary["seeds"]) == [2, 2]
+
+
+def test_sweep_plot_leaves_the_backend_and_pyplot_alone(tmp_path: Path) -> None:
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    runs = pd.DataFrame({"k": [1, 1, 10, 10], "seed": [0, 1, 0, 1], "planes": "ACS",
+                         "train_size": 8, "metric": "auroc", "score": [0.6, 0.7, 0.8, 0.9]})
+    before = matplotlib.rcParams["backend"]
+    matplotlib.use("pdf")  # a user's backend, not Agg
+    try:
+        write_sweep(runs, tmp_path)
+        assert matplotlib.get_backend() == "pdf"
+    finally:
+        matplotlib.use(before)
+    assert plt.get_fignums() == []
+    assert (tmp_path / "score_vs_k.png").read_bytes()[:4] == b"\x89PNG"
