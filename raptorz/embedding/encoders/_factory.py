@@ -7,7 +7,8 @@ Weights come, in this order, from
    encoder's family reads (``raptorz encoders`` lists them);
 2. the Hugging Face cache: timm's own copy, else a copy of one of the encoder's
    ``hub_repos`` (the transformers or open_clip copy users already have);
-3. the hub through timm, unless ``HF_HUB_OFFLINE`` is set.
+3. the hub through timm, unless ``HF_HUB_OFFLINE`` is set or the hub does not answer
+   at once (huggingface_hub would retry it for about 50 s).
 
 Nothing here touches CUDA or any global setting at import: Dask workers import this
 module, and the client process must not initialise CUDA.
@@ -34,6 +35,10 @@ from raptorz.embedding.encoders._packing import can_pack, pack_linears
 from raptorz.embedding.encoders._weights import FOLDER_FILES, load_strict, read_state_dict
 from raptorz.embedding.settings import CPU_BATCH_SIZE
 from raptorz.errors import InputError, RaptorzError, RaptorzWarning
+
+#: Seconds :func:`_hub_problem` waits for the hub's answer (a refused connection or an unknown
+#: host fails at once; this bounds a firewall that drops packets).
+HUB_TIMEOUT = 5.0
 
 
 def device_precision(device: torch.device, precision: Precision | None = None) -> Precision:
@@ -257,7 +262,12 @@ def _timm_cached(architecture: str) -> bool:
 
 def _load_from_hub(config: EncoderConfig,
                    kwargs: Mapping[str, Any]) -> tuple[torch.nn.Module, str]:
-    """A model with pretrained weights through timm (hub or its cache), and their source."""
+    """A model with pretrained weights through timm (hub or its cache), and their source.
+
+    Where timm's copy is not cached, the hub is asked once whether it answers at all
+    (:func:`_hub_problem`): huggingface_hub itself retries an unreachable hub for about 50 s
+    before it gives up, so an offline machine learns that it has no weights in seconds.
+    """
     import timm
     from huggingface_hub import constants
 
@@ -272,19 +282,48 @@ def _load_from_hub(config: EncoderConfig,
     if "." not in architecture and get_config(name) is not None:
         raise RaptorzError(f"encoder {name!r}: timm publishes no weights for it; get them "
                            f"from {config.weights_from} and pass --weights PATH")
+    if not constants.HF_HUB_OFFLINE and not _timm_cached(architecture):
+        problem = _hub_problem()
+        if problem is not None:
+            raise _no_weights(config, f"the hub at {constants.ENDPOINT}, which is out of "
+                              f"reach ({problem})")
     try:
         model = timm.create_model(architecture, pretrained=True, **kwargs)
     except Exception as error:  # offline, not cached, no network, no such weights
-        also = "".join(f" or {repo}" for repo in config.hub_repos)
-        cfg = timm.models.get_pretrained_cfg(architecture)
-        hub_id = getattr(cfg, "hf_hub_id", None) or f"timm/{architecture}"
-        raise RaptorzError(
-            f"no weights for encoder {name!r}: looked in the Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}) for timm's copy{also}, then the hub "
-            f"(HF_HUB_OFFLINE={'1' if constants.HF_HUB_OFFLINE else '0'}), "
-            f"which failed with {type(error).__name__}: {str(error).rstrip('.')}. Provide a "
-            "weights file with --weights FILE (weights=FILE), or download the weights on a "
-            f"machine online (`hf download {hub_id}`) and point HF_HOME at that cache."
-        ) from error
+        raise _no_weights(config, f"the hub (HF_HUB_OFFLINE="
+                          f"{'1' if constants.HF_HUB_OFFLINE else '0'}), which failed with "
+                          f"{type(error).__name__}: {str(error).rstrip('.')}") from error
     hub_cfg = getattr(model, "pretrained_cfg", None) or {}
     return model, f"hf-hub:{hub_cfg.get('hf_hub_id', architecture)}"
+
+
+def _hub_problem(timeout: float = HUB_TIMEOUT) -> str | None:
+    """Why the Hugging Face hub (``HF_ENDPOINT``) does not answer, or None where it does.
+
+    One request through huggingface_hub's own HTTP session, so that its proxy settings
+    hold, and without its retries. Any answer, an error status included, counts: the hub
+    is there, and downloading says what is wrong.
+    """
+    from huggingface_hub import constants, get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as error:  # requests' errors (huggingface_hub < 1) or httpx's (>= 1)
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _no_weights(config: EncoderConfig, hub: str) -> RaptorzError:
+    """The error of an encoder whose weights are neither cached nor downloadable."""
+    import timm
+    from huggingface_hub import constants
+
+    also = "".join(f" or {repo}" for repo in config.hub_repos)
+    cfg = timm.models.get_pretrained_cfg(config.architecture)
+    hub_id = getattr(cfg, "hf_hub_id", None) or f"timm/{config.architecture}"
+    return RaptorzError(
+        f"no weights for encoder {config.name!r}: looked in the Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}) for timm's copy{also}, then {hub}. Provide a weights "
+        "file with --weights FILE (weights=FILE), or download the weights on a machine "
+        f"online (`hf download {hub_id}`) and point HF_HOME at that cache."
+    )
