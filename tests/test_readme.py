@@ -145,7 +145,7 @@ def test_readme_main_command_and_tour_run(tmp_path: Path) -> None:
     for command in tour:
         result = _run(command, tmp_path, env)
         assert result.returncode == 0, f"`{command}`: {result.stderr[-3000:]}"
-    assert len(list((tmp_path / "embs").rglob("*.npy"))) == 2 * 16  # two projectors
+    assert len(list((tmp_path / "embs").rglob("*.npy"))) == 2 * 80  # two projectors, 80 volumes
     assert (tmp_path / "results-mlp" / "metrics.json").is_file()
     assert (tmp_path / "predictions.csv").read_text().startswith("id")
     scores = (tmp_path / "scores" / "scores.csv").read_text().splitlines()
