@@ -45,6 +45,10 @@ def register(subparsers: Any) -> None:
                         help=f"the volume inside UK Biobank zips (default {DEFAULT_MEMBER})")
     parser.add_argument("--max-member-mb", type=int, default=2048,
                         help="cap on a zip member's decompressed size (default 2048)")
+    parser.add_argument("--max-volume-bytes", type=int, metavar="BYTES",
+                        help="cap on one volume as float32, checked on every header before "
+                        "reading (default 4 GiB: 1024^3 voxels); raise it for a genuine "
+                        "giant volume")
     parser.add_argument("--intensity", help="minmax | percentile[:LO,HI] | range:LO,HI | "
                         f"divide:N | ct:PRESET (default per reader: {defaults})")
     parser.add_argument("--orientation", choices=("ras", "native"), default="ras",
@@ -92,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
             orientation=args.orientation, shape=args.shape, fit=args.fit, dtype=args.dtype,
             chunk=args.chunk, workers=args.workers, cluster=args.cluster,
             labels_out=args.labels_out, series=args.series, min_slices=args.min_slices,
+            **({} if args.max_volume_bytes is None else
+               {"max_volume_bytes": args.max_volume_bytes}),
             progress=progress,
         )
     for error in summary.failures.values():

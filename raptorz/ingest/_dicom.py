@@ -1,7 +1,9 @@
 """DICOM series: a folder of single-frame files, or one multi-frame file.
 
 A folder may hold several series (a study): :func:`list_series` tells them apart by
-their SeriesInstanceUID, and :func:`open_dicom` reads the one it is asked for.
+their SeriesInstanceUID, and :func:`open_dicom` reads the one it is asked for. Each
+file's header is read once per process (a folder's scan is kept until a file changes)
+and checked against the file's size before anything is sized from it.
 
 Slices are ordered by their position along the slice normal (never by file name or
 instance number), rescale slope and intercept are applied per slice, and the affine is
@@ -12,6 +14,7 @@ along a row (the column index), axis 1 down the columns, axis 2 along the normal
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
@@ -19,8 +22,10 @@ from typing import Any, Final
 import numpy as np
 import pydicom
 from pydicom.misc import is_dicom
+from pydicom.uid import UID
 
 from raptorz.errors import InputError
+from raptorz.ingest._guard import check_size, check_volume
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +93,8 @@ class Series:
         return " ".join(filter(None, (str(self.number or ""), described))) or self.uid
 
 
-_SERIES_TAGS: Final = ["SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "ImageType",
-                       "NumberOfFrames"]
+#: Folders whose scans are kept: a conversion works through one folder's series in a row.
+_SCANS: Final = 2
 
 
 def _files(path: Path) -> list[Path]:
@@ -105,11 +110,53 @@ def _files(path: Path) -> list[Path]:
     return [path]
 
 
+def _listing(path: Path) -> tuple[tuple[str, int, int], ...]:
+    """What identifies the files at ``path`` in the scan cache: names, mtimes, sizes."""
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    stats = ((f.name, f.stat()) for f in files if f.is_file())
+    return tuple((name, stat.st_mtime_ns, stat.st_size) for name, stat in stats)
+
+
+def _scan(path: Path) -> tuple[tuple[Path, Any], ...]:
+    """Every DICOM file at ``path`` with its header (no pixels), each read once."""
+    return _scan_listed(path, _listing(path))
+
+
+@functools.lru_cache(maxsize=_SCANS)
+def _scan_listed(path: Path, listing: tuple[tuple[str, int, int], ...]
+                 ) -> tuple[tuple[Path, Any], ...]:
+    headers = []
+    for file in _files(path):
+        dataset = pydicom.dcmread(file, stop_before_pixels=True)
+        _check_pixels(file, dataset)
+        headers.append((file, dataset))
+    return tuple(headers)
+
+
+def _check_pixels(file: Path, dataset: Any) -> None:
+    """Refuse a header that claims more frames or pixels than ``file`` can hold."""
+    frames, rows, columns = (int(dataset.get(k) or 1) for k in
+                             ("NumberOfFrames", "Rows", "Columns"))
+    samples = int(dataset.get("SamplesPerPixel") or 1)
+    bits = frames * rows * columns * samples * int(dataset.get("BitsAllocated") or 16)
+    claimed = (bits + 7) // 8
+    size = file.stat().st_size
+    syntax = UID(str(getattr(dataset.get("file_meta"), "TransferSyntaxUID", "") or
+                     "1.2.840.10008.1.2"))
+    if syntax.is_deflated:
+        check_size(file, claimed, size, "gzip", cap=0)
+    elif syntax.is_compressed:  # each frame is at least one 8-byte item of encapsulated data
+        if 8 * frames > size:
+            raise InputError(file, f"claims {frames} compressed frames but holds {size} "
+                             "bytes: truncated, or a header that lies about the size")
+    else:
+        check_size(file, claimed, size, "raw", cap=0)
+
+
 def list_series(path: str | Path) -> list[Series]:
     """The series in the DICOM folder (or file) ``path``, by series number, from headers."""
     found: dict[str, list[Any]] = {}
-    for file in _files(Path(path)):
-        dataset = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=_SERIES_TAGS)
+    for _, dataset in _scan(Path(path)):
         found.setdefault(str(dataset.get("SeriesInstanceUID", "")), []).append(dataset)
     series = []
     for uid, headers in found.items():
@@ -122,23 +169,28 @@ def list_series(path: str | Path) -> list[Series]:
     return sorted(series, key=lambda s: (s.number is None, s.number or 0, s.uid))
 
 
-def _slices(path: Path, series: str) -> tuple[list[_Slice], Any]:
-    """Every frame of the series at ``path`` (all, or ``series``), unsorted, and a header."""
-    files = _files(path)
-    slices, first = [], None
-    for file in files:
-        dataset = pydicom.dcmread(file, stop_before_pixels=True)
-        if series and str(dataset.get("SeriesInstanceUID", "")) != series:
-            continue
-        if first is None:
-            first = dataset
+def _slices(path: Path, series: str, cap: int) -> tuple[list[_Slice], Any]:
+    """Every frame of the series at ``path`` (all, or ``series``), unsorted, and a header.
+
+    The volume the headers describe is held to ``cap`` bytes (as float32) before a
+    frame is listed.
+    """
+    scan = _scan(path)
+    chosen = [(file, dataset) for file, dataset in scan
+              if not series or str(dataset.get("SeriesInstanceUID", "")) == series]
+    if series and not chosen:
+        raise InputError(path, f"holds no DICOM series {series}")
+    first = chosen[0][1]
+    frames = sum(int(dataset.get("NumberOfFrames") or 1) for _, dataset in chosen)
+    check_volume(path, (int(first.get("Columns") or 1), int(first.get("Rows") or 1), frames),
+                 cap)
+    slices = []
+    for file, dataset in chosen:
         frames = int(dataset.get("NumberOfFrames") or 1)
-        if frames > 1 and len(files) > 1 and not series:
+        if frames > 1 and len(scan) > 1 and not series:
             raise InputError(path, f"mixes a multi-frame file ({file.name}) with other "
                              "files; give the multi-frame file on its own")
         slices += [_slice(file, dataset, i if frames > 1 else None) for i in range(frames)]
-    if series and not slices:
-        raise InputError(path, f"holds no DICOM series {series}")
     if series and any(s.frame is not None for s in slices) and len(
             {s.file for s in slices}) > 1:
         raise InputError(path, f"series {series} mixes a multi-frame file with other files")
@@ -152,14 +204,15 @@ def _slices(path: Path, series: str) -> tuple[list[_Slice], Any]:
 
 
 def open_dicom(
-    source: str, series: str = "",
+    source: str, series: str, cap: int,
 ) -> tuple[tuple[int, int, int], np.ndarray, Callable[[], np.ndarray]]:
     """Shape, RAS affine and voxel loader of the DICOM series at ``source``.
 
-    ``series`` is a SeriesInstanceUID: the series to read from a folder of several.
+    ``series`` is a SeriesInstanceUID: the series to read from a folder of several
+    (empty: the only one); ``cap`` the largest volume accepted, in float32 bytes.
     """
     path = Path(source)
-    slices, first = _slices(path, series)
+    slices, first = _slices(path, series, cap)
     orientation = slices[0].orientation
     if any(not np.allclose(s.orientation, orientation, atol=1e-4) for s in slices):
         raise InputError(path, "holds slices of different orientations")

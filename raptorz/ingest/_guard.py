@@ -4,11 +4,15 @@ Readers allocate the array a header describes, then fill it: a truncated file, o
 header that lies about the size, would otherwise cost the claimed memory (terabytes for
 a forged one) before the read fails. Raw data must be on disk in full; gzip cannot
 expand more than about 1032 times, which bounds what a compressed file can hold; other
-compressions are held to a fixed cap.
+compressions are held to a fixed cap. Whatever the file holds, one volume is held to
+:data:`DEFAULT_MAX_VOLUME_BYTES` (raised by ``--max-volume-bytes``), and one file to
+:data:`MAX_VOLUMES_PER_FILE` volumes, before anything is allocated.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final, Literal
 
@@ -20,6 +24,11 @@ Compression = Literal["raw", "gzip", "other"]
 GZIP_RATIO: Final = 1100
 #: Bytes of gzip framing a small compressed file may spend on headers and trailers.
 _GZIP_SLACK: Final = 4096
+#: Bytes of voxels one volume may take once read as float32: 1024^3 voxels, more than
+#: any MRI or CT scan; ``--max-volume-bytes`` raises it for a genuine giant volume.
+DEFAULT_MAX_VOLUME_BYTES: Final = 4 * 2**30
+#: Volumes one input file (a MedMNIST npz) may yield; MedMNIST's largest split has 1,300.
+MAX_VOLUMES_PER_FILE: Final = 100_000
 
 
 def compression_of(path: str | Path) -> Compression:
@@ -63,3 +72,17 @@ def check_size(source: str | Path, claimed: int, stored: int | None,
     if claimed > cap:
         raise InputError(source, f"the header describes {claimed} bytes of voxels, over the "
                          f"cap of {cap} for compressed data (raise --max-member-mb if real)")
+
+
+def check_volume(source: str | Path, shape: Sequence[int], cap: int) -> None:
+    """Refuse ``source`` when a volume of ``shape`` takes over ``cap`` bytes as float32.
+
+    Every reader makes a float32 array of the voxels: this is checked on the header's
+    shape before anything is allocated, whatever the format and its compression.
+    """
+    dims = tuple(int(n) for n in shape)  # Python ints: a forged shape cannot overflow
+    claimed = 4 * math.prod(dims)
+    if claimed > cap:
+        raise InputError(source, f"the header describes a volume of shape {dims}, "
+                         f"{claimed} bytes as float32, over the cap of {cap} bytes a volume "
+                         "(raise --max-volume-bytes for a genuine giant volume)")

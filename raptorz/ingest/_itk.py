@@ -26,13 +26,15 @@ ItkFormat = Literal["nrrd", "metaimage"]
 _IMAGE_IO: Final[dict[ItkFormat, str]] = {"nrrd": "NrrdImageIO", "metaimage": "MetaImageIO"}
 #: Longest header read: real headers are a few kB; this bounds reading a non-header file.
 _MAX_HEADER: Final = 1 << 20
+#: Most data files a header may name (one per slice at most, in practice).
+_MAX_DATA_FILES: Final = 65_536
 
 
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-    """Where a header's voxels are: bytes stored on disk (None if unknown), compression."""
+    """Where a header's voxels are: bytes stored on disk, and their compression."""
 
-    stored: int | None
+    stored: int
     compression: Compression
 
 
@@ -45,21 +47,68 @@ def _sitk(path: str) -> Any:
     return SimpleITK
 
 
-def _data_files(header: Path, name: str) -> list[Path] | None:
-    """The detached data files a header names; None for a pattern of numbered files."""
-    words = name.split()
-    if len(words) > 1 or "%" in name:
-        return None
-    data = header.parent / name
-    if not data.is_file():
-        raise InputError(header, f"its data file {data} is missing")
-    return [data]
+def _inside(header: Path, name: str) -> Path:
+    """``name`` resolved (symlinks included) from the header's folder; refused outside it."""
+    folder = header.parent.resolve()
+    data = (folder / name).resolve()
+    if not data.is_relative_to(folder):
+        raise InputError(header, f"its data file {name!r} resolves to {data}, outside the "
+                         f"header's folder {folder}; raptorz reads data files beside the "
+                         "header only")
+    return data
 
 
-def _stored(files: list[Path] | None, skip: int) -> int | None:
-    if files is None:
-        return None
+def _pattern(header: Path, value: str) -> list[str]:
+    """The files of a numbered pattern ``FORMAT MIN MAX STEP [SUBDIM]`` (NRRD, MetaImage)."""
+    match = re.fullmatch(r"([^%\s]*%0?\d*d[^%\s]*)\s+(-?\d+)\s+(-?\d+)\s+(-?\d+)(\s+\d+)?",
+                         value)
+    if match is None or int(match[4]) == 0:
+        raise InputError(header, f"its data file pattern {value!r} is not FORMAT MIN MAX STEP "
+                         "with one %d in FORMAT; raptorz reads no other")
+    low, high, step = int(match[2]), int(match[3]), int(match[4])
+    numbers = range(low, high + (1 if step > 0 else -1), step)
+    if len(numbers) > _MAX_DATA_FILES:
+        raise InputError(header, f"its data file pattern {value!r} names {len(numbers)} "
+                         f"files, over the {_MAX_DATA_FILES} raptorz reads")
+    return [match[1] % number for number in numbers]
+
+
+def _data_files(header: Path, value: str, listed: list[str]) -> list[Path]:
+    """The detached data files a header names, each checked to lie beside the header.
+
+    ``value`` is the data file field, ``listed`` the header's lines after it (the names
+    of a ``LIST``). NRRD's teem and MetaImage's MetaIO read these fields differently:
+    every way either could read one (the whole value, its first word, each listed line
+    and word) must stay in the header's folder, and the files read must exist.
+    """
+    words = value.split()
+    others = [value, *words[:1]]
+    if words and words[0].upper().startswith("LIST"):
+        names = [line.strip() for line in listed if line.strip()]
+        others += listed + [word for line in listed for word in line.split()]
+        if not names or len(names) > _MAX_DATA_FILES:
+            raise InputError(header, f"its data file LIST names {len(names)} files; raptorz "
+                             f"reads 1 to {_MAX_DATA_FILES}")
+    elif "%" in value:
+        names = _pattern(header, value.strip())
+    else:
+        names = [value.strip()]
+    for name in others:
+        _inside(header, name)
+    files = [_inside(header, name) for name in names]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise InputError(header, f"its data file {missing[0]} is missing")
+    return files
+
+
+def _stored(files: list[Path], skip: int) -> int:
     return sum(f.stat().st_size for f in files) - max(skip, 0)
+
+
+def _lines(text: bytes) -> list[str]:
+    """Header lines as teem and MetaIO split them: on newlines only, carriage returns cut."""
+    return [line.rstrip("\r") for line in text.decode("latin-1").split("\n")]
 
 
 def _nrrd_layout(path: Path, text: bytes) -> _Layout:
@@ -67,49 +116,63 @@ def _nrrd_layout(path: Path, text: bytes) -> _Layout:
         raise InputError(path, "is not a NRRD file: it does not start with the NRRD magic")
     blank = re.search(rb"\r?\n\r?\n", text)  # a detached header may end with the file
     end, start = (blank.start(), blank.end()) if blank else (len(text), len(text))
-    fields = {}
-    for line in text[:end].decode("latin-1").splitlines()[1:]:
+    fields: dict[str, str] = {}
+    files: list[Path] = [path]
+    named = False
+    lines = _lines(text[:end])
+    for number, line in enumerate(lines[1:], 1):
         key, sep, value = line.partition(":")
-        if sep and not line.startswith("#"):
-            fields[key.strip().lower().replace(" ", "")] = value.lstrip("=").strip()
+        key = key.strip().lower().replace(" ", "")
+        if not sep or line.startswith("#"):
+            continue
+        fields[key] = value.lstrip("=").strip()
+        if key == "datafile":  # checked at each occurrence: a repeated field is not skipped
+            if len(text) >= _MAX_HEADER:
+                raise InputError(path, f"is a detached header of over {_MAX_HEADER} bytes")
+            files = _data_files(path, value.lstrip("=").lstrip(" \t"),
+                                _lines(text)[number + 1:])
+            named = True
     encoding = fields.get("encoding", "raw").lower()
     compression: Compression = ("raw" if encoding == "raw" else
                                 "gzip" if encoding in ("gz", "gzip") else "other")
     skip = int(fields.get("byteskip", "0"))
-    name = fields.get("datafile")
-    files: list[Path] | None = [path]
-    if name is None and not blank:
+    if not named and not blank:
         raise InputError(path, "has no end to its NRRD header and no data file (truncated?)")
-    if name is None:
+    if not named:
         skip = skip + start if skip >= 0 else skip
-    else:
-        files = _data_files(path, name)
-    if name is not None and name.upper().startswith("LIST"):
-        files = None
     return _Layout(_stored(files, skip), compression)
 
 
 def _metaimage_layout(path: Path, text: bytes) -> _Layout:
-    fields, offset = {}, 0
-    for line in text.splitlines(keepends=True):
-        offset += len(line)
-        key, sep, value = line.decode("latin-1").partition("=")
+    fields: dict[str, str] = {}
+    offset, data_offset = 0, 0
+    files: list[Path] = []
+    lines = text.split(b"\n")
+    for number, raw in enumerate(lines):
+        offset += len(raw) + 1
+        key, sep, value = raw.decode("latin-1").rstrip("\r").partition("=")
         if not sep:
             break
-        fields[key.strip().lower()] = value.strip()
-        if key.strip().lower() == "elementdatafile":
-            break
+        key = key.strip().lower()
+        fields.setdefault(key, value.strip())
+        if key == "elementdatafile":  # every occurrence is checked, the first one is read
+            if not data_offset:
+                data_offset = offset
+            if value.strip().upper() != "LOCAL":
+                if len(text) >= _MAX_HEADER:
+                    raise InputError(path, f"is a header of over {_MAX_HEADER} bytes")
+                listed = _lines(b"\n".join(lines[number + 1:]))
+                checked = _data_files(path, value.lstrip(" \t"), listed)
+                files = files or checked
+            elif not files:
+                files = [path]
     if "ndims" not in fields or "elementdatafile" not in fields:
         raise InputError(path, "is not a MetaImage header: no NDims or ElementDataFile")
     compressed = fields.get("compresseddata", "false").lower() == "true"
     compression: Compression = "gzip" if compressed else "raw"
     skip = int(fields.get("headersize", "0"))
-    name = fields["elementdatafile"]
-    if name.upper() == "LOCAL":
-        files: list[Path] | None = [path]
-        skip = offset + max(skip, 0)
-    else:
-        files = _data_files(path, name)
+    if files == [path]:
+        skip = data_offset + max(skip, 0)
     if skip < 0:  # the data is the file's last bytes: at least as many as claimed
         skip = 0
     return _Layout(_stored(files, skip), compression)

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import gzip
 import io
+import math
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,14 @@ import numpy as np
 
 from raptorz.defaults import DEFAULT_MEMBER, SourceKind
 from raptorz.errors import InputError
-from raptorz.ingest._guard import check_size, compression_of
+from raptorz.ingest._guard import (
+    DEFAULT_MAX_VOLUME_BYTES,
+    MAX_VOLUMES_PER_FILE,
+    Compression,
+    check_size,
+    check_volume,
+    compression_of,
+)
 
 Orientation = Literal["ras", "native"]
 
@@ -77,11 +85,16 @@ class ReadOptions:
     orientation
         ``ras`` reorients to the closest canonical (RAS) array order; ``native`` keeps
         the order as stored (what the original tool does).
+    max_volume_bytes
+        Largest volume accepted, in bytes of float32 voxels, checked on the header of
+        every format before anything is allocated (also the cap on an npz array, which
+        is decompressed whole).
     """
 
     member: str = DEFAULT_MEMBER
     max_member_bytes: int = 2**31
     orientation: Orientation = "ras"
+    max_volume_bytes: int = DEFAULT_MAX_VOLUME_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,16 +146,37 @@ def _open_nibabel(source: Source, options: ReadOptions) -> _Image:
     if source.kind == "minc" and len(image.shape) == 4:  # MINC puts time first
         raise InputError(source.path, f"is a 4D series of {image.shape[0]} frames (shape "
                          f"{image.shape}); pick one frame first, e.g. `mincreshape`")
-    if source.kind != "minc":  # MINC's voxels live in netCDF / HDF5 variables
+    claimed = math.prod(int(n) for n in image.shape) * header.get_data_dtype().itemsize
+    if source.kind == "minc":
+        _check_minc(source.path, image, claimed, options)
+    else:
         data_file = str(image.file_map["image"].filename)
-        claimed = int(np.prod(image.shape)) * header.get_data_dtype().itemsize
         offset = int(header.get_data_offset())
         check_size(source.path, claimed, Path(data_file).stat().st_size - offset,
                    compression_of(data_file), options.max_member_bytes)
+    check_volume(source.path, image.shape, options.max_volume_bytes)
     note = _ANALYZE_NOTE if source.kind == "analyze" and not isinstance(
         image, nib.Nifti1Pair) else ""
     return _Image(tuple(image.shape), image.affine,
                   lambda: image.get_fdata(dtype=np.float32, caching="unchanged"), note)
+
+
+def _check_minc(path: str, image: Any, claimed: int, options: ReadOptions) -> None:
+    """Refuse a MINC file whose image variable cannot hold the voxels its header claims.
+
+    MINC1 (netCDF) stores them raw in the file; MINC2 (HDF5) in a dataset whose chunks
+    may be compressed, or never written at all (HDF5 then makes up fill values): its
+    allocated storage is what bounds them.
+    """
+    dataset = getattr(image.dataobj.minc_file, "_image", None)
+    storage = getattr(getattr(dataset, "id", None), "get_storage_size", None)
+    if storage is None:  # MINC1: a netCDF variable inside the file
+        check_size(path, claimed, Path(path).stat().st_size, "raw", options.max_member_bytes)
+        return
+    filters = getattr(dataset, "compression", None)
+    compression: Compression = ("raw" if filters is None else
+                                "gzip" if filters == "gzip" else "other")
+    check_size(path, claimed, int(storage()), compression, options.max_member_bytes)
 
 
 def _member_image(source: Source, options: ReadOptions, with_data: bool) -> _Image:
@@ -163,8 +197,9 @@ def _member_image(source: Source, options: ReadOptions, with_data: bool) -> _Ima
             holder = nib.FileHolder(f"{source.path}::{info.filename}", cast(io.IOBase, fileobj))
             image = nib.Nifti1Image.from_file_map({"header": holder, "image": holder})
             # The header says how many bytes the voxels take; refuse before inflating them.
-            needed = int(image.header.get_data_offset()) + int(
-                np.prod(image.shape) * image.get_data_dtype().itemsize)
+            check_volume(source.path, image.shape, options.max_volume_bytes)
+            needed = int(image.header.get_data_offset()) + math.prod(
+                image.shape) * image.get_data_dtype().itemsize
             if needed > cap:
                 raise InputError(source.path, f"member {options.member} would decompress "
                                  f"to {needed} bytes, over the cap of {cap}")
@@ -185,20 +220,69 @@ def _version(path: str) -> tuple[int, int]:
 
 
 def npz_images(path: str, entry: str) -> tuple[int, ...]:
-    """The shape of array ``entry`` of an ``.npz`` file, read from its header only."""
-    return _npz_shape(path, entry, _version(path))
+    """The shape of array ``entry`` of an ``.npz`` file, read from its header only.
+
+    The shape is checked against the bytes the member stores (a header cannot claim
+    more than its compressed data can hold), so it may size what follows.
+    """
+    return _npz_header(path, entry, _version(path))[0]
+
+
+def npz_volumes(path: str, cap: int) -> dict[str, int]:
+    """Volumes per split (``train``...) of a MedMNIST-style npz, from its headers only.
+
+    Raises
+    ------
+    InputError
+        Where an images array is not a numeric array of 3D volumes, claims more bytes
+        than the file holds, decompresses to over ``cap`` bytes (it is decompressed
+        whole), or the file claims over :data:`MAX_VOLUMES_PER_FILE` volumes.
+    """
+    with zipfile.ZipFile(path) as archive:
+        names = set(archive.namelist())
+    sizes: dict[str, int] = {}
+    for split in NPZ_SPLITS:
+        entry = f"{split}_images"
+        if f"{entry}.npy" not in names:
+            continue
+        shape, itemsize = _npz_header(path, entry, _version(path))
+        if len(shape) != 4:
+            raise InputError(path, f"array {entry} has shape {shape}; MedMNIST images are "
+                             "(N, X, Y, Z)")
+        check_volume(path, shape[1:], cap)
+        if math.prod(shape) * itemsize > cap:
+            raise InputError(path, f"array {entry} of shape {shape} decompresses to "
+                             f"{math.prod(shape) * itemsize} bytes, over the cap of {cap} "
+                             "(it is decompressed whole; raise --max-volume-bytes if real)")
+        sizes[split] = shape[0]
+    if sum(sizes.values()) > MAX_VOLUMES_PER_FILE:
+        raise InputError(path, f"claims {sum(sizes.values())} volumes, over the "
+                         f"{MAX_VOLUMES_PER_FILE} one file may hold; split it")
+    return sizes
 
 
 @functools.lru_cache(maxsize=64)
-def _npz_shape(path: str, entry: str, version: tuple[int, int]) -> tuple[int, ...]:
+def _npz_header(path: str, entry: str, version: tuple[int, int]) -> tuple[tuple[int, ...], int]:
+    """Shape and item size of array ``entry``, checked against the bytes it stores."""
     with zipfile.ZipFile(path) as archive, archive.open(f"{entry}.npy") as stream:
         read_header = (np.lib.format.read_array_header_1_0
                        if np.lib.format.read_magic(stream) == (1, 0)
                        else np.lib.format.read_array_header_2_0)
         shape, _, dtype = read_header(stream)
+        info = archive.getinfo(f"{entry}.npy")
     if dtype.hasobject:
         raise InputError(path, f"array {entry} holds Python objects; not a volume array")
-    return tuple(shape)
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise InputError(path, f"array {entry} is compressed with zip method "
+                         f"{info.compress_type}; numpy writes only stored or deflated arrays")
+    # The zip directory's sizes are the file's word: the file's own size bounds them.
+    stored = min(info.compress_size, Path(path).stat().st_size)
+    try:
+        check_size(path, math.prod(shape) * dtype.itemsize, stored,
+                   "raw" if info.compress_type == zipfile.ZIP_STORED else "gzip", cap=0)
+    except InputError as error:
+        raise InputError(path, f"array {entry}: {error.problem}") from None
+    return tuple(shape), dtype.itemsize
 
 
 @functools.lru_cache(maxsize=2)
@@ -209,7 +293,12 @@ def _npz_array(path: str, entry: str, version: tuple[int, int]) -> np.ndarray:
 
 
 def _open_npz(source: Source, options: ReadOptions) -> _Image:
-    if not source.entry:
+    try:
+        sizes = npz_volumes(source.path, options.max_volume_bytes)
+    except InputError as error:
+        raise InputError(source.path, "is not a MedMNIST-style npz: "
+                         f"{error.problem}") from None
+    if not source.entry or not sizes:
         raise InputError(source.path, "is not a MedMNIST-style npz: it has no readable "
                          "numeric array " + ", ".join(f"{s}_images" for s in NPZ_SPLITS))
     shape = npz_images(source.path, source.entry)[1:]
@@ -221,7 +310,7 @@ def _open_npz(source: Source, options: ReadOptions) -> _Image:
 def _open_dicom(source: Source, options: ReadOptions) -> _Image:
     from raptorz.ingest._dicom import open_dicom  # pydicom is only imported where needed
 
-    shape, affine, load = open_dicom(source.path, source.entry)
+    shape, affine, load = open_dicom(source.path, source.entry, options.max_volume_bytes)
     return _Image(shape, affine, load)
 
 
@@ -251,6 +340,7 @@ def _open(source: Source, options: ReadOptions) -> tuple[_Image, tuple[int, int,
         raise InputError(source.path, f"cannot be read as {source.kind}: corrupt, truncated "
                          f"or another format ({type(error).__name__}: {error})") from None
     shape = image.shape
+    check_volume(source.path, shape, options.max_volume_bytes)
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) == 4:

@@ -24,7 +24,8 @@ import numpy as np
 from raptorz import stores
 from raptorz.defaults import DEFAULT_MIN_SLICES
 from raptorz.errors import InputError, RaptorzError, RaptorzWarning
-from raptorz.ingest.readers import NPZ_SPLITS, Source, SourceKind, npz_images
+from raptorz.ingest._guard import DEFAULT_MAX_VOLUME_BYTES
+from raptorz.ingest.readers import Source, SourceKind, npz_images, npz_volumes
 
 if TYPE_CHECKING:
     from raptorz.ingest._dicom import Series
@@ -43,13 +44,14 @@ def _suffix(path: Path) -> str:
     return next((s for s in SUFFIXES if name.endswith(s)), "")
 
 
-def _npz_sources(path: Path) -> list[Source]:
-    """One source per volume of a MedMNIST-style npz; one failing source if it is not."""
+def _npz_sources(path: Path, selection: SeriesSelection) -> list[Source]:
+    """One source per volume of a MedMNIST-style npz; one failing source if it is not.
+
+    How many there are comes from the arrays' headers, checked first against the bytes
+    the file holds and the caps (:func:`raptorz.ingest.readers.npz_volumes`).
+    """
     try:
-        with zipfile.ZipFile(path) as archive:
-            names = set(archive.namelist())
-        sizes = {s: npz_images(str(path), f"{s}_images")[0]
-                 for s in NPZ_SPLITS if f"{s}_images.npy" in names}
+        sizes = npz_volumes(str(path), selection.max_volume_bytes)
     except (OSError, zipfile.BadZipFile, ValueError, InputError):
         sizes = {}
     if not sizes:  # let the reader report the problem as this file's failure
@@ -60,7 +62,7 @@ def _npz_sources(path: Path) -> list[Source]:
 
 @dataclasses.dataclass(frozen=True)
 class SeriesSelection:
-    """Which series of a DICOM folder holding several become volumes.
+    """Which series of a DICOM folder holding several become volumes, and the volume cap.
 
     Parameters
     ----------
@@ -70,10 +72,14 @@ class SeriesSelection:
         whatever their size.
     min_slices
         Skip, with a warning, series of fewer slices, and localizers.
+    max_volume_bytes
+        The cap on one volume (and on an npz array), which bounds how many volumes an
+        npz may yield.
     """
 
     names: tuple[str, ...] = ()
     min_slices: int = DEFAULT_MIN_SLICES
+    max_volume_bytes: int = DEFAULT_MAX_VOLUME_BYTES
 
 
 def _slug(text: str) -> str:
@@ -131,7 +137,7 @@ def _expand(path: Path, selection: SeriesSelection) -> list[Source]:
     """The sources at one path: a file, an npz's volumes, or a folder's contents."""
     suffix = _suffix(path)
     if suffix == ".npz" and path.is_file():
-        return _npz_sources(path)
+        return _npz_sources(path, selection)
     if path.is_dir():
         entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
         # an Analyze pair is one volume: its header stands for it
@@ -162,7 +168,7 @@ def _manifest_names(manifest: Path) -> list[str]:
 def _from_manifest(manifest: Path, folder: Path, selection: SeriesSelection) -> list[Source]:
     names = _manifest_names(manifest)
     if _suffix(folder) == ".npz":  # the original's --npz: the names are the npz's ids
-        by_id = {s.id: s for s in _npz_sources(folder)}
+        by_id = {s.id: s for s in _npz_sources(folder, selection)}
         missing = [name for name in names if name not in by_id]
         if missing:
             raise InputError(manifest, f"names {missing[:5]} are not volumes of {folder}")
@@ -186,6 +192,7 @@ def resolve_sources(
     many: int | None = None,
     series: Sequence[str] = (),
     min_slices: int = DEFAULT_MIN_SLICES,
+    max_volume_bytes: int = DEFAULT_MAX_VOLUME_BYTES,
 ) -> list[Source]:
     """Resolve paths, folders, globs and a manifest into the volumes to convert.
 
@@ -206,6 +213,9 @@ def resolve_sources(
         number, description, id or UID), else all but localizers and series of fewer
         than ``min_slices`` slices, which are skipped with a
         :class:`~raptorz.errors.RaptorzWarning`. Ids are ``FOLDER_NUMBER_DESCRIPTION``.
+    max_volume_bytes
+        The cap on one volume's float32 bytes (and on an npz array): an npz whose
+        headers claim more, or more than the file holds, is one failing source.
 
     Raises
     ------
@@ -215,7 +225,7 @@ def resolve_sources(
     RaptorzError
         For two volumes with the same id.
     """
-    selection = SeriesSelection(tuple(series), min_slices)
+    selection = SeriesSelection(tuple(series), min_slices, max_volume_bytes)
     resolved: list[Source] = []
     # Absolute paths: the store records them, and a rerun from elsewhere compares equal.
     for text in (os.path.abspath(source) for source in sources):
@@ -250,17 +260,18 @@ def _labels(path: str, key: str, images: int) -> np.ndarray:
     """Array ``key`` of the npz at ``path`` as rows; warns and gives no rows if unusable."""
     problem = ""
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            labels = np.asarray(archive[key])
+        shape = npz_images(path, key)  # checked against the bytes it stores, before loading
+        rows = (*shape, 1) if len(shape) == 1 else shape
+        if len(rows) != 2 or rows[0] != images:
+            problem = (f"has shape {rows}, but there are {images} images: one row of labels "
+                       "per image is expected")
+        else:
+            with np.load(path, allow_pickle=False) as archive:
+                labels = np.asarray(archive[key]).reshape(rows)
     except KeyError:
         problem = "has no such array"
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError, zipfile.BadZipFile, InputError) as error:
         problem = f"cannot be read ({type(error).__name__}: {error})"
-    else:
-        labels = labels.reshape(-1, 1) if labels.ndim == 1 else labels
-        if labels.ndim != 2 or len(labels) != images:
-            problem = (f"has shape {labels.shape}, but there are {images} images: one "
-                       "row of labels per image is expected")
     if problem:
         warnings.warn(f"{path}: labels {key} {problem}; no labels written for these "
                       "images (they are converted all the same)", RaptorzWarning,

@@ -27,6 +27,7 @@ from zarr.codecs import BloscCodec, BloscShuffle
 from raptorz import stores
 from raptorz.cluster import connect, create_cluster
 from raptorz.errors import InputError, RaptorzWarning, SettingsError
+from raptorz.ingest._guard import DEFAULT_MAX_VOLUME_BYTES
 from raptorz.ingest._shape import Fit, native_shape
 from raptorz.ingest.conversion import (
     ChunkResult,
@@ -139,6 +140,7 @@ def convert(
     progress: Callable[[int, int], None] | None = None,
     series: Sequence[str] = (),
     min_slices: int = DEFAULT_MIN_SLICES,
+    max_volume_bytes: int = DEFAULT_MAX_VOLUME_BYTES,
 ) -> ConvertSummary:
     """Convert volumes into the store ``output``, or resume an unfinished conversion.
 
@@ -176,6 +178,9 @@ def convert(
         DICOM folders holding several series: only the series named, else all but
         localizers and series of fewer slices (see
         :func:`raptorz.ingest.sources.resolve_sources`).
+    max_volume_bytes
+        The largest volume accepted, in bytes of float32 voxels (default 4 GiB), checked
+        on every header before anything is allocated; also bounds an npz's arrays.
     progress
         Called as ``progress(done, total)`` once at the start with ``done=0``, then
         after each chunk with the number of volumes it held; ``total`` is the number
@@ -194,8 +199,9 @@ def convert(
                                 option=name)
     output = Path(output)
     selected = resolve_sources(sources, folder=folder, manifest=manifest, start=start,
-                               many=many, series=series, min_slices=min_slices)
-    read = ReadOptions(member, max_member_bytes, orientation)
+                               many=many, series=series, min_slices=min_slices,
+                               max_volume_bytes=max_volume_bytes)
+    read = ReadOptions(member, max_member_bytes, orientation, max_volume_bytes)
     scaling = parse_intensity(intensity) if isinstance(intensity, str) else intensity
     exists = VOLUMES.exists(output)
     if not exists:
