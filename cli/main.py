@@ -6,7 +6,9 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from typing import TextIO
 
 from raptorz import __version__
 from raptorz.errors import RaptorzError, SettingsError
@@ -35,9 +37,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``raptorz`` with ``argv`` and return the exit code."""
+def _one_line(verb: str) -> Callable[..., None]:
+    """``warnings.showwarning`` for the command line: each message once, on one line,
+    without the source line that raised it."""
+    shown: set[str] = set()
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: TextIO | None = None, line: str | None = None) -> None:
+        if str(message) not in shown:
+            shown.add(str(message))
+            print(f"raptorz {verb}: warning: {message}", file=file or sys.stderr)
+
+    return show
+
+
+def main(argv: Sequence[str] | None = None, *, plain_warnings: bool = False) -> int:
+    """Run ``raptorz`` with ``argv`` and return the exit code.
+
+    ``plain_warnings``: show each warning once, as one line (the console script); else
+    they go through ``warnings`` as usual (a caller may record them).
+    """
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        if plain_warnings:
+            warnings.showwarning = _one_line(args.verb)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args))
     except SettingsError as error:  # the library names keywords, the command its flags
@@ -61,7 +88,7 @@ def console() -> int:
     garbage collection (:func:`raptorz.processes.skip_final_collection`)."""
     from raptorz.processes import skip_final_collection
 
-    return skip_final_collection(main())
+    return skip_final_collection(main(plain_warnings=True))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from raptorz import __version__
@@ -82,3 +83,17 @@ def test_a_weights_file_named_random_is_a_file(tmp_path: Path) -> None:
                                       "p.npy", "--weights", "./random"])
     assert _weights_option(args.weights) == str(Path("random").resolve())
     assert _weights_option(tmp_path / "random") == str(tmp_path / "random")
+
+
+def test_the_command_prints_each_warning_once_on_one_line(tmp_path: Path) -> None:
+    images = np.random.default_rng(0).integers(0, 255, (3, 8, 8, 8), np.uint8)
+    images[1] = 7  # a constant volume: converted, with a warning
+    np.savez(tmp_path / "m.npz", train_images=images, train_labels=np.zeros((3, 1)),
+             val_images=images[:0], val_labels=np.zeros((0, 1)), test_images=images[:0],
+             test_labels=np.zeros((0, 1)))
+    result = subprocess.run([str(CONSOLE), "convert", str(tmp_path / "m.npz"), "-o",
+                             str(tmp_path / "m.zarr")], capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "raptorz convert: warning: train_1: constant volume (every voxel is 7); converted"]
