@@ -14,7 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "projector",
         help="write a (dim, k) random projection matrix (.npy)",
         description="Write np.random.seed(SEED); np.random.randn(DIM, K) as a float64 .npy, "
-        "bit-identical to the original Raptor tool's projector.",
+        "bit-identical to the original Raptor tool's projector, and its seed beside it "
+        "(OUTPUT with .json), so that stores record the seed they were projected with.",
     )
     parser.add_argument("--seed", type=int, default=0, help="legacy NumPy seed (default 0)")
     parser.add_argument("--dim", type=int, default=1024,
@@ -27,16 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the projector; the library refuses nonsensical sizes or seeds (exit 2)."""
-    import numpy as np
-
-    from raptorz import make_projector
-    from raptorz.errors import RaptorzError
+    from raptorz import create_projector, save_projector
 
     output: Path = args.output
-    if output.suffix != ".npy":  # np.save would append .npy: the file would not be OUTPUT
-        raise RaptorzError(f"{output}: the projector is written as .npy; name it *.npy")
-    matrix = make_projector(args.seed, args.dim, args.k)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    np.save(output, matrix)
-    print(f"wrote {output}: ({args.dim}, {args.k}) float64, seed {args.seed}")
+    save_projector(create_projector(args.seed, args.dim, args.k, name=output.stem), output)
+    print(f"wrote {output}: ({args.dim}, {args.k}) float64, seed {args.seed} (recorded in "
+          f"{output.with_suffix('.json').name})")
     return 0

@@ -70,6 +70,9 @@ from .embedding.projection import (
 from .embedding.projection import (
     project_tokens as project_tokens,
 )
+from .embedding.projection import (
+    save_projector as save_projector,
+)
 from .embedding.runner import EmbedSummary as EmbedSummary
 from .embedding.runner import embed as embed
 from .embedding.settings import PLANE_NAMES as PLANE_NAMES

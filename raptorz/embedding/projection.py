@@ -9,6 +9,7 @@ bit-identical to one made by the original, and either can be loaded by both.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,8 +115,58 @@ def create_projector(seed: int, dim: int, k: int = DEFAULT_K,
     return Projector(name or f"seed{seed}_d{dim}_k{k}", make_projector(seed, dim, k), seed)
 
 
+#: Most bytes read of a projector's JSON sidecar (it holds four numbers and a text).
+SIDECAR_BYTES = 4096
+
+
+def save_projector(projector: Projector, path: str | Path) -> Path:
+    """Write ``projector`` as a float64 ``.npy`` at ``path`` (what the original reads), with
+    its seed in a JSON sidecar beside it (``<stem>.json``) where it has one.
+
+    :func:`load_projector` takes the seed from the sidecar only where the matrix is the one
+    that seed makes, so a store's provenance records the seed of ``raptorz projector
+    --seed S``, and never a wrong one.
+
+    Raises
+    ------
+    InputError
+        Where ``path`` does not end in ``.npy`` (``np.save`` would append it).
+    """
+    path = Path(path)
+    if path.suffix != ".npy":
+        raise InputError(path, "the projector is written as .npy; name it *.npy")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, projector.matrix)
+    sidecar = path.with_suffix(".json")
+    if projector.seed is not None:
+        sidecar.write_text(json.dumps({
+            "seed": projector.seed, "dim": projector.dim, "k": projector.k,
+            "checksum": projector.checksum,
+            "made_by": "np.random.seed(seed); np.random.randn(dim, k)"}, indent=2) + "\n")
+    else:
+        sidecar.unlink(missing_ok=True)  # a sidecar of an earlier matrix would be stale
+    return path
+
+
+def _sidecar_seed(path: Path, matrix: np.ndarray) -> int | None:
+    """The seed the sidecar of ``path`` names, if that seed makes ``matrix``; else None."""
+    sidecar = path.with_suffix(".json")
+    try:
+        with sidecar.open("rb") as file:
+            seed = json.loads(file.read(SIDECAR_BYTES)).get("seed")
+    except (OSError, ValueError, AttributeError):
+        return None  # no sidecar, or not ours: the seed is unknown
+    if not isinstance(seed, int) or not 0 <= seed < 2**32:
+        return None
+    made = make_projector(seed, *matrix.shape)
+    return seed if np.array_equal(made, matrix) else None
+
+
 def load_projector(path: str | Path) -> Projector:
     """Load a ``(d, k)`` ``.npy`` projector (one saved by the original tool included).
+
+    Its seed is known where a sidecar written by :func:`save_projector` names it and the
+    matrix is the one that seed makes; else it is recorded as unknown (``None``).
 
     Parameters
     ----------
@@ -144,7 +195,7 @@ def load_projector(path: str | Path) -> Projector:
         raise InputError(path, f"projector must be floating point, got {matrix.dtype}")
     if not np.isfinite(matrix).all():
         raise InputError(path, "projector holds NaN or infinite values")
-    return Projector(path.stem, matrix, None)
+    return Projector(path.stem, matrix, _sidecar_seed(path, matrix))
 
 
 def check_projectors(projectors: list[Projector] | tuple[Projector, ...], dim: int,

@@ -14,6 +14,7 @@ from raptorz.embedding.projection import (
     create_projector,
     load_projector,
     make_projector,
+    save_projector,
 )
 from raptorz.errors import InputError
 
@@ -72,6 +73,21 @@ def test_load_projector_round_trip_and_provenance(tmp_path: Path) -> None:
     assert projector.provenance()["checksum"] == projector.checksum
     with pytest.raises(ValueError, match="read-only"):
         projector.matrix[0, 0] = 1.0
+
+
+def test_the_seed_of_raptorz_projector_is_recorded_and_never_a_wrong_one(
+        tmp_path: Path) -> None:
+    path = tmp_path / "p3.npy"
+    assert main(["projector", "--seed", "3", "--dim", "32", "--k", "5", "-o", str(path)]) == 0
+    assert np.array_equal(np.load(path), original_projector(3, 32, 5))  # the original's file
+    assert load_projector(path).seed == 3
+    assert load_projector(path).provenance()["seed"] == 3
+    np.save(path, original_projector(4, 32, 5))  # the matrix replaced, the sidecar stale
+    assert load_projector(path).seed is None
+    (tmp_path / "p3.json").write_text("{not json")
+    assert load_projector(path).seed is None
+    save_projector(Projector("plain", np.ones((4, 2))), tmp_path / "p3.npy")
+    assert not (tmp_path / "p3.json").exists()  # no seed: no sidecar left to mislead
 
 
 def test_float32_projector_is_widened(tmp_path: Path) -> None:
