@@ -237,7 +237,9 @@ def _selection(n: int, start: int, many: int | None, unit: int = 1) -> np.ndarra
     """
     stop = stores.id_range(n, start, many).stop  # the range checks convert makes too
     if start % unit or (stop % unit and stop != n):
-        low, high = start // unit * unit, min(n, -(-stop // unit) * unit)
+        # the nearest whole units: a start rounded down, a stop to the nearer boundary
+        low = start // unit * unit
+        high = min(n, max(low + unit, (stop + unit // 2) // unit * unit))
         raise SettingsError(f"the output is written in units of {unit} volumes and a range "
                             f"must hold whole units: start={low}, many={high - low} (or "
                             f"another multiple of {unit})", option="start/many")

@@ -68,6 +68,10 @@ def test_ranges_must_hold_whole_units() -> None:
     assert _selection(250, 200, 80, unit=100).sum() == 50  # to the end of the store
     with pytest.raises(SettingsError, match="start/many: .*start=0, many=200"):
         _selection(250, 50, 100, unit=100)
+    with pytest.raises(SettingsError, match="start=0, many=99 "):  # the nearer, not 198
+        _selection(1000, 0, 100, unit=99)
+    with pytest.raises(SettingsError, match="start=99, many=99 "):
+        _selection(1000, 99, 10, unit=99)
 
 
 def test_one_volumes_chunk_keeps_both_workers_busy(client: Client, volumes: Path,
