@@ -63,6 +63,21 @@ def test_the_guides_show_python() -> None:
     assert {guide for guide, _ in _python_blocks()} >= {"README.md", "embed.md", "fit.md"}
 
 
+#: Calls that start Dask worker processes (convert's may): in a script they must sit under
+#: ``if __name__ == "__main__":``, since each worker imports the script again.
+STARTS_WORKERS = {"embed", "convert", "Client", "LocalCluster"}
+
+
+@pytest.mark.parametrize(("guide", "block"), _python_blocks())
+def test_documented_scripts_start_workers_under_a_main_guard(guide: str, block: str) -> None:
+    unguarded = [ast.unparse(node) for statement in ast.parse(block).body
+                 if not isinstance(statement, ast.If)
+                 for node in ast.walk(statement) if isinstance(node, ast.Call)
+                 and (getattr(node.func, "attr", None) or getattr(node.func, "id", None))
+                 in STARTS_WORKERS]
+    assert not unguarded, f"{guide}: put these under if __name__ == '__main__': {unguarded}"
+
+
 @pytest.mark.parametrize(("guide", "block"), _python_blocks())
 def test_documented_python_names_exist(guide: str, block: str) -> None:
     """Each Python example compiles, and every raptorz name it uses exists where it says."""
