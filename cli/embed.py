@@ -85,8 +85,13 @@ def register(subparsers: Any) -> None:
                       "CPUs of its machine or batch job)")
     dask.add_argument("--device", help="torch device of the workers, e.g. cpu or cuda:1 "
                       "(default: each worker's own GPU, else the CPU); for one worker")
-    dask.add_argument("--dashboard-address", default=":8787",
-                      help="where the dashboard listens (':0' for any free port)")
+    dask.add_argument("--dashboard-address", default=":8787", metavar="[HOST]:PORT",
+                      help="where the dashboard listens: ':8787' (default) is 127.0.0.1:8787, "
+                      "this machine only (':0': any free port); 0.0.0.0:8787 opens it to "
+                      "the network (docs/security.md)")
+    dask.add_argument("--host", help="local/cuda: where the scheduler and workers listen "
+                      "(default 127.0.0.1, this machine only; another host lets whoever "
+                      "reaches it run code as you); batch: the scheduler's host")
     dask.add_argument("--jobs", type=int, default=1, help="batch: jobs to start (one worker each)")
     dask.add_argument("--queue", help="batch: queue / partition")
     dask.add_argument("--account", help="batch: account / project to charge")
@@ -103,6 +108,9 @@ def register(subparsers: Any) -> None:
     dask.add_argument("--job-log-dir", type=Path, help="batch: where job logs go")
     dask.add_argument("--jobqueue-config", type=Path,
                       help="batch: a dask-jobqueue YAML file (flags override it)")
+    dask.add_argument("--no-tls", dest="tls", action="store_false",
+                      help="batch: no TLS between the jobs and the scheduler (for sites that "
+                      "cannot use it; whoever reaches the scheduler can then run code as you)")
     parser.set_defaults(func=run)
 
 
@@ -152,14 +160,14 @@ def _cluster(args: argparse.Namespace) -> str | Callable[[], Any]:
         raise RaptorzError(f"--cluster {kind!r}: expected one of {', '.join(_KINDS)} or an "
                            "address like tcp://HOST:8786")
     options: dict[str, Any] = {"dashboard_address": args.dashboard_address,
-                               "workers": args.workers}
+                               "workers": args.workers, "host": args.host}
     if _local(args):
         options["worker_imports"] = EMBED_WORKER_IMPORTS
     else:
         options.update(
             jobs=args.jobs, queue=args.queue, account=args.account, walltime=args.walltime,
             cores=args.cores, memory=args.memory, gpus_per_job=args.gpus_per_job,
-            job_extra=args.job_extra, config=args.jobqueue_config)
+            job_extra=args.job_extra, config=args.jobqueue_config, tls=args.tls)
         if args.job_prologue:
             options["job_script_prologue"] = args.job_prologue
         if args.job_log_dir:

@@ -26,26 +26,28 @@ from typing import Any, Final, get_args
 import dask.config
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster, WorkerPlugin
 from distributed.deploy import Cluster
+from distributed.system import MEMORY_LIMIT
 
-from raptorz.defaults import ClusterKind
-from raptorz.errors import InputError, RaptorzError, RaptorzWarning, SettingsError
+from raptorz.batch import JOBQUEUE_KINDS, jobqueue_cluster
+from raptorz.defaults import GPU_RESOURCE, WORKERS_PER_HOST, ClusterKind
+from raptorz.errors import RaptorzError, RaptorzWarning, SettingsError
+from raptorz.network import DEFAULT_DASHBOARD, dashboard_options, listen_host
 from raptorz.processes import exit_without_teardown, start_worker_server
 
-JOBQUEUE_KINDS: Final = ("slurm", "pbs", "sge", "lsf")
-
-#: The worker resource a GPU task asks for; every GPU worker advertises one.
-GPU_RESOURCE: Final = "GPU"
-#: The environment variable that tells a worker how many workers share its host's CPUs.
-WORKERS_PER_HOST: Final = "RAPTORZ_WORKERS_PER_HOST"
 #: Dask's setting for how a nanny starts its worker process.
 _START_METHOD: Final = "distributed.worker.multiprocessing-method"
+#: Dask's setting for the environment each nanny gives its worker.
+_NANNY_ENVIRON: Final = "distributed.nanny.environ"
 
 
 def visible_gpus() -> list[str]:
     """The GPUs this machine offers, without initialising CUDA in this process.
 
     ``CUDA_VISIBLE_DEVICES`` wins where it is set (an empty value or ``-1`` means none);
-    otherwise ``nvidia-smi`` lists the devices; without it there are none.
+    otherwise ``nvidia-smi`` lists the devices, by UUID: its indices follow the PCI bus,
+    while CUDA's follow its own order (fastest first, unless ``CUDA_DEVICE_ORDER`` says
+    otherwise), so a worker pinned to index 1 could get, and record, another GPU than
+    nvidia-smi's 1. Without nvidia-smi there are none.
     """
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is not None:
@@ -55,7 +57,7 @@ def visible_gpus() -> list[str]:
         return []
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+            ["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader"],
             capture_output=True, text=True, timeout=30, check=True,
         ).stdout
     except (subprocess.SubprocessError, OSError) as error:
@@ -173,12 +175,18 @@ def _worker_resources() -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def _starting_workers(imports: Sequence[str]) -> Iterator[None]:
-    """Start local workers forked from :func:`start_worker_server` where it can run."""
+def _starting_workers(imports: Sequence[str], workers: int) -> Iterator[None]:
+    """Start ``workers`` local workers, told how many they are (:func:`worker_threads`),
+    forked from :func:`start_worker_server` where it can run.
+
+    The count goes through Dask's ``distributed.nanny.environ``, read by each nanny as it
+    is made: dask-cuda replaces the ``env`` of its workers' specs with its own.
+    """
+    environ = {**dask.config.get(_NANNY_ENVIRON, default={}), WORKERS_PER_HOST: str(workers)}
+    settings: dict[str, Any] = {_NANNY_ENVIRON: environ}
     if imports and start_worker_server(imports):
-        with dask.config.set({_START_METHOD: "forkserver"}):
-            yield
-    else:
+        settings[_START_METHOD] = "forkserver"
+    with dask.config.set(settings):
         yield
 
 
@@ -188,7 +196,8 @@ def create_cluster(
     workers: int | None = None,
     threads_per_worker: int = 2,
     gpus: Sequence[str] | None = None,
-    dashboard_address: str | None = ":8787",
+    host: str | None = None,
+    dashboard_address: str | None = DEFAULT_DASHBOARD,
     worker_imports: Sequence[str] = (),
     jobs: int = 1,
     queue: str | None = None,
@@ -199,6 +208,7 @@ def create_cluster(
     gpus_per_job: int = 0,
     job_extra: Sequence[str] = (),
     config: str | Path | None = None,
+    tls: bool = True,
     **options: Any,
 ) -> Cluster:
     """Start a Dask cluster of ``kind`` for embedding.
@@ -210,7 +220,7 @@ def create_cluster(
         ``local``: worker processes on this machine, each pinned to one of the visible
         GPUs in turn where there are any, else on the CPU. ``cuda``: one worker per GPU,
         each pinned to its device. ``slurm`` / ``pbs`` / ``sge`` / ``lsf``: workers
-        started as batch jobs through dask-jobqueue.
+        started as batch jobs through dask-jobqueue (:mod:`raptorz.batch`).
     workers
         Local kinds: the number of worker processes (``cuda``: at most one per GPU;
         default one per GPU, or one for ``local``).
@@ -220,24 +230,36 @@ def create_cluster(
         kernel's torch threads are set separately (:func:`worker_threads`).
     gpus
         ``cuda`` and ``local``: the device ids to use (default: :func:`visible_gpus`).
+    host
+        Local kinds: where the scheduler, the nannies and the workers listen (default
+        ``127.0.0.1``: this machine only; any other host is warned about, since whoever
+        reaches them can run code as you). Batch kinds: the scheduler's host (default:
+        the site's ``interface`` or ``scheduler-options``, else every interface).
     dashboard_address
-        Where the scheduler serves its dashboard (``":0"`` picks a free port).
+        Where the scheduler serves its dashboard: ``":PORT"`` is ``127.0.0.1:PORT``
+        (``":0"`` picks a free port), ``"HOST:PORT"`` listens on ``HOST`` (warned about
+        unless loopback), ``None`` serves none.
     worker_imports
         Local kinds: modules every worker has imported before it starts, by forking it
         from :func:`start_worker_server` (Linux; ``raptorz embed`` passes
         :data:`~raptorz.defaults.EMBED_WORKER_IMPORTS`). Default: none; workers are
         spawned and import what their tasks need.
     jobs, queue, account, walltime, cores, memory
-        Batch kinds: how many jobs to start (one worker each) and what each requests.
+        Batch kinds: how many jobs to start (one worker each) and what each requests
+        (``memory`` default: 16 GiB per GPU of a GPU job, else 4 GiB).
     gpus_per_job
         Batch kinds: GPUs each job requests. The job script gets the batch system's GPU
         directive; each job runs one worker process per GPU, each pinned to its own
-        device (:func:`dask_setup`) and advertising ``GPU=1``.
+        device (:func:`raptorz.batch.dask_setup`) and advertising ``GPU=1``.
     job_extra
         Batch kinds: extra directives for the job script (``"--constraint=a100"``).
     config
         Batch kinds: a dask-jobqueue YAML configuration file (``jobqueue: slurm: ...``);
-        the other arguments override its values.
+        the other arguments override its values, and its ``scheduler-options`` (or the
+        Dask configuration's) override raptorz's defaults.
+    tls
+        Batch kinds: encrypt and authenticate every connection with credentials made
+        for this cluster (default); ``False``, for sites that cannot, is warned about.
     **options
         Passed on to the cluster class (e.g. ``job_script_prologue``, ``local_directory``).
 
@@ -252,144 +274,67 @@ def create_cluster(
     >>> cluster = create_cluster("slurm", jobs=4, queue="gpu", walltime="04:00:00",
     ...                          cores=8, memory="64GiB", gpus_per_job=1)  # doctest: +SKIP
     """
-    if kind == "auto":
-        kind = "cuda" if (gpus if gpus is not None else visible_gpus()) else "local"
-    if kind == "local":
-        devices = list(gpus) if gpus is not None else visible_gpus()
-        with _starting_workers(worker_imports):
-            if devices:  # never every worker on cuda:0: each pinned to a GPU in turn
-                count = workers or 1
-                return _pinned_cluster([devices[i % len(devices)] for i in range(count)],
-                                       threads_per_worker, dashboard_address, options)
-            return LocalCluster(
-                n_workers=workers or 1, threads_per_worker=threads_per_worker,
-                processes=True, dashboard_address=dashboard_address,
-                env={WORKERS_PER_HOST: str(workers or 1)}, **options,
-            )
-    if kind == "cuda":
-        with _starting_workers(worker_imports):
-            return _cuda_cluster(gpus, workers, threads_per_worker, dashboard_address,
-                                 options)
     if kind in JOBQUEUE_KINDS:
-        return _jobqueue_cluster(
+        return jobqueue_cluster(
             kind, jobs=jobs, config=config, gpus_per_job=gpus_per_job, job_extra=job_extra,
-            dashboard_address=dashboard_address,
+            dashboard_address=dashboard_address, host=host, tls=tls,
             options={"queue": queue, "account": account, "walltime": walltime,
                      "cores": cores, "memory": memory, **options},
         )
-    raise RaptorzError(f"unknown cluster kind {kind!r}; expected one of {get_args(ClusterKind)}")
-
-
-def _cuda_cluster(
-    gpus: Sequence[str] | None, workers: int | None, threads: int,
-    dashboard_address: str | None, options: dict[str, Any],
-) -> Cluster:
+    if kind not in ("auto", "local", "cuda"):
+        raise RaptorzError(
+            f"unknown cluster kind {kind!r}; expected one of {get_args(ClusterKind)}")
     devices = list(gpus) if gpus is not None else visible_gpus()
-    if not devices:
+    if kind == "cuda" and not devices:
         raise SettingsError("'cuda': no GPU found (CUDA_VISIBLE_DEVICES, nvidia-smi)",
                             option="cluster")
-    devices = devices[: workers or len(devices)]
+    listen = {"host": listen_host(host), **dashboard_options(dashboard_address)}
+    if devices and kind != "local":  # cuda, or auto where GPUs are visible
+        devices = devices[: workers or len(devices)]
+        with _starting_workers(worker_imports, len(devices)):
+            return _cuda_cluster(devices, threads_per_worker, listen, options)
+    if devices:  # local on a GPU machine: never every worker on cuda:0, each on a GPU in turn
+        devices = [devices[i % len(devices)] for i in range(workers or 1)]
+    with _starting_workers(worker_imports, len(devices) or workers or 1):
+        if devices:
+            return _pinned_cluster(devices, threads_per_worker, listen, options)
+        return LocalCluster(
+            n_workers=workers or 1, threads_per_worker=threads_per_worker, processes=True,
+            host=listen.pop("host"), dashboard_address=None, scheduler_kwargs=listen,
+            **options)
+
+
+def _cuda_cluster(devices: list[str], threads: int, listen: dict[str, Any],
+                  options: dict[str, Any]) -> Cluster:
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError:
-        return _pinned_cluster(devices, threads, dashboard_address, options)
-    return LocalCUDACluster(
-        CUDA_VISIBLE_DEVICES=devices, threads_per_worker=threads,
-        resources={GPU_RESOURCE: 1}, dashboard_address=dashboard_address,
-        env={WORKERS_PER_HOST: str(len(devices))}, **options,
+        return _pinned_cluster(devices, threads, listen, options)
+    host = listen.pop("host")
+    return LocalCUDACluster(  # RAM / workers each, as it gives by default
+        CUDA_VISIBLE_DEVICES=devices, threads_per_worker=threads, host=host,
+        resources={GPU_RESOURCE: 1}, dashboard_address=None, scheduler_kwargs=listen,
+        **options,
     )
 
 
-def _pinned_cluster(devices: Sequence[str], threads: int, dashboard_address: str | None,
+def _pinned_cluster(devices: Sequence[str], threads: int, listen: dict[str, Any],
                     options: dict[str, Any]) -> Cluster:
     """One worker process per entry of ``devices``, pinned to it, advertising ``GPU=1``.
 
-    A SpecCluster of Nannies gives each worker its own environment, hence its device.
+    A SpecCluster of Nannies gives each worker its own environment, hence its device,
+    and, as LocalCluster does, its share of the machine's memory.
     """
     spec = {
-        f"gpu-{device}-{i}": {"cls": Nanny, "options": {
-            "nthreads": threads, "resources": {GPU_RESOURCE: 1},
-            "env": {"CUDA_VISIBLE_DEVICES": device, WORKERS_PER_HOST: str(len(devices))},
-            **options,
+        f"gpu-{i}": {"cls": Nanny, "options": {
+            "nthreads": threads, "resources": {GPU_RESOURCE: 1}, "host": listen["host"],
+            "memory_limit": MEMORY_LIMIT // len(devices),
+            "env": {"CUDA_VISIBLE_DEVICES": device}, **options,
         }}
         for i, device in enumerate(devices)
     }
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": dashboard_address}}
+    scheduler = {"cls": Scheduler, "options": listen}
     return SpecCluster(workers=spec, scheduler=scheduler, name="raptorz-gpus")
-
-
-#: Per batch system: the job-script directive that requests ``n`` GPUs. These are the
-#: common forms; sites that differ pass their own through ``job_extra``.
-GPU_DIRECTIVES: Final = {
-    "slurm": "--gres=gpu:{n}",
-    "pbs": "-l ngpus={n}",
-    "sge": "-l gpu={n}",
-    "lsf": '-gpu "num={n}"',
-}
-
-
-def _jobqueue_cluster(
-    kind: str, *, jobs: int, config: str | Path | None, gpus_per_job: int,
-    job_extra: Sequence[str], dashboard_address: str | None, options: dict[str, Any],
-) -> Cluster:
-    try:
-        import dask_jobqueue
-    except ImportError:
-        raise RaptorzError(
-            f"a {kind} cluster needs dask-jobqueue: pip install 'raptorz[hpc]'") from None
-    cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster,
-           "sge": dask_jobqueue.SGECluster, "lsf": dask_jobqueue.LSFCluster}[kind]
-    kwargs = {key: value for key, value in options.items() if value is not None}
-    if kind in ("sge", "lsf") and "account" in kwargs:  # these call it "project"
-        kwargs["project"] = kwargs.pop("account")
-    directives = list(job_extra)
-    worker_args: list[str] = []
-    if gpus_per_job > 0:
-        directives.insert(0, GPU_DIRECTIVES[kind].format(n=gpus_per_job))
-        worker_args = ["--resources", f"{GPU_RESOURCE}=1"]
-        if gpus_per_job > 1:
-            # one worker process per GPU of the job, each pinned by :func:`dask_setup`
-            kwargs["processes"] = gpus_per_job
-            worker_args += ["--preload", __name__]
-    # the file's values become arguments: dask-jobqueue also reads its configuration
-    # when it starts jobs later, after any temporary configuration would be gone
-    section = _read_jobqueue_config(config, kind) if config is not None else {}
-    kwargs = {**section, **kwargs}
-    for key, extra in (("job_extra_directives", directives), ("worker_extra_args", worker_args)):
-        if extra:  # added to those of the file, or else of the dask configuration
-            configured = section.get(key) or dask.config.get(
-                f"jobqueue.{kind}.{key.replace('_', '-')}", default=[])
-            kwargs[key] = [*configured, *extra]
-    # the workers of a job share its CPUs (:func:`worker_threads`)
-    prologue = kwargs.get("job_script_prologue") or dask.config.get(
-        f"jobqueue.{kind}.job-script-prologue", default=None) or []
-    kwargs["job_script_prologue"] = [
-        *prologue, f"export {WORKERS_PER_HOST}={kwargs.get('processes', 1)}"]
-    for key, default in (("python", sys.executable),  # the workers run this environment
-                         ("processes", 1),  # one worker per job: one model per job
-                         ("cores", 1), ("memory", "4GiB")):
-        if dask.config.get(f"jobqueue.{kind}.{key}", default=None) is None:
-            kwargs.setdefault(key, default)
-    kwargs.setdefault("scheduler_options", {"dashboard_address": dashboard_address})
-    cluster = cls(**kwargs)
-    cluster.scale(jobs=jobs)
-    return cluster
-
-
-def _read_jobqueue_config(path: str | Path, kind: str) -> dict[str, Any]:
-    """The ``jobqueue: <kind>:`` section of a YAML file, as cluster arguments."""
-    import yaml
-
-    try:
-        loaded = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise InputError(path, f"cannot read the dask-jobqueue configuration ({error})") from None
-    if not isinstance(loaded, dict) or not isinstance(loaded.get("jobqueue"), dict):
-        raise InputError(path, "is not a dask-jobqueue configuration (no 'jobqueue:' section)")
-    section = loaded["jobqueue"].get(kind)
-    if not isinstance(section, dict):
-        raise InputError(path, f"has no 'jobqueue: {kind}:' section")
-    return {key.replace("-", "_"): value for key, value in section.items() if value is not None}
 
 
 @contextlib.contextmanager
@@ -425,20 +370,3 @@ def advertises_gpus(client: Client) -> bool:
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
     return any(GPU_RESOURCE in worker.get("resources", {}) for worker in workers)
 
-
-def dask_setup(worker: Any) -> None:
-    """Dask preload hook: pin one worker of a multi-GPU batch job to one of its GPUs.
-
-    ``dask worker --nworkers N --name J`` names its workers ``J-0`` ... ``J-(N-1)``; the
-    worker with suffix ``i`` keeps the ``i``-th device the batch system gave the job.
-    It runs in the worker process before any task, hence before CUDA is initialised.
-    """
-    listed = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    devices = [d.strip() for d in listed.split(",") if d.strip() not in ("", "-1")]
-    suffix = str(worker.name).rsplit("-", 1)[-1]
-    if not devices:
-        # the batch system gave no device list: pinning by nvidia-smi's list of the whole
-        # node could take another job's GPU; worker_device() refuses the first task
-        return
-    if suffix.isdigit():
-        os.environ["CUDA_VISIBLE_DEVICES"] = devices[int(suffix) % len(devices)]

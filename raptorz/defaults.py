@@ -15,6 +15,10 @@ SourceKind = Literal["nifti", "zip", "npz", "dicom", "nrrd", "metaimage", "mgh",
 HeadKind = Literal["linear", "mlp"]
 #: ``auto``: ``cuda`` where GPUs are visible, else ``local``.
 ClusterKind = Literal["auto", "local", "cuda", "slurm", "pbs", "sge", "lsf"]
+#: The worker resource a GPU task asks for; every GPU worker advertises one.
+GPU_RESOURCE: Final = "GPU"
+#: The environment variable that tells a worker how many workers share its host's CPUs.
+WORKERS_PER_HOST: Final = "RAPTORZ_WORKERS_PER_HOST"
 
 Precision = Literal["fp32", "bf16", "fp16"]
 

@@ -48,7 +48,7 @@ def test_constraints_pin_every_floor_of_pyproject() -> None:
     floors = _floors(block.group(1) + hpc.group(1))
     pins = _pins((ROOT / "constraints-min.txt").read_text())
     runtime = list(floors)
-    assert len(runtime) == 19
+    assert len(runtime) == 21
     assert "numpy" in runtime and floors["numpy"] == "2.0"  # np.dtypes.StringDType
     for name in runtime:
         assert name in pins, f"{name} has a floor in pyproject.toml but no pin"

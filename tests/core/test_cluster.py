@@ -129,7 +129,7 @@ def test_preload_pins_the_workers_of_a_multi_gpu_job() -> None:
         worker = subprocess.Popen(
             [sys.executable, "-m", "distributed.cli.dask_worker", cluster.scheduler_address,
              "--nworkers", "2", "--nthreads", "1", "--name", "job7", "--resources", "GPU=1",
-             "--preload", "raptorz.cluster", "--no-dashboard"], env=env)
+             "--preload", "raptorz.batch", "--no-dashboard"], env=env)
         try:
             client.wait_for_workers(2, timeout=120)
             assert sorted(client.run(os.getenv, "CUDA_VISIBLE_DEVICES").values()) == ["3", "5"]

@@ -23,6 +23,12 @@ START_SLURM = Path(__file__).resolve().parents[3] / "shared" / "tools" / "start-
 WORKER = f"{sys.executable} -m distributed.cli.dask_worker"
 
 
+@pytest.fixture(autouse=True)
+def _credentials_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The jobs' TLS credentials are written to the working directory: not the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 def _script(kind: str, **options: object) -> str:
     with create_cluster(kind, jobs=0, dashboard_address=":0",  # type: ignore[arg-type]
                         **options) as cluster:
@@ -56,7 +62,7 @@ def test_pbs_job_script_requests_the_gpu() -> None:
     # two GPUs: two worker processes, each pinned to one of them by the preload
     assert worker.startswith(WORKER)
     assert "--nworkers 2" in worker and "--resources GPU=1" in worker
-    assert "--preload raptorz.cluster" in worker
+    assert "--preload raptorz.batch" in worker
 
 
 def test_sge_and_lsf_job_scripts() -> None:
