@@ -72,7 +72,31 @@ def register(subparsers: Any) -> None:
                         f"series of fewer slices (default {DEFAULT_MIN_SLICES})")
     parser.add_argument("--labels-out", type=Path,
                         help="labels CSV of MedMNIST sources (default STORE.labels.csv)")
+    parser.add_argument("--hash-sources", action="store_true",
+                        help="record each source's sha256 besides its size and time (reads "
+                        "every byte once more); a rerun then ignores sources only touched")
+    parser.add_argument("--reconvert-changed", action="store_true",
+                        help="on a rerun, reconvert volumes whose source changed since "
+                        "(without it they are kept and named in a warning)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="ID|@FILE",
+                        help="leave this volume out (marked failed: excluded), e.g. one "
+                        "that kills its worker; @FILE: one id a line; repeatable")
     parser.set_defaults(func=run)
+
+
+def _excluded(values: list[str]) -> list[str]:
+    """The ids of ``--exclude``: each an id, or @FILE naming a file of one id a line."""
+    ids = []
+    for value in values:
+        if not value.startswith("@"):
+            ids.append(value)
+            continue
+        try:
+            lines = Path(value[1:]).read_text().splitlines()
+        except OSError as error:
+            raise RaptorzError(f"--exclude {value}: cannot read it ({error.strerror})") from None
+        ids += [line.strip() for line in lines if line.strip()]
+    return ids
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
             orientation=args.orientation, shape=args.shape, fit=args.fit, dtype=args.dtype,
             chunk=args.chunk, workers=args.workers, cluster=args.cluster,
             labels_out=args.labels_out, series=args.series, min_slices=args.min_slices,
+            hash_sources=args.hash_sources, reconvert_changed=args.reconvert_changed,
+            exclude=_excluded(args.exclude),
             **({} if args.max_volume_bytes is None else
                {"max_volume_bytes": args.max_volume_bytes}),
             progress=progress,

@@ -11,6 +11,7 @@ import xarray as xr
 
 from raptorz import stores
 from raptorz.errors import InputError
+from raptorz.layouts import stale_volumes
 
 #: How many failures and notes are listed before the rest is counted.
 LISTED: Final = 20
@@ -58,10 +59,11 @@ def repair_store(path: str | Path) -> bool:
         Whether anything had to be rewritten.
     """
     _require_store(path)
-    if stores.consolidated_metadata_true(path):
-        return False
-    stores.consolidate(path)
-    return True
+    with stores.store_lock(path, "info --repair"):
+        if stores.consolidated_metadata_true(path):
+            return False
+        stores.consolidate(path)
+        return True
 
 
 def store_info(path: str | Path) -> str:
@@ -70,7 +72,8 @@ def store_info(path: str | Path) -> str:
     whether its metadata is consolidated (:func:`repair_store` where it is not).
 
     Works for every kind of raptorz store: only ``status``, ``error`` and the optional
-    ``note`` variables are interpreted.
+    ``note`` variables are interpreted, and, in an embeddings store, the volumes converted
+    again since they were embedded (stale) are listed.
     """
     kind = _require_store(path)
     ds = stores.open_dataset(path, hint=False)  # the state is a line of the account
@@ -93,4 +96,19 @@ def store_info(path: str | Path) -> str:
     if "note" in ds:
         notes = np.asarray(ds.note.values)
         lines += _listing("notes", ids[notes != ""], notes[notes != ""])
+    lines += _stale(path, ds, ids)
     return "\n".join(lines)
+
+
+def _stale(path: str | Path, ds: xr.Dataset, ids: np.ndarray) -> list[str]:
+    """Lines naming an embeddings store's volumes converted again since they were embedded."""
+    volumes = (ds.attrs.get("source") or {}).get("path")
+    if "source_checksum" not in ds or not volumes or stores.store_kind(volumes) != "volumes":
+        return []
+    stale = ids[stale_volumes(path, volumes)]
+    if not len(stale):
+        return []
+    shown = ", ".join(map(str, stale[:LISTED])) + (
+        f" and {len(stale) - LISTED} more" if len(stale) > LISTED else "")
+    return [f"stale: {len(stale)} volume(s) converted again since they were embedded: "
+            f"{shown}; `raptorz embed` on this store recomputes them"]

@@ -11,6 +11,9 @@ the raw-voxel baseline):
     The file each volume was read from; a note (e.g. a constant volume) or "".
 ``spacing(id, axis)``, ``original_shape(id, axis)``
     Voxel spacing in mm, and the shape as read (after reorientation).
+``source_size(id)``, ``source_mtime(id)``, ``source_sha256(id)``, ``checksum(id)``
+    The source's identity when converted (size, modification time in ns, sha256 or ""),
+    and a 64-bit checksum of the stored voxels: the embeddings made from it record it.
 
 ``embeddings.zarr`` (written by :mod:`raptorz.embedding`, read by :mod:`raptorz.downstream`):
 
@@ -20,6 +23,9 @@ the raw-voxel baseline):
     The pooled, unprojected tokens (only with ``keep_tokens``).
 ``avgpool(id, dim)``
     The tokens' mean over slices, tokens and planes (the original's baseline).
+``source_checksum(id)``
+    The ``checksum`` of the volume each embedding was made from: one that differs from
+    the volumes store's now is stale.
 
 Both have ``status(id)`` and ``error(id)`` (:mod:`raptorz.stores`). :meth:`StoreLayout.open`
 is how people and the client read a store (lazily, Dask-backed, from the consolidated
@@ -35,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+import numpy as np
 import xarray as xr
 
 from raptorz import stores
@@ -91,6 +98,10 @@ VOLUMES: Final = StoreLayout("volumes", {
     "spacing": ("id", "axis"),
     "original_shape": ("id", "axis"),
     "note": ("id",),
+    "source_size": ("id",),
+    "source_mtime": ("id",),
+    "source_sha256": ("id",),
+    "checksum": ("id",),
     "status": ("id",),
     "error": ("id",),
 })
@@ -98,6 +109,7 @@ VOLUMES: Final = StoreLayout("volumes", {
 EMBEDDINGS: Final = StoreLayout("embeddings", {
     "tokens": ("id", "plane", "token", "dim"),
     "avgpool": ("id", "dim"),
+    "source_checksum": ("id",),
     "status": ("id",),
     "error": ("id",),
 })
@@ -127,3 +139,15 @@ def open_embeddings(path: str | Path) -> xr.Dataset:
     >>> ds[list(ds.attrs["projectors"])[0]].sel(plane="A")  # doctest: +SKIP
     """
     return EMBEDDINGS.open(path)
+
+
+def stale_volumes(path: str | Path, volumes: str | Path) -> np.ndarray:
+    """Mask of the volumes embedded ok in the embeddings store ``path`` whose volume in
+    ``volumes`` was converted again since (its ``checksum`` differs); none where either
+    store predates checksums."""
+    mine = xr.open_zarr(path, consolidated=False, chunks=None)
+    theirs = xr.open_zarr(volumes, consolidated=False, chunks=None)
+    if "source_checksum" not in mine or "checksum" not in theirs:
+        return np.zeros(mine.sizes["id"], bool)
+    ok = stores.read_status(path) == stores.OK
+    return ok & (mine["source_checksum"].values != theirs["checksum"].values)

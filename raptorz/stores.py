@@ -25,6 +25,12 @@ status chunk it cannot decode as *pending*: its volumes are recomputed and the c
 rewritten, and a torn error chunk always belongs to a chunk whose status was not yet
 written. Both defences are needed; neither costs anything when nothing was torn.
 
+Locks. Steps that change a store's metadata (attributes, variables) read it and write it
+back, so two at once would lose one's change: each holds the store's lock
+(:func:`store_lock`), a file lock whose holder (host, pid, command) is written beside it
+for the one that waits. Data writes take no lock, so that processes writing disjoint
+units (``raptorz embed --start/--many`` jobs) run at once.
+
 Consolidated metadata. Every store carries consolidated metadata, so that
 ``xr.open_zarr(path)`` (and intake, napari, dask) open it fast and without a warning.
 Region writes never change metadata, so metadata consolidated when the store is created
@@ -35,14 +41,16 @@ older raptorz) still opens, with a one-line hint to run ``raptorz info --repair`
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import platform
 import shutil
+import socket
 import uuid
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Final
@@ -50,6 +58,7 @@ from typing import Any, Final
 import numpy as np
 import xarray as xr
 import zarr
+from filelock import FileLock, Timeout
 
 from raptorz.errors import InputError, RaptorzWarning, SettingsError
 
@@ -67,6 +76,12 @@ STRING_DTYPE: Final = np.dtypes.StringDType()
 
 #: The command that consolidates an older store's metadata (printed in the hint).
 REPAIR_COMMAND: Final = "raptorz info --repair"
+
+#: The store's lock file, inside its ``status`` array: Zarr lists (and warns at foreign
+#: files in) a group's folder, never an array's.
+LOCK_FILE: Final = "status/.raptorz.lock"
+#: How long a metadata step waits for another one's lock before it gives up.
+LOCK_SECONDS: Final = 600.0
 
 
 def as_strings(values: Iterable[str]) -> np.ndarray:
@@ -245,10 +260,64 @@ def consolidate(path: str | Path) -> None:
 
 
 def update_attrs(path: str | Path, attrs: Mapping[str, Any]) -> None:
-    """Set attributes of the group at ``path`` and keep its consolidated metadata true."""
-    group = zarr.open_group(path, mode="r+", use_consolidated=False)
-    group.attrs.update(json_attr(dict(attrs)))
-    consolidate(path)
+    """Set attributes of the group at ``path`` and keep its consolidated metadata true,
+    under the store's lock (:func:`store_lock`)."""
+    with store_lock(path, "update_attrs"):
+        group = zarr.open_group(path, mode="r+", use_consolidated=False)
+        group.attrs.update(json_attr(dict(attrs)))
+        consolidate(path)
+
+
+def _holder(path: Path) -> str:
+    """Who holds the lock at ``path``, as its holder wrote it ("another process" if unsaid)."""
+    try:
+        info = json.loads(path.with_name(path.name + ".holder").read_text())
+        return f"{info['host']} pid {info['pid']} ({info['command']}, since {info['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextlib.contextmanager
+def store_lock(path: str | Path, command: str, *,
+               timeout: float = LOCK_SECONDS) -> Iterator[None]:
+    """Hold the lock of the store at ``path`` for a step that changes its metadata.
+
+    Reentrant in one thread; excludes other threads and processes (on any host sharing
+    the file system). The holder's host, pid and ``command`` are written beside the lock;
+    one that has to wait is told who holds it with a :class:`~raptorz.errors.RaptorzWarning`.
+    A process that dies releases its lock.
+
+    Raises
+    ------
+    InputError
+        Naming the store and the holder, where the lock is not free within ``timeout``
+        seconds.
+    """
+    file = Path(path) / LOCK_FILE
+    lock = FileLock(file, is_singleton=True)
+    holder = file.with_name(file.name + ".holder")
+    if lock.is_locked:  # this thread holds it already: one step inside another
+        with lock:
+            yield
+        return
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        warnings.warn(f"{path}: waiting (up to {timeout:g} s) for its lock, held by "
+                      f"{_holder(file)}", RaptorzWarning, stacklevel=3)
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            raise InputError(path, f"is locked by {_holder(file)}; still held after "
+                             f"{timeout:g} s: wait for it to finish, or stop it") from None
+    try:
+        holder.write_text(json.dumps({
+            "host": socket.gethostname(), "pid": os.getpid(), "command": command,
+            "since": datetime.datetime.now().isoformat(timespec="seconds")}))
+        yield
+    finally:
+        holder.unlink(missing_ok=True)
+        lock.release()
 
 
 def read_status(path: str | Path) -> np.ndarray:
@@ -257,16 +326,26 @@ def read_status(path: str | Path) -> np.ndarray:
     A chunk that cannot be decoded (a file torn by a kill on a file system without
     atomic renames) reads as *pending*, with a :class:`~raptorz.errors.RaptorzWarning`:
     its volumes are then recomputed and the chunk rewritten.
+
+    Raises
+    ------
+    InputError
+        Where a chunk cannot be read at all (an I/O error, no permission): its volumes'
+        state is unknown, so nothing may be redone or rewritten on a guess.
     """
     array = zarr.open_array(Path(path) / "status", mode="r")
     try:
         return np.asarray(array[:])
+    except OSError as error:
+        raise _unreadable(path, error) from None
     except Exception:  # the codec's error for a torn file: RuntimeError, ValueError...
         status = np.full(array.shape, PENDING, np.int8)
         torn = []
         for region in chunk_slices(array.shape[0], array.chunks[0]):
             try:
                 status[region] = array[region]
+            except OSError as error:
+                raise _unreadable(path, error) from None
             except Exception:
                 torn.append(region)
         warnings.warn(f"{path}: {len(torn)} status chunk(s) unreadable (a write cut short), "
@@ -274,6 +353,12 @@ def read_status(path: str | Path) -> np.ndarray:
                       "counted as pending, so they are recomputed", RaptorzWarning,
                       stacklevel=2)
         return status
+
+
+def _unreadable(path: str | Path, error: OSError) -> InputError:
+    return InputError(path, f"its status cannot be read ({error.strerror or error}"
+                      f"{': ' + str(error.filename) if error.filename else ''}); check the "
+                      "file system and permissions, then rerun")
 
 
 def chunk_slices(n: int, chunk: int) -> list[slice]:

@@ -10,6 +10,10 @@ The heads only ever ask for the rows of a given set of volumes, in batches of at
 volume used fit the memory budget, and reads each batch from the store otherwise. Both
 answers are the same float32 values, so the numbers computed from them, and hence the
 fitted heads and their predictions, do not depend on which path was taken.
+
+Every row is read from the store once through the same path, which refuses NaN: a
+volume marked ok with no features (a projection cut short) is an error naming the store
+and the ids, never a number fed to a head.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from dask.utils import format_bytes, parse_bytes
 
 from raptorz.defaults import BATCH
 from raptorz.embedding.embeddings import projector_names
-from raptorz.errors import SettingsError
+from raptorz.errors import InputError, SettingsError
 
 #: Rows read from the store per request while filling the in-memory copy.
 LOAD_ROWS: Final = 1024
@@ -69,7 +73,9 @@ def open_variable(ds: xr.Dataset, store: str | Path, name: str | None) -> xr.Dat
     a dask graph for every batch costs about four times the read itself.
     """
     chosen = feature_variable(ds, store, name)
-    return xr.open_zarr(store, consolidated=False, chunks=None)[chosen.name]
+    variable = xr.open_zarr(store, consolidated=False, chunks=None)[chosen.name]
+    variable.encoding["source"] = str(store)  # xarray's key for a variable's file
+    return variable
 
 
 def memory_budget(size: str | int | None) -> int:
@@ -118,6 +124,23 @@ class Features:
             cache[rows] = features(rows)
         return cls(variable, features.positions, cache)
 
+    def _refuse_nan(self, rows: np.ndarray, values: np.ndarray) -> None:
+        """Refuse ``values`` (of samples ``rows``) where a row holds NaN: a volume marked
+        ok whose features were never written (e.g. a projection cut short).
+
+        Raises
+        ------
+        InputError
+            Naming the store and the volumes' ids.
+        """
+        holed = np.isnan(values).any(axis=1)
+        if holed.any():
+            ids = self.variable["id"].values[np.sort(self.positions[rows[holed]])]
+            store = self.variable.encoding.get("source", "the embeddings store")
+            raise InputError(store, f"'{self.variable.name}' holds NaN for {len(ids)} "
+                             f"volume(s) marked ok: {', '.join(map(str, ids[:10]))}; run "
+                             "`raptorz embed` (or `raptorz reproject`) on it again to fill them")
+
     @property
     def n_features(self) -> int:
         """The length of a feature vector."""
@@ -148,6 +171,7 @@ class Features:
         block = self.variable.isel(id=positions[order]).values
         out = np.empty((len(rows), self.n_features), np.float32)
         out[order] = block.reshape(len(rows), -1)
+        self._refuse_nan(np.asarray(rows), out)
         return out
 
     def batches(self, rows: np.ndarray) -> list[np.ndarray]:

@@ -13,6 +13,10 @@ Layout (an xarray Dataset in a Zarr v3 group written through :mod:`raptorz.store
     (:func:`add_projections`).
 ``avgpool(id, dim)`` float32
     The original's "avgpool" baseline: the tokens' mean over slices, tokens and planes.
+``source_checksum(id)`` int64
+    The ``checksum`` of the volume each embedding was made from: where the volumes
+    store's differs now, the volume was converted again since and its embedding is stale
+    (:func:`raptorz.layouts.stale_volumes`); ``raptorz embed`` recomputes it.
 ``status(id)``, ``error(id)``
     Per volume: pending / ok / failed and the error text.
 
@@ -56,7 +60,8 @@ MIN_UNITS: Final = 16
 #: (each chunk costs a fixed encode/decode in Zarr), one of large ones is read in parts.
 INNER_BYTES: Final = 2**20
 MATRIX_PREFIX: Final = "matrix_"
-RESERVED: Final = frozenset({"tokens", "avgpool", "status", "error", "id", "plane", "token",
+RESERVED: Final = frozenset({"tokens", "avgpool", "source_checksum", "status", "error",
+                             "id", "plane", "token",
                              "token_kind", "dim"})
 
 
@@ -115,6 +120,9 @@ def embeddings_template(
     if keep_tokens:
         variables["tokens"] = _lazy((n, p, t, embed_dim), EMBEDDINGS.dims["tokens"], unit)
     variables["avgpool"] = _lazy((n, embed_dim), EMBEDDINGS.dims["avgpool"], unit)
+    variables["source_checksum"] = xr.DataArray(
+        da.zeros(n, chunks=unit, dtype=np.int64), dims=EMBEDDINGS.dims["source_checksum"],
+        attrs={"long_name": "checksum of the volume embedded (see volumes.zarr)"})
     variables.update(stores.status_variables(n, unit))
     coords = {
         "id": stores.as_strings(ids),
@@ -168,8 +176,11 @@ def create_embeddings(path: str | Path, template: xr.Dataset) -> bool:
     return False
 
 
-#: Attributes that may differ between runs into one store: they change no stored number.
-VOLATILE: Final = {"settings": ("batch_size",), "encoder": ("device", "weights_source")}
+#: Attributes that may differ between runs into one store: they change no stored number
+#: (the volumes store's checksum changes with any volume converted again: those volumes
+#: are stale and recomputed, the others stay valid).
+VOLATILE: Final = {"settings": ("batch_size",), "encoder": ("device", "weights_source"),
+                   "source": ("checksum",)}
 IDENTITY_KEYS: Final = ("source", "settings", "encoder")
 
 
@@ -184,6 +195,9 @@ def identity(attrs: Mapping[str, Any]) -> dict[str, Any]:
         value = out[key]
         if isinstance(value, dict):
             out[key] = {k: v for k, v in value.items() if k not in volatile}
+    if isinstance(out["encoder"], dict):
+        # stores from before tf32 was recorded were all made on CPUs: no TF32
+        out["encoder"].setdefault("tf32", False)
     return out
 
 
@@ -283,14 +297,28 @@ def add_projections(path: str | Path, projectors: Sequence[Projector],
     (and its matrix) like those of the embedding run; later ``raptorz embed`` resumes of
     the same store compute it too. A projector already in the store with the same
     checksum is skipped. The store's consolidated metadata is rewritten after the new
-    variables are added and again after the attributes list them.
+    variables are added and again after the attributes list them. The whole step holds
+    the store's lock (:func:`raptorz.stores.store_lock`): two at once on one store both
+    end up listed.
 
     Returns
     -------
     list of str
         The names of the projectors added.
+
+    Raises
+    ------
+    InputError
+        Where another process holds the store's lock for longer than
+        :data:`~raptorz.stores.LOCK_SECONDS` (it is named), besides the checks above.
     """
-    ds = open_embeddings(path)
+    with stores.store_lock(path, "reproject"):  # reads the projector list, writes it back
+        return _add_projections(path, projectors, block)
+
+
+def _add_projections(path: str | Path, projectors: Sequence[Projector],
+                     block: int) -> list[str]:
+    ds = stores.open_dataset(path)  # under the lock: the attributes as they are now
     if "tokens" not in ds:
         raise InputError(path, "holds no pooled tokens (embed with --keep-tokens to allow "
                          "new projections without the encoder)")

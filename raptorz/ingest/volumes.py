@@ -5,13 +5,21 @@ default), chunked along ``id`` only, a few whole volumes per chunk, Blosc-zstd
 compressed; per volume ``source``, ``spacing`` (mm), ``original_shape`` (as read, after
 reorientation), ``note`` (e.g. a constant volume), ``status`` and ``error``. Each task
 converts one whole chunk and writes it through :mod:`raptorz.stores` (data, then
-status), so a killed run leaves unfinished volumes pending and a rerun redoes only them.
+status), so a killed run leaves unfinished volumes pending and a rerun redoes only them,
+writing the chunk's other volumes back as they are.
+
+Per volume the store also records its source's identity when converted
+(``source_size``, ``source_mtime`` in ns, ``source_sha256`` with ``hash_sources``) and the
+``checksum`` of its stored voxels; the store's ``checksum`` attribute is a checksum of
+those, so it changes whenever any volume's content does. A rerun
+reports sources changed since (and keeps their volumes) unless asked to reconvert them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -19,8 +27,9 @@ from pathlib import Path
 from typing import Final, get_args
 
 import dask.array as da
+import numpy as np
 import xarray as xr
-from distributed import Client, as_completed
+from distributed import Client, KilledWorker, as_completed
 from distributed.deploy import Cluster
 from zarr.codecs import BloscCodec, BloscShuffle
 
@@ -30,11 +39,13 @@ from raptorz.errors import InputError, RaptorzWarning, SettingsError
 from raptorz.ingest._guard import DEFAULT_MAX_VOLUME_BYTES
 from raptorz.ingest._shape import Fit, native_shape
 from raptorz.ingest.conversion import (
+    GONE,
     ChunkResult,
     Dtype,
     Settings,
     convert_chunk,
     item_bytes,
+    source_identity,
 )
 from raptorz.ingest.intensity import Intensity, parse_intensity
 from raptorz.ingest.readers import (
@@ -50,6 +61,10 @@ from raptorz.layouts import VOLUME_AXES, VOLUMES, open_volumes
 CHUNK_BYTES: Final = 64 * 2**20
 #: Fewest voxel bytes to write for which ``workers=None`` starts a local cluster.
 CLUSTER_BYTES: Final = 2 * 2**30
+#: The error of a volume left out with ``exclude``.
+EXCLUDED: Final = "excluded (exclude=): not converted"
+#: The error of a volume whose reading killed its worker process.
+KILLED: Final = "worker died while reading it: out of memory?"
 
 @dataclasses.dataclass(frozen=True)
 class ConvertSummary:
@@ -88,16 +103,22 @@ def _template(sources: Sequence[Source], settings: Settings, chunk: int) -> xr.D
             "original_shape": (VOLUMES.dims["original_shape"], lazy(3, dtype="int32"),
                                {"long_name": "shape as read, after reorientation"}),
             "note": ("id", stores.as_strings([""] * n)),
+            "source_size": ("id", lazy(dtype="int64"), {"units": "bytes"}),
+            "source_mtime": ("id", lazy(dtype="int64"),
+                             {"long_name": "modification time, ns since the Unix epoch"}),
+            "source_sha256": ("id", stores.as_strings([""] * n)),
+            "checksum": ("id", lazy(dtype="int64"),
+                         {"long_name": "64-bit blake2b of the stored voxels"}),
             **stores.status_variables(n, chunk),
         },
         coords={"id": stores.as_strings(s.id for s in sources),
                 "axis": stores.as_strings(VOLUME_AXES)},
-        attrs={**stores.provenance(), "convert": settings.record()},
+        attrs={**stores.provenance(), "convert": settings.record(), "checksum": ""},
     )
     ds.volume.encoding["compressors"] = [BloscCodec(
         cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)]
-    ds.source.encoding.update(strings)
-    ds.note.encoding.update(strings)
+    for name in ("source", "note", "source_sha256"):
+        ds[name].encoding.update(strings)
     return ds
 
 
@@ -116,6 +137,72 @@ def _check_rerun(path: Path, sources: Sequence[Source], settings: Settings) -> i
             f"{k}: {recorded.get(k)} vs {wanted[k]}" for k in changed) + "); rerun with the "
             "same options to resume, or choose another output")
     return int(ds.volume.encoding["chunks"][0])
+
+
+def _to_redo(path: Path, sources: Sequence[Source], status: np.ndarray,
+             reconvert_changed: bool, hash_sources: bool) -> np.ndarray:
+    """Mask of the volumes to convert: those not ok, and, with ``reconvert_changed``, those
+    whose source changed since; the others changed (or gone) are reported, and kept."""
+    redo = status != stores.OK
+    ds = VOLUMES.read(path)
+    if "source_size" not in ds:  # an older raptorz recorded no identities
+        return redo
+    size, mtime = ds.source_size.values, ds.source_mtime.values
+    digest = np.asarray(ds.source_sha256.values, dtype=object)
+    gone: list[int] = []
+    changed: list[int] = []
+    for j in map(int, np.flatnonzero(~redo)):
+        now = source_identity(sources[j])
+        if now == GONE:
+            gone.append(j)
+        elif now[:2] != (size[j], mtime[j]) and not (
+                hash_sources and digest[j] and
+                source_identity(sources[j], True)[2] == digest[j]):
+            changed.append(j)
+    if gone:
+        warnings.warn(f"{_named(sources, gone)}: gone since converted; kept as converted",
+                      RaptorzWarning, stacklevel=3)
+    if changed and not reconvert_changed:
+        warnings.warn(f"{_named(sources, changed)}: changed since converted; kept as "
+                      "converted (reconvert_changed=True reconverts them)", RaptorzWarning,
+                      stacklevel=3)
+    redo[changed] = reconvert_changed
+    return redo
+
+
+def _named(sources: Sequence[Source], positions: Sequence[int]) -> str:
+    listed = ", ".join(str(sources[j]) for j in positions[:10])
+    return listed + (f" and {len(positions) - 10} more" if len(positions) > 10 else "")
+
+
+def _excluded(path: Path, sources: Sequence[Source], exclude: Sequence[str]) -> np.ndarray:
+    """Mask of the volumes ``exclude`` names that are not yet marked excluded."""
+    ids = [s.id for s in sources]
+    unknown = sorted(set(exclude) - set(ids))
+    if unknown:
+        raise SettingsError(f"names {len(unknown)} id(s) that are not volumes of this run: "
+                            f"{', '.join(unknown[:10])}", option="exclude")
+    if not exclude:  # the errors are read only then: a torn chunk's cannot be decoded
+        return np.zeros(len(ids), bool)
+    ds = VOLUMES.read(path)
+    marked = (stores.read_status(path) == stores.FAILED) & (ds.error.values == EXCLUDED)
+    return np.isin(ids, list(exclude)) & ~marked
+
+
+def _one_at_a_time(client: Client, task: tuple, done: Callable[[ChunkResult], None]) -> None:
+    """Convert a chunk whose task killed its worker volume by volume; mark the ones that
+    kill theirs failed (:data:`KILLED`). Each task writes the whole chunk: one at a time."""
+    path, region, sources, settings, redo, refused, hash_sources = task
+    killed = {}
+    for j in redo:
+        future = client.submit(convert_chunk, path, region, sources, settings, (j,), {},
+                               hash_sources, pure=False)
+        try:
+            done(future.result())
+        except KilledWorker:
+            killed[j] = f"{sources[j]}: {KILLED}"
+    if killed or refused:
+        done(convert_chunk(path, region, sources, settings, (), {**refused, **killed}))
 
 
 def convert(
@@ -141,6 +228,9 @@ def convert(
     series: Sequence[str] = (),
     min_slices: int = DEFAULT_MIN_SLICES,
     max_volume_bytes: int = DEFAULT_MAX_VOLUME_BYTES,
+    hash_sources: bool = False,
+    reconvert_changed: bool = False,
+    exclude: Sequence[str] = (),
 ) -> ConvertSummary:
     """Convert volumes into the store ``output``, or resume an unfinished conversion.
 
@@ -181,10 +271,24 @@ def convert(
     max_volume_bytes
         The largest volume accepted, in bytes of float32 voxels (default 4 GiB), checked
         on every header before anything is allocated; also bounds an npz's arrays.
+    hash_sources
+        Record each source's sha256 besides its size and modification time; on a rerun a
+        source whose size or time changed but whose bytes did not is not reported.
+    reconvert_changed
+        Reconvert the volumes whose source changed since they were converted; without
+        it they are kept as they are, with a :class:`~raptorz.errors.RaptorzWarning`
+        naming them.
+    exclude
+        Volume ids to leave out: marked failed ("excluded"), not read, in a new store or
+        one that exists (e.g. a volume that kills its worker: run without it).
     progress
         Called as ``progress(done, total)`` once at the start with ``done=0``, then
         after each chunk with the number of volumes it held; ``total`` is the number
         of volumes this run converts.
+
+    A volume whose reading kills its worker process on a cluster (out of memory) is
+    found by converting its chunk's volumes one at a time, and marked failed; the rest
+    of the run goes on.
 
     Returns
     -------
@@ -219,12 +323,18 @@ def convert(
         per_chunk = _check_rerun(output, selected, settings)
     labels = write_labels(selected, labels_out or output.with_name(
         output.name.removesuffix(".zarr") + ".labels.csv"))
-    status = stores.read_status(output)
-    todo = stores.chunks_to_do(status, per_chunk)
-    tasks = [(str(output), region, selected[region], settings) for region in todo]
+    redo = _to_redo(output, selected, stores.read_status(output), reconvert_changed,
+                    hash_sources)
+    refused = _excluded(output, selected, exclude)
+    redo &= ~refused
+    tasks = [(str(output), region, selected[region], settings,
+              tuple(int(j) for j in np.flatnonzero(redo[region])),
+              {int(j): EXCLUDED for j in np.flatnonzero(refused[region])}, hash_sources)
+             for region in stores.chunks_to_do(np.where(redo | refused, stores.PENDING,
+                                                        stores.OK), per_chunk)]
     results: list[ChunkResult] = []
 
-    total = sum(r.stop - r.start for r in todo)
+    total = int(redo.sum() + refused.sum())
 
     def done(result: ChunkResult) -> None:
         results.append(result)
@@ -246,11 +356,22 @@ def convert(
         with contextlib.ExitStack() as stack:
             if cluster is None:
                 cluster = stack.enter_context(
-                    create_cluster("local", workers=count, dashboard_address=None))
+                    create_cluster("local", workers=count, gpus=(), dashboard_address=None))
             client = stack.enter_context(connect(cluster))
-            futures = [client.submit(convert_chunk, *task, pure=False) for task in tasks]
+            futures = {client.submit(convert_chunk, *task, pure=False): task for task in tasks}
+            killed = []
             for future in as_completed(futures, loop=client.loop):
-                done(future.result())
+                try:
+                    done(future.result())
+                except KilledWorker:
+                    killed.append(futures[future])
+            for task in killed:
+                _one_at_a_time(client, task, done)
+    if results:  # the store's checksum follows its volumes'
+        with stores.store_lock(output, "convert"):
+            if "checksum" in (ds := VOLUMES.read(output)):
+                digest = hashlib.blake2b(ds.checksum.values.tobytes(), digest_size=8)
+                stores.update_attrs(output, {"checksum": digest.hexdigest()})
     failures = {i: e for r in results for i, s, e in zip(r.ids, r.status, r.errors,
                                                           strict=True) if s != stores.OK}
     notes = {i: n for r in results for i, n in zip(r.ids, r.notes, strict=True) if n}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -10,16 +11,6 @@ import numpy as np
 import pytest
 import xarray as xr
 from distributed import LocalCluster
-from volume_files import (
-    OBLIQUE_RAS_SPACING,
-    to_ras,
-    volume,
-    write_dicom_series,
-    write_nifti,
-    write_npz,
-    write_ukb_zip,
-    zip_bomb,
-)
 from zarr.codecs import BloscCodec
 
 from raptorz import stores
@@ -36,7 +27,8 @@ def _scaled(data: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 @pytest.fixture
-def niftis(tmp_path: Path) -> dict[str, np.ndarray]:
+def niftis(tmp_path: Path, volume: Callable[..., np.ndarray],
+           write_nifti: Callable[..., Path]) -> dict[str, np.ndarray]:
     """Five oblique NIfTI volumes of one shape, by id."""
     (tmp_path / "in").mkdir()
     datas = {f"v{i}": volume(seed=i) for i in range(5)}
@@ -45,7 +37,9 @@ def niftis(tmp_path: Path) -> dict[str, np.ndarray]:
     return datas
 
 
-def test_store_layout_values_and_provenance(tmp_path: Path, niftis: dict) -> None:
+def test_store_layout_values_and_provenance(tmp_path: Path, niftis: dict,
+                                            oblique_ras_spacing: tuple[float, float, float],
+                                            to_ras: Callable[[np.ndarray], np.ndarray]) -> None:
     store = tmp_path / "volumes.zarr"
     calls: list[tuple[int, int]] = []
     summary = convert([tmp_path / "in"], store, intensity="range:0,200", chunk=2, workers=1,
@@ -62,7 +56,7 @@ def test_store_layout_values_and_provenance(tmp_path: Path, niftis: dict) -> Non
     for i, data in enumerate(niftis.values()):
         np.testing.assert_allclose(ds.volume[i].values, _scaled(to_ras(data), 0, 200),
                                    atol=F16 / 2)
-    np.testing.assert_allclose(ds.spacing.values, [OBLIQUE_RAS_SPACING] * 5)
+    np.testing.assert_allclose(ds.spacing.values, [oblique_ras_spacing] * 5)
     np.testing.assert_array_equal(ds.original_shape.values, [[5, 6, 7]] * 5)
     assert ds.source.values[0] == str(tmp_path / "in" / "v0.nii.gz")
     assert set(ds.status.values) == {stores.OK} and set(ds.error.values) == {""}
@@ -82,7 +76,13 @@ def test_native_orientation_float32_and_minmax(tmp_path: Path, niftis: dict) -> 
                                _scaled(data, data.min(), data.max()), atol=1e-6)
 
 
-def test_every_bad_input_fails_alone(tmp_path: Path, niftis: dict) -> None:
+def test_every_bad_input_fails_alone(tmp_path: Path, niftis: dict,
+                                     to_ras: Callable[[np.ndarray], np.ndarray],
+                                     volume: Callable[..., np.ndarray],
+                                     write_dicom_series: Callable[..., Path],
+                                     write_nifti: Callable[..., Path],
+                                     write_ukb_zip: Callable[..., Path],
+                                     zip_bomb: Callable[[Path, int], Path]) -> None:
     bad = tmp_path / "in"
     good = volume(seed=9)
     write_ukb_zip(bad / "ukb_ok.zip", good)
@@ -132,7 +132,10 @@ def test_every_bad_input_fails_alone(tmp_path: Path, niftis: dict) -> None:
                                atol=F16 / 2 + 1e-6)
 
 
-def test_mismatched_shapes_need_a_target_shape(tmp_path: Path) -> None:
+def test_mismatched_shapes_need_a_target_shape(tmp_path: Path,
+                                               to_ras: Callable[[np.ndarray], np.ndarray],
+                                               volume: Callable[..., np.ndarray],
+                                               write_nifti: Callable[..., Path]) -> None:
     write_nifti(tmp_path / "a.nii.gz", volume((6, 7, 5)))
     write_nifti(tmp_path / "b.nii.gz", volume((6, 7, 5), seed=1))
     write_nifti(tmp_path / "c.nii.gz", volume((4, 4, 4)))
@@ -164,10 +167,10 @@ def test_rerun_converts_only_what_failed(tmp_path: Path, niftis: dict) -> None:
     before = open_volumes(store).volume.values
     moved.rename(tmp_path / "in" / "v2.nii.gz")
     second = convert(sources, store, intensity="minmax", workers=1)
-    assert (second.converted, second.failed, second.skipped) == (2, 0, 3)
+    assert (second.converted, second.failed, second.skipped) == (1, 0, 4)  # v2 alone
     after = open_volumes(store)
     assert set(after.status.values) == {stores.OK}
-    np.testing.assert_array_equal(after.volume.values[[0, 1, 4]], before[[0, 1, 4]])
+    np.testing.assert_array_equal(after.volume.values[[0, 1, 3, 4]], before[[0, 1, 3, 4]])
     third = convert(sources, store, intensity="minmax", workers=1)
     assert (third.converted, third.skipped) == (0, 5)
     with pytest.raises(InputError, match="already holds 5 volumes from other sources"):
@@ -198,7 +201,7 @@ def test_other_stores_are_never_overwritten(tmp_path: Path, niftis: dict) -> Non
     assert (tmp_path / "notes" / "a.txt").read_text() == "keep me"
 
 
-def test_npz_default_scaling_and_labels(tmp_path: Path) -> None:
+def test_npz_default_scaling_and_labels(tmp_path: Path, write_npz: Callable[..., dict]) -> None:
     arrays = write_npz(tmp_path / "m.npz", {"train": 3, "val": 2, "test": 2})
     summary = convert([tmp_path / "m.npz"], tmp_path / "m.zarr", start=2, many=3, workers=1)
     assert summary.labels == tmp_path / "m.labels.csv"
