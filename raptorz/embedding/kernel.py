@@ -1,23 +1,24 @@
 """The Raptor kernel: a block of volumes in, pooled tokens and their projections out.
 
 Slices of every selected plane of every volume of the block stream through the encoder
-in batches of ``batch_size``; a float64 running sum per (volume, plane) pools the tokens,
-so memory does not depend on the number of slices. The block is uploaded to the
-encoder's device once and every batch is taken, resized and normalised there, the next
-batch prepared while the current one is encoded, with no host-device synchronisation
-inside the loop. Constant slices (all voxels equal)
-are encoded once per distinct (value, shape) and added with their count. Projections
-are applied once to the pooled tokens at the end (linearity: the mean of projections
+in batches; a float64 running sum per (volume, plane) pools the tokens, so memory does
+not depend on the number of slices. The host plans the block first (:func:`prepare_block`:
+constant slices, batches, indices, pinned memory); the device's share
+(:func:`pool_block`) uploads it once and takes, resizes and normalises every batch there,
+the next batch prepared while the current one is encoded, with one host-device
+synchronisation, the pooled result. Constant slices (all voxels equal) are encoded once
+per distinct (value, shape) and added with their count. Projections are applied once to
+the pooled tokens at the end (:func:`finish_block`, on the host: the mean of projections
 is the projection of the mean), in float64, then stored as float32.
 
 Plain numpy / torch, no Dask: a task on a worker (:mod:`raptorz.embedding.worker`) calls
-:func:`embed_block` on blocks of its volumes.
+these on blocks of its volumes, only :func:`pool_block` under its kernel lock.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +28,7 @@ from raptorz.embedding.encoders import Encoder
 from raptorz.embedding.preprocessing import canvas_size, prepare_slices
 from raptorz.embedding.projection import Projector, check_projectors, project_tokens
 from raptorz.embedding.settings import KernelSettings, slice_indices
-from raptorz.errors import InputError
+from raptorz.errors import InputError, RaptorzError
 
 
 @dataclass
@@ -104,40 +105,92 @@ def embed_block(volumes: np.ndarray, encoder: Encoder, projectors: Sequence[Proj
     InputError
         For a block that is not 4-D, not floating point or holds NaN / infinite values,
         or a projector whose rows do not match the encoder width.
+    RaptorzError
+        Where the encoder's tokens of a volume were not finite (fp16 overflow).
     """
     settings = settings or KernelSettings()
     volumes = np.asarray(volumes)
     _check_block(volumes)
     check_projectors(tuple(projectors), encoder.embed_dim, encoder.name)
     result = pool_tokens(volumes, encoder, settings, progress=progress)
-    pooled = result.means[:, :, encoder.token_slice(settings.tokens)]
+    if result.nonfinite.any():
+        raise RaptorzError(nonfinite_problem(encoder) + f" (volumes "
+                           f"{np.flatnonzero(result.nonfinite).tolist()} of the block)")
+    return finish_block(result, encoder, projectors, settings)
+
+
+def finish_block(pooled: Pooled, encoder: Encoder, projectors: Sequence[Projector],
+                 settings: KernelSettings) -> BlockEmbedding:
+    """The host's share after the device's: the projections and baselines of pooled means."""
+    tokens = pooled.means[:, :, encoder.token_slice(settings.tokens)]
     return BlockEmbedding(
-        projections=project_tokens(pooled, projectors),
-        tokens=pooled.astype(np.float32) if settings.keep_tokens else None,
-        avgpool=pooled.mean(axis=(1, 2)).astype(np.float32),
-        slices=result.slices, constant_slices=result.constant_slices,
-        batch_size=result.batch_size,
+        projections=project_tokens(tokens, projectors),
+        tokens=tokens.astype(np.float32) if settings.keep_tokens else None,
+        avgpool=tokens.mean(axis=(1, 2)).astype(np.float32),
+        slices=pooled.slices, constant_slices=pooled.constant_slices,
+        batch_size=pooled.batch_size,
     )
+
+
+def nonfinite_problem(encoder: Encoder) -> str:
+    """The error of a volume whose pooled tokens are not finite."""
+    return (f"encoder {encoder.name} gave non-finite tokens at precision "
+            f"{getattr(encoder, 'precision', '?')} (an fp16 overflow?): use bf16 or fp32")
+
+
+def default_batch_size(settings: KernelSettings, encoder: Encoder) -> int:
+    """Slices per forward: the settings', else the device's default scaled to the input.
+
+    A ViT's activations grow with its tokens, hence with the square of the input side:
+    the defaults are sized for 224 px, and SAM's 1024 px would need about 26 GB of
+    attention bias for 64 images.
+    """
+    if settings.batch_size is not None:
+        return settings.batch_size
+    base = settings.batch_for(encoder.device.type)
+    return max(1, int(base * (224 / encoder.img_size) ** 2))
 
 
 def pool_tokens(volumes: np.ndarray, encoder: Encoder, settings: KernelSettings, *,
                 progress: Callable[[float], None] | None = None) -> Pooled:
-    """Mean tokens ``(B, planes, T, dim)`` float64, slices pooled, constant slices shortcut.
+    """Mean tokens ``(B, planes, T, dim)`` float64: :func:`prepare_block` then
+    :func:`pool_block` (the host's planning, then the device's work)."""
+    return pool_block(prepare_block(volumes, encoder, settings), encoder, progress=progress)
 
-    The block is uploaded once; slices are taken, resized and normalised on the encoder's
-    device, batch ``n + 1`` prepared by a helper thread while batch ``n`` is encoded. The
-    only host-device synchronisations are the constant-slice check before the loop and the
-    pooled result after it. ``progress`` receives each batch's share of the block, in
-    volumes, as it is submitted.
+
+def prepare_block(volumes: np.ndarray, encoder: Encoder, settings: KernelSettings,
+                  batch_size: int | None = None) -> BlockPlan:
+    """Everything of a block the host can do before the device: the constant-slice check,
+    the batches and their indices, in pinned memory on a CUDA encoder's host.
+
+    The volumes are not checked again (:func:`volume_problem` did that as they were
+    read); a worker runs this on its reader thread, outside the kernel lock.
     """
-    plan = _plan(volumes, encoder, settings)
-    sums, batch_size = encode_batches(plan, encoder, plan.batch_size, progress)
-    means = sums.cpu().numpy() / plan.slices_per_group[:, None, None]
-    return Pooled(means.reshape(len(volumes), len(settings.planes), *means.shape[1:]),
-                  int(plan.slices_per_group.sum()), plan.constant_slices, batch_size)
+    picks = [slice_indices(volumes.shape[axis + 1], settings.subsample)
+             for axis in settings.planes]
+    constant = _constant_values(volumes, settings.planes) if settings.dedup else None
+    return BlockPlan(volumes, settings, encoder, picks, constant,
+                 batch_size or default_batch_size(settings, encoder))
 
 
-def encode_batches(plan: _Plan, encoder: Encoder, batch_size: int,
+def pool_block(plan: BlockPlan, encoder: Encoder, *, limit: int | None = None,
+               progress: Callable[[float], None] | None = None) -> Pooled:
+    """The device's share of a block: upload, encode, and the one synchronisation.
+
+    ``limit``: the largest batch known to fit (a worker's earlier out-of-memory error),
+    below the plan's batches. The pooled sums are checked for finiteness at that
+    synchronisation: ``Pooled.nonfinite`` marks the volumes whose tokens overflowed.
+    """
+    plan.upload(encoder.device)
+    sums, batch_size = encode_batches(plan, encoder, min(limit or plan.batch_size,
+                                                         plan.batch_size), progress)
+    means = sums.cpu().numpy() / plan.slices_per_group[:, None, None]  # the one sync
+    means = means.reshape(plan.count, -1, *means.shape[1:])
+    return Pooled(means, int(plan.slices_per_group.sum()), plan.constant_slices, batch_size,
+                  np.asarray(~np.isfinite(means).all(axis=(1, 2, 3))))
+
+
+def encode_batches(plan: BlockPlan, encoder: Encoder, batch_size: int,
                    progress: Callable[[float], None] | None = None) -> tuple[torch.Tensor, int]:
     """The hot loop: float64 token sums per group, on the device, and the batch size used.
 
@@ -151,10 +204,10 @@ def encode_batches(plan: _Plan, encoder: Encoder, batch_size: int,
         ahead = pool.submit(plan.images, 0) if plan.batches else None
         for n, batch in enumerate(plan.batches):
             assert ahead is not None
-            images = ahead.result()
+            images = forward.prepared(ahead)
             if n + 1 < len(plan.batches):
                 ahead = pool.submit(plan.images, n + 1)
-            tokens = forward(images).double()
+            tokens = forward(plan, n, images)
             if batch.rows is not None:  # constant slices: one encoding serves many groups
                 tokens = tokens[plan.index["rows"][batch.rows]]
                 tokens *= plan.weights[batch.rows][:, None, None]
@@ -166,12 +219,19 @@ def encode_batches(plan: _Plan, encoder: Encoder, batch_size: int,
 
 @dataclass(frozen=True)
 class Pooled:
-    """What :func:`pool_tokens` returns: the means, slice counts and the batch size used."""
+    """What :func:`pool_block` returns: the means, slice counts, the batch size used and
+    which volumes' means are not finite."""
 
     means: np.ndarray
     slices: int
     constant_slices: int
     batch_size: int
+    nonfinite: np.ndarray
+
+    def select(self, keep: np.ndarray) -> Pooled:
+        """The volumes ``keep`` (a mask) of the block."""
+        return Pooled(self.means[keep], self.slices, self.constant_slices, self.batch_size,
+                      self.nonfinite[keep])
 
 
 @dataclass(frozen=True)
@@ -183,17 +243,23 @@ class _Batch:
     rows: slice | None  # constant slices: span of the row and weight indices
     volumes: float  # the block's share, in volumes, that this batch completes
 
+    @property
+    def size(self) -> int:
+        return self.runs[-1][1].stop - self.runs[0][1].start
 
-class _Plan:
-    """Every batch of a block, worked out on the host before the loop, indices uploaded once."""
 
-    def __init__(self, block: torch.Tensor, settings: KernelSettings, encoder: Encoder,
-                 picks: list[np.ndarray], constant: list[np.ndarray] | None) -> None:
-        count, planes = block.shape[0], settings.planes
-        self.settings = settings
+class BlockPlan:
+    """Every batch of a block, worked out on the host; :meth:`upload` moves it to a device."""
+
+    def __init__(self, volumes: np.ndarray, settings: KernelSettings, encoder: Encoder,
+                 picks: list[np.ndarray], constant: list[np.ndarray] | None,
+                 size: int) -> None:
+        count, planes = volumes.shape[0], settings.planes
+        self.count, self.settings = count, settings
         self.encoder = encoder  # its own input: size, normalisation and resize rule
-        self.canvas = canvas_size(tuple(block.shape[1:]), settings.resize)
-        self.views = [block.movedim(axis + 1, 1) for axis in planes]  # (B, L, h, w) views
+        pin = encoder.device.type == "cuda"
+        self.block = _host(np.ascontiguousarray(volumes), pin)
+        self.canvas = canvas_size(tuple(volumes.shape[1:]), settings.resize)
         self.groups = count * len(planes)
         per_volume = sum(len(p) for p in picks)
         self.slices_per_group = np.array([len(picks[g % len(planes)])
@@ -205,8 +271,9 @@ class _Plan:
         for b in range(count):
             for position in range(len(planes)):
                 group = b * len(planes) + position
-                for s, value in zip(picks[position], _values(constant, position, b, picks),
-                                    strict=True):
+                values = np.full(len(picks[position]), np.nan) if constant is None else \
+                    constant[position][b, picks[position]]  # NaN: the slice varies
+                for s, value in zip(picks[position], values, strict=True):
                     if np.isnan(value):
                         entries.append((position, b, int(s), group))
                         continue
@@ -216,7 +283,7 @@ class _Plan:
                     reps[key][1][group] += 1
         self.constant_slices = int(sum(int(c.sum()) for _, c in reps.values()))
         self.batches: list[_Batch] = []
-        self.batch_size = size = settings.batch_for(encoder.device.type)
+        self.batch_size = size
         for first in range(0, len(entries), size):
             chunk = entries[first:first + size]
             runs = self._gather(host, [(p, b, s) for p, b, s, _ in chunk])
@@ -236,10 +303,20 @@ class _Plan:
             weights += [float(n) for *_, n in uses]  # aligned with host["rows"]
             self.batches.append(_Batch(runs, owners, rows,
                                        sum(n for *_, n in uses) / per_volume))
-        device = block.device
-        self.index = {name: _upload(np.asarray(values, np.int64), device)
+        self.index = {name: _host(np.asarray(values, np.int64), pin)
                       for name, values in host.items()}
-        self.weights = _upload(np.asarray(weights, np.float64), device)
+        self.weights = _host(np.asarray(weights, np.float64), pin)
+        self.views = [self.block.movedim(axis + 1, 1) for axis in planes]  # (B, L, h, w)
+
+    def upload(self, device: torch.device) -> None:
+        """Move the block and the indices to ``device`` (from pinned memory, no waiting)."""
+        if self.block.device == device:
+            return
+        self.block = self.block.to(device, non_blocking=True)
+        self.index = {name: values.to(device, non_blocking=True)
+                      for name, values in self.index.items()}
+        self.weights = self.weights.to(device, non_blocking=True)
+        self.views = [self.block.movedim(axis + 1, 1) for axis in self.settings.planes]
 
     def _gather(self, host: dict[str, list[int]],
                 where: list[tuple[int, int, int]]) -> tuple[tuple[int, slice], ...]:
@@ -255,8 +332,14 @@ class _Plan:
             host["s"].append(s)
         return tuple(runs)
 
-    def images(self, n: int) -> torch.Tensor:
-        """The encoder input of batch ``n``, made on the device (no synchronisation)."""
+    def images(self, n: int, rows: slice | None = None) -> torch.Tensor:
+        """The encoder input of batch ``n`` (its ``rows`` only, where given), made on the
+        device (no synchronisation)."""
+        first = self.batches[n].runs[0][1].start
+        low, high = (first, first + self.batches[n].size) if rows is None else \
+            (first + rows.start, first + rows.stop)
+        spans = [(position, slice(max(span.start, low), min(span.stop, high)))
+                 for position, span in self.batches[n].runs]
         with torch.inference_mode():
             parts = [prepare_slices(self.views[position][self.index["b"][span],
                                                          self.index["s"][span]],
@@ -265,77 +348,77 @@ class _Plan:
                                     resize=self.settings.resize, canvas=self.canvas,
                                     mean=self.encoder.mean, std=self.encoder.std,
                                     fit=self.encoder.resize)
-                     for position, span in self.batches[n].runs]
+                     for position, span in spans if span.start < span.stop]
             return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _plan(volumes: np.ndarray, encoder: Encoder, settings: KernelSettings) -> _Plan:
-    """Upload the block and plan its batches (one synchronisation: the constant check)."""
-    block = _upload(np.ascontiguousarray(volumes), encoder.device)
-    picks = [slice_indices(volumes.shape[axis + 1], settings.subsample)
-             for axis in settings.planes]
-    constant = _constant_values(block, settings.planes) if settings.dedup else None
-    return _Plan(block, settings, encoder, picks, constant)
+def _plan(volumes: np.ndarray, encoder: Encoder, settings: KernelSettings) -> BlockPlan:
+    """A block's plan, already on the encoder's device."""
+    plan = prepare_block(volumes, encoder, settings)
+    plan.upload(encoder.device)
+    return plan
 
 
-def _constant_values(block: torch.Tensor, planes: tuple[int, ...]) -> list[np.ndarray]:
+def _constant_values(volumes: np.ndarray, planes: tuple[int, ...]) -> list[np.ndarray]:
     """Per plane, ``(B, L)``: a constant slice's value, NaN where the slice varies."""
     values = []
     for axis in planes:
-        view = block.movedim(axis + 1, 1)
-        low, high = view.amin(dim=(-2, -1)), view.amax(dim=(-2, -1))
-        values.append(torch.where(low == high, low.float(), torch.nan))
-    shapes = [v.shape for v in values]
-    flat = torch.cat([v.reshape(-1) for v in values]).cpu().numpy()  # the one sync
-    out, start = [], 0
-    for shape in shapes:
-        size = int(np.prod(shape))
-        out.append(flat[start:start + size].reshape(shape))
-        start += size
-    return out
+        view = np.moveaxis(volumes, axis + 1, 1)
+        low, high = view.min(axis=(-2, -1)), view.max(axis=(-2, -1))
+        values.append(np.where(low == high, low.astype(np.float32), np.float32(np.nan)))
+    return values
 
 
-def _values(constant: list[np.ndarray] | None, position: int, b: int,
-            picks: list[np.ndarray]) -> np.ndarray:
-    """The constant values of volume ``b``'s picked slices of a plane (NaN: not constant)."""
-    if constant is None:
-        return np.full(len(picks[position]), np.nan)
-    return constant[position][b, picks[position]]
-
-
-def _upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """``array`` on ``device``; on CUDA through pinned memory, without waiting."""
+def _host(array: np.ndarray, pin: bool) -> torch.Tensor:
+    """``array`` as a tensor; pinned where it will be copied to a GPU without waiting."""
     tensor = torch.from_numpy(array)
-    if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.pin_memory() if pin else tensor
 
 
 class _Forward:
     """The encoder's forward; a batch that runs out of device memory is halved and retried.
 
-    ``limit`` is the largest batch that has fitted: later batches are split to it.
+    ``limit`` is the largest batch that has fitted: later batches are split to it. The
+    batch's preparation and the joining of its parts are retried the same way.
     """
 
     def __init__(self, encoder: Encoder, limit: int) -> None:
         self.encoder, self.limit = encoder, limit
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        outputs: list[torch.Tensor] = []
-        start = 0
-        while start < len(images):
-            part = images[start:start + self.limit]
+    def prepared(self, ahead: Future[torch.Tensor]) -> torch.Tensor | None:
+        """The batch prepared ahead, or ``None`` where that ran out of memory."""
+        try:
+            return ahead.result()
+        except torch.OutOfMemoryError:
+            pass
+        self._free()  # outside the except block: its traceback holds the failed tensors
+        return None
+
+    def __call__(self, plan: BlockPlan, n: int, images: torch.Tensor | None) -> torch.Tensor:
+        """The float64 tokens of batch ``n`` (``images``: prepared ahead, or ``None``)."""
+        size = plan.batches[n].size
+        while True:
             try:
-                outputs.append(self.encoder.encode(part))
+                return self._parts(plan, n, images, size)
             except torch.OutOfMemoryError:
-                if len(part) == 1:
+                if min(self.limit, size) == 1:
                     raise
-                self.limit = len(part) // 2
-                if self.encoder.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            start += len(part)
+                self.limit = min(self.limit, size) // 2
+                images = None  # prepare the parts one by one
+            self._free()
+
+    def _parts(self, plan: BlockPlan, n: int, images: torch.Tensor | None,
+               size: int) -> torch.Tensor:
+        outputs: list[torch.Tensor] = []
+        for start in range(0, size, self.limit):
+            rows = slice(start, min(size, start + self.limit))
+            part = images[rows] if images is not None else plan.images(n, rows)
+            outputs.append(self.encoder.encode(part).double())
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _free(self) -> None:
+        if self.encoder.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _check_block(volumes: np.ndarray) -> None:

@@ -9,7 +9,8 @@ imports torch, so checks and resumes stay fast.
 
 Resume: a volume is to do while its embedding is pending, or failed while its source is
 ok (a kernel failure is retried; a volume that failed conversion is recorded as failed
-and left alone). ``start`` / ``many`` select ids exactly as the original's manifest
+and left alone), or stale: its volume was converted again since it was embedded (its
+``checksum`` differs). ``start`` / ``many`` select ids exactly as the original's manifest
 options do; since the embeddings store is written in whole units, processes given
 disjoint ranges never write the same file.
 """
@@ -54,17 +55,26 @@ from raptorz.embedding.progress import ProgressBar
 from raptorz.embedding.projection import Projector, load_projector
 from raptorz.embedding.settings import PLANE_NAMES, KernelSettings, slice_indices
 from raptorz.embedding.worker import (
+    RETIRED_TOPIC,
     TASK_SLICES,
     EmbedTask,
     EncoderOptions,
     embed_task,
     encoder_provenance,
+    provenance_difference,
 )
 from raptorz.errors import RaptorzError, SettingsError
-from raptorz.layouts import EMBEDDINGS, VOLUMES
+from raptorz.layouts import EMBEDDINGS, VOLUMES, stale_volumes
+from raptorz.network import dashboard_link
 
 #: Tasks a worker should get at least, so that every worker stays busy until the tail.
 TASKS_PER_WORKER = 4
+#: The share of a GPU worker's ``GPU`` resource a task asks for: two tasks in flight per
+#: worker, so that one reads and writes while the other encodes; the worker's kernel
+#: lock keeps one at a time on the device.
+TASK_GPU_SHARE = 0.5
+#: Seconds between the run's looks at retired workers while it waits for tasks.
+RETIRED_POLL_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -188,14 +198,12 @@ def embed(
         return _summary(output, ids, selected, 0, began)
     slices = _slices_per_volume(source, settings)
     with _client(cluster) as client:
-        if progress:
-            print(f"raptorz embed: dashboard at {client.dashboard_link}", file=sys.stderr)
+        if progress and (link := dashboard_link(client)):  # where it listens, as bound
+            print(f"raptorz embed: dashboard at {link}", file=sys.stderr)
         if torch_threads is None:
             share_cpus(client)
-        resources = {GPU_RESOURCE: 1} if advertises_gpus(client) else None
+        resources = {GPU_RESOURCE: TASK_GPU_SHARE} if advertises_gpus(client) else None
         info = _load_encoders(client, options, resources)
-        if "refused" in info:
-            raise RaptorzError(info["refused"])
         template = embeddings_template(
             list(ids), plane_names=[PLANE_NAMES[p] for p in settings.planes], projectors=loaded,
             token_kind=token_kind_coordinate(info["num_tokens"], info["num_prefix_tokens"],
@@ -249,12 +257,13 @@ def _selection(n: int, start: int, many: int | None, unit: int = 1) -> np.ndarra
 
 
 def _todo(volumes: Path, output: Path | None, selected: np.ndarray) -> np.ndarray:
-    """Mask of selected volumes to embed: pending, or failed while the source is ok."""
+    """Mask of selected volumes to embed: pending, failed while the source is ok, or
+    stale (converted again since they were embedded)."""
     if output is None:
         return selected.copy()
     mine, theirs = stores.read_status(output), stores.read_status(volumes)
     retry = (mine == stores.FAILED) & (theirs == stores.OK)
-    return selected & ((mine == stores.PENDING) | retry)
+    return selected & ((mine == stores.PENDING) | retry | stale_volumes(output, volumes))
 
 
 def _slices_per_volume(source: xr.Dataset, settings: KernelSettings) -> int:
@@ -264,12 +273,15 @@ def _slices_per_volume(source: xr.Dataset, settings: KernelSettings) -> int:
 
 
 def _load_encoders(client: Client, options: EncoderOptions,
-                   resources: dict[str, int] | None) -> dict[str, Any]:
+                   resources: dict[str, float] | None) -> dict[str, Any]:
     """Build the encoder on every connected worker at once; the first one's provenance.
 
     All during start-up, so that no worker spends the run importing torch and reading
     weights while the others encode, and a worker that cannot load it refuses before any
-    task. A worker that joins later builds it on its first task.
+    task. Every worker's provenance is compared with the first's: a worker that differs
+    (another GPU kind, say, without bf16) would write other embeddings, so it is retired
+    and the run says which. A worker that joins later builds the encoder on its first
+    task, which compares it with the store's.
     """
     tag = uuid.uuid4().hex[:8]
     workers: list[str | None] = [*client.scheduler_info(n_workers=-1)["workers"]] or [None]
@@ -278,7 +290,18 @@ def _load_encoders(client: Client, options: EncoderOptions,
                       workers=worker, allow_other_workers=True,  # a worker may leave
                       key=f"embed-load-encoder-{tag}-{n}")
         for n, worker in enumerate(workers)])
-    return next((info for info in infos if "refused" in info), infos[0])
+    refused = next((info for info in infos if "refused" in info), None)
+    if refused is not None:
+        raise RaptorzError(refused["refused"])
+    differ = {info["worker"]: provenance_difference(info, infos[0]) for info in infos[1:]}
+    differ = {worker: how for worker, how in differ.items() if how}
+    for worker, how in differ.items():
+        print(f"raptorz embed: worker {worker} differs from worker {infos[0]['worker']} "
+              f"({how.replace('the store', 'that worker')}): it is retired", file=sys.stderr)
+    if differ:
+        client.retire_workers(workers=list(differ), close_workers=True)
+    return {key: value for key, value in infos[0].items()
+            if key not in ("worker", "device_kind")}
 
 
 def _expected_workers(client: Client) -> int:
@@ -340,14 +363,16 @@ def _client(cluster: Client | Cluster | str | Callable[[], Cluster] | None) -> I
         yield client
 
 
-def _run(client: Client, tasks: list[EmbedTask], resources: dict[str, int] | None,
+def _run(client: Client, tasks: list[EmbedTask], resources: dict[str, float] | None,
          ids: np.ndarray, *, total: int, done: int,
          progress: bool) -> tuple[int | None, bool]:
     """Submit the tasks and follow them: the smallest batch size a task used, and whether
     a task ran out of device memory and halved its batches.
 
     A task that fails is retried by Dask on another worker; one that keeps failing
-    leaves its volumes pending and its error is printed (a rerun retries them).
+    leaves its volumes pending and its error is printed (a rerun retries them). A worker
+    that retires (its device failed) hands its task to the others, and the run says so;
+    once every worker has retired, the rest stays pending.
     """
     bar = ProgressBar(total, done, progress)
     bar.start(task.key for task in tasks)
@@ -359,25 +384,52 @@ def _run(client: Client, tasks: list[EmbedTask], resources: dict[str, int] | Non
                task for task in tasks}
     used: list[int] = []
     halved = False
+    retired: set[str] = set()
+    waiting, looked = as_completed(futures, loop=client.loop), time.monotonic()
     try:
-        for future in as_completed(futures, loop=client.loop):
-            task = futures[future]
-            if future.status == "error":
-                error = future.exception()
-                print(f"raptorz embed: a task failed and its {len(task.indices)} volumes stay "
-                      f"pending ({type(error).__name__}: {error}); rerun to retry",
-                      file=sys.stderr)
-            else:
-                result = future.result()
-                used.append(result["batch_size"])
-                halved |= result["halved"]
-            bar.finish(task.key, len(task.indices))
-            future.release()
+        while not waiting.is_empty():
+            finished = waiting.next_batch(block=False)
+            if not finished:
+                time.sleep(0.05)  # as_completed waits without a timeout: the run polls
+            for future in finished:
+                task = futures[future]
+                if future.status == "error":
+                    error = future.exception()
+                    print(f"raptorz embed: a task failed and its {len(task.indices)} volumes "
+                          f"stay pending ({type(error).__name__}: {error}); rerun to retry",
+                          file=sys.stderr)
+                else:
+                    result = future.result()
+                    used.append(result["batch_size"])
+                    halved |= result["halved"]
+                bar.finish(task.key, len(task.indices))
+                future.release()
+            if time.monotonic() - looked < RETIRED_POLL_SECONDS:
+                continue
+            looked = time.monotonic()
+            if _new_retirements(client, tasks[0].topic, retired) and \
+                    not client.scheduler_info(n_workers=-1)["workers"]:
+                left = sum(len(futures[future].indices) for future in futures
+                           if future.status == "pending")
+                print(f"raptorz embed: every worker retired; {left} volumes stay pending; "
+                      "rerun to retry", file=sys.stderr)
+                client.cancel([future for future in futures if future.status == "pending"])
+                break
     finally:
         if progress and tasks:
             client.unsubscribe_topic(tasks[0].topic)
         bar.close()
     return (min(used) if used else None), halved
+
+
+def _new_retirements(client: Client, topic: str | None, retired: set[str]) -> bool:
+    """Print the workers of this run that retired since the last look; whether any has."""
+    for _, event in client.get_events(RETIRED_TOPIC):
+        if event.get("run") == topic and event["worker"] not in retired:
+            retired.add(event["worker"])
+            print(f"raptorz embed: worker {event['worker']} retired: {event['problem']}; "
+                  "its tasks go to the other workers", file=sys.stderr)
+    return bool(retired)
 
 
 def _summary(output: Path, ids: np.ndarray, selected: np.ndarray, computed: int,

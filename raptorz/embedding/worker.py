@@ -21,11 +21,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import xarray as xr
-from distributed import get_worker
+from distributed import Reschedule, get_worker
 
 from raptorz import stores
 from raptorz.cluster import keep_freed_memory, pinned_gpu, worker_device, worker_threads
@@ -38,7 +38,7 @@ from raptorz.layouts import EMBEDDINGS, VOLUMES
 
 if TYPE_CHECKING:  # torch is imported on the workers only
     from raptorz.embedding.encoders import Encoder
-    from raptorz.embedding.kernel import BlockEmbedding
+    from raptorz.embedding.kernel import BlockEmbedding, BlockPlan, Pooled
 
 #: Slices a task aims at (the client sizes tasks by it), and a task's block of volumes
 #: read at once: enough to fill a few batches, few enough that a run's tail is short.
@@ -47,6 +47,11 @@ TASK_SLICES = 4096
 BLOCK_BYTES = 512 * 2**20
 #: How often, at most, a task reports its progress to the client.
 PROGRESS_SECONDS = 1.0
+#: The event topic where a worker says that it retired (read by the run on the client).
+RETIRED_TOPIC = "raptorz-retired"
+#: What every worker of a run must share with the store's encoder: a worker that differs
+#: (another GPU kind without bf16, other weights) would write other embeddings.
+WORKER_IDENTITY = ("weights_checksum", "precision", "device_kind", "tf32")
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,9 @@ class EmbedTask:
 
 
 _ENCODERS: dict[EncoderOptions, Encoder] = {}
+#: The largest batch known to fit this worker's device (halved after out-of-memory
+#: errors), kept for the encoder's later blocks and tasks.
+_BATCH_LIMITS: dict[EncoderOptions, int] = {}
 _PROJECTORS: dict[tuple[str, str], list[Projector]] = {}
 #: One kernel at a time per worker process: it already fills the device or the cores.
 #: Only device work holds it: a task reads its volumes and writes its results outside it,
@@ -97,25 +105,78 @@ def worker_encoder(options: EncoderOptions) -> Encoder:
     if options not in _ENCODERS:
         keep_freed_memory()  # before the first batch: see raptorz.cluster
         _ENCODERS.clear()  # one model per worker: free the previous one first
+        _BATCH_LIMITS.clear()
         _ENCODERS[options] = create_encoder(options.name, weights=options.weights,
                                             precision=options.precision,
                                             img_size=options.img_size,
                                             device=options.device or worker_device())
-    return _ENCODERS[options]
+    encoder = _ENCODERS[options]
+    _exact_fp32(encoder)
+    return encoder
+
+
+def _exact_fp32(encoder: Encoder) -> None:
+    """On CUDA at fp32, no TF32: torch would run convolutions (the patch embedding) with
+    10-bit mantissas otherwise, and "fp32" would not be what ran (docs/kernel.md)."""
+    import torch
+
+    if encoder.device.type == "cuda" and encoder.precision == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
 
 def encoder_provenance(options: EncoderOptions) -> dict[str, Any]:
-    """Build the worker's encoder; its provenance, or ``{"refused": why}``."""
+    """Build the worker's encoder; its provenance, or ``{"refused": why}``.
+
+    ``worker`` names the worker (for the run's messages); ``device_kind`` is the
+    device's kind without its index (every worker of a run may use another ``cuda:N``).
+    """
     with _KERNEL_LOCK:
         try:
             info = worker_encoder(options).provenance()
         except RaptorzError as error:
             # returned, not raised: a raised one is also logged by the worker (printed twice)
-            return {"refused": str(error)}
+            return {"refused": str(error), "worker": _worker_name()}
     gpu = pinned_gpu()
     if gpu is not None and info["device"].startswith("cuda"):
         info["device"] += f" (GPU {gpu})"  # the physical device, whatever the worker's index
-    return info
+    return {**info, "device_kind": info["device"].split(":")[0].split(" ")[0],
+            "worker": _worker_name()}
+
+
+def provenance_difference(mine: dict[str, Any], reference: dict[str, Any]) -> str:
+    """How a worker's encoder provenance differs from ``reference``'s; empty if it does not.
+
+    Only :data:`WORKER_IDENTITY` counts: another device index or weights path is fine.
+    """
+    kind = {**mine, "device_kind": str(mine.get("device", "")).split(":")[0].split(" ")[0]}
+    theirs = {**reference,
+              "device_kind": str(reference.get("device", "")).split(":")[0].split(" ")[0]}
+    return ", ".join(f"{key} {kind.get(key)!r} where the store has {theirs.get(key)!r}"
+                     for key in WORKER_IDENTITY if kind.get(key) != theirs.get(key))
+
+
+def _worker_name() -> str:
+    try:
+        return str(get_worker().address)
+    except ValueError:
+        return "this process"
+
+
+def retire(problem: str, run: str | None) -> NoReturn:
+    """Close this worker for good and hand its task back to the scheduler.
+
+    For a worker that must take no more tasks (its device failed, or its encoder differs
+    from the run's): the close is scheduled first, so that the scheduler knows it is
+    closing when :class:`distributed.Reschedule` sends the task elsewhere. The run
+    learns of it through :data:`RETIRED_TOPIC`.
+    """
+    worker = get_worker()
+    worker.log_event(RETIRED_TOPIC, {"worker": worker.address, "problem": problem,
+                                     "run": run})
+    worker.loop.add_callback(worker.close, nanny=True, executor_wait=False,
+                             reason=f"raptorz: {problem}")
+    raise Reschedule()
 
 
 def _worker_projectors(output: str) -> list[Projector]:
@@ -134,6 +195,7 @@ class _Read:
     block: np.ndarray  # (usable volumes, X, Y, Z)
     usable: np.ndarray  # their ids' indices
     errors: dict[int, str]  # index -> why it failed (not converted, or unusable)
+    checksums: np.ndarray  # the usable volumes' checksums, read before their voxels
 
 
 def _read(volumes: str, indices: np.ndarray) -> _Read:
@@ -148,6 +210,9 @@ def _read(volumes: str, indices: np.ndarray) -> _Read:
     errors = {int(i): f"volume not converted ({stores.STATUS_NAMES[s]})" + (f": {e}" if e else "")
               for i, s, e in zip(indices, status, source_error, strict=True) if s != stores.OK}
     good = indices[status == stores.OK]
+    # before the voxels: a volume converted again meanwhile then shows as stale
+    checksums = (np.asarray(source["checksum"][lo:hi].values)[good - lo]
+                   if "checksum" in source else np.zeros(len(good), np.int64))
     parts = [np.asarray(source["volume"][run].values) for run in contiguous_runs(good)]
     block = np.concatenate(parts) if parts else np.empty((0, *source["volume"].shape[1:]))
     keep = np.ones(len(good), bool)
@@ -155,52 +220,111 @@ def _read(volumes: str, indices: np.ndarray) -> _Read:
         problem = volume_problem(volume)  # an error this volume causes, before the device
         if problem:
             errors[int(index)], keep[n] = problem, False
-    return _Read(block[keep], good[keep], errors)
+    return _Read(block[keep], good[keep], errors, checksums[keep])
 
 
 def embed_task(task: EmbedTask) -> dict[str, int | bool]:
     """Embed one task's volumes and write its units once; returns counts and batch size.
 
-    The volumes are read and embedded in blocks of about :data:`TASK_SLICES` slices, the
-    next block read by a helper thread while the current one is encoded. Only errors
-    caused by a volume mark it failed (:func:`~raptorz.embedding.kernel.volume_problem`);
-    any other error (out of device memory at batch size 1, a lost device, a bug) fails
-    the task, which Dask retries on another worker, with the original error in the
-    worker's log.
+    The volumes are read, checked and planned (:func:`~raptorz.embedding.kernel.prepare_block`)
+    in blocks of about :data:`TASK_SLICES` slices by a helper thread while the current
+    block is on the device; only the device's share holds the kernel lock, and the
+    projections are made after it. Only errors caused by a volume mark it failed
+    (:func:`~raptorz.embedding.kernel.volume_problem`, tokens that overflowed); out of
+    device memory at batch size 1 or a bug fails the task, which Dask retries on another
+    worker. A worker whose device fails, or whose encoder differs from the store's,
+    retires (:func:`retire`) and the task moves to another worker.
     """
     import torch
 
-    from raptorz.embedding.kernel import embed_block
+    from raptorz.embedding.kernel import default_batch_size, pool_block
 
     indices = np.asarray(task.indices, dtype=np.int64)
     with _KERNEL_LOCK:
         encoder = worker_encoder(task.encoder)
+    _check_provenance(task, encoder)
     pooled = len(task.settings.planes) * encoder.num_tokens * encoder.embed_dim * 8
     per_block = max(1, min(TASK_SLICES // max(1, task.slices_per_volume),
                            BLOCK_BYTES // pooled))
     blocks = [indices[i:i + per_block] for i in range(0, len(indices), per_block)]
     report = _reporter(task)
-    asked = batch_size = task.settings.batch_for(encoder.device.type)
+    asked = batch_size = default_batch_size(task.settings, encoder)
+    projectors = _worker_projectors(task.output)
     results: list[tuple[_Read, BlockEmbedding | None]] = []
     with ThreadPoolExecutor(1, thread_name_prefix="raptorz-read") as reader:
-        ahead = reader.submit(_read, task.volumes, blocks[0]) if blocks else None
+        ahead = reader.submit(_read_and_plan, task, blocks[0], encoder) if blocks else None
         for n in range(len(blocks)):
             assert ahead is not None
-            read = ahead.result()
+            read, plan = ahead.result()
             if n + 1 < len(blocks):
-                ahead = reader.submit(_read, task.volumes, blocks[n + 1])
+                ahead = reader.submit(_read_and_plan, task, blocks[n + 1], encoder)
             embedded = None
-            with _KERNEL_LOCK:
-                torch.set_num_threads(task.torch_threads or worker_threads())
-                encoder = worker_encoder(task.encoder)
-                projectors = _worker_projectors(task.output)
-                if len(read.block):
-                    embedded = embed_block(read.block, encoder, projectors, task.settings,
-                                           progress=report)
-                    batch_size = min(batch_size, embedded.batch_size)
+            if plan is not None:
+                try:
+                    with _KERNEL_LOCK:
+                        torch.set_num_threads(task.torch_threads or worker_threads())
+                        encoder = worker_encoder(task.encoder)
+                        block = pool_block(plan, encoder, progress=report,
+                                           limit=_BATCH_LIMITS.get(task.encoder))
+                        _BATCH_LIMITS[task.encoder] = block.batch_size
+                except RuntimeError as error:
+                    if device_failed(error):
+                        retire(f"its device failed ({type(error).__name__}: {error})",
+                               task.topic)
+                    raise
+                batch_size = min(batch_size, block.batch_size)
+                embedded = _finish(read, block, encoder, projectors, task.settings)
             results.append((read, embedded))
-    _write(task, results, _worker_projectors(task.output))
+    _write(task, results, projectors)
     return {"volumes": len(indices), "batch_size": batch_size, "halved": batch_size < asked}
+
+
+def device_failed(error: BaseException) -> bool:
+    """Whether ``error`` is the device's own failure (not out of memory): a CUDA context
+    that saw one is lost for good, so every later task of the process would fail."""
+    import torch
+
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    return isinstance(error, torch.AcceleratorError) or str(error).startswith("CUDA error")
+
+
+def _check_provenance(task: EmbedTask, encoder: Encoder) -> None:
+    """Retire this worker where its encoder differs from the one the store records."""
+    stored = EMBEDDINGS.read(task.output).attrs.get("encoder") or {}
+    difference = provenance_difference(encoder.provenance(), stored)
+    if difference:
+        retire(f"its encoder differs from the store's: {difference}", task.topic)
+
+
+def _read_and_plan(task: EmbedTask, indices: np.ndarray,
+                   encoder: Encoder) -> tuple[_Read, BlockPlan | None]:
+    """The reader thread's share of a block: read and check the volumes, plan the batches."""
+    from raptorz.embedding.kernel import default_batch_size, prepare_block
+
+    read = _read(task.volumes, indices)
+    if not len(read.block):
+        return read, None
+    plan = prepare_block(read.block, encoder, task.settings,
+                         _BATCH_LIMITS.get(task.encoder) or
+                         default_batch_size(task.settings, encoder))
+    read.block = read.block[:0]  # the plan holds the voxels now
+    return read, plan
+
+
+def _finish(read: _Read, block: Pooled, encoder: Encoder, projectors: list[Projector],
+            settings: KernelSettings) -> BlockEmbedding | None:
+    """Projections of a pooled block; its volumes whose tokens were not finite fail."""
+    from raptorz.embedding.kernel import finish_block, nonfinite_problem
+
+    if block.nonfinite.any():
+        problem = nonfinite_problem(encoder)
+        read.errors.update({int(i): problem for i in read.usable[block.nonfinite]})
+        read.usable = read.usable[~block.nonfinite]
+        block = block.select(~block.nonfinite)
+    if not len(read.usable):
+        return None
+    return finish_block(block, encoder, projectors, settings)
 
 
 def _reporter(task: EmbedTask) -> Callable[[float], None] | None:
@@ -247,6 +371,13 @@ def _write(task: EmbedTask, results: list[tuple[_Read, BlockEmbedding | None]],
             if embedded is not None:
                 values[read.usable - task.start] = _variable(embedded, name)
         data[name] = xr.DataArray(values, dims=variable.dims)
+    if "source_checksum" in existing:  # stores of older raptorz versions lack it
+        checksum = np.zeros(size, np.int64)
+        if len(kept):
+            checksum[kept] = existing["source_checksum"][kept + task.start].values
+        for read, _ in results:
+            checksum[read.usable - task.start] = read.checksums
+        data["source_checksum"] = xr.DataArray(checksum, dims="id")
     for read, _ in results:
         status[read.usable - task.start] = stores.OK
         for index, problem in read.errors.items():

@@ -179,9 +179,9 @@ def test_bf16_only_where_the_gpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None
     from raptorz.errors import RaptorzWarning
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
     assert (device_precision(cuda), device_precision(cpu)) == ("bf16", "fp32")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 0))
     assert device_precision(cuda) == "fp16"  # a V100 or T4: fp16 tensor cores instead
     with pytest.warns(RaptorzWarning, match="no native bf16: using fp16"):
         assert device_precision(cuda, "bf16") == "fp16"

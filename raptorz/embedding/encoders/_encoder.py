@@ -110,10 +110,17 @@ class Encoder:
             "weights_source": self.weights_source, "weights_layout": self.layout,
             "img_size": self.img_size, "patch_size": int(self.model.patch_embed.patch_size[0]),
             "mean": list(self.mean), "std": list(self.std), "resize": self.resize,
-            "precision": self.precision, "device": str(self.device),
+            "precision": self.precision, "device": str(self.device), "tf32": self.tf32,
             "embed_dim": self.embed_dim, "num_tokens": self.num_tokens,
             "num_prefix_tokens": self.num_prefix_tokens, "config": self.config.provenance(),
         }
+
+    @property
+    def tf32(self) -> bool:
+        """Whether torch may run this encoder's fp32 matmuls or convolutions in TF32 now
+        (CUDA only; the run turns it off at fp32, docs/kernel.md)."""
+        return self.device.type == "cuda" and (torch.backends.cuda.matmul.allow_tf32 or
+                                               torch.backends.cudnn.allow_tf32)
 
     def __repr__(self) -> str:
         return (f"Encoder({self.name!r}, device={str(self.device)!r}, "

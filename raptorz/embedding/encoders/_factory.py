@@ -51,8 +51,9 @@ def device_precision(device: torch.device, precision: Precision | None = None) -
     chosen: Precision = precision or ("bf16" if device.type == "cuda" else "fp32")
     if chosen not in PRECISION_DTYPES:
         raise RaptorzError(f"precision {chosen!r} is not one of fp32, bf16, fp16")
+    # the device asked for, not the current one: a worker may hold an old and a new GPU
     if chosen == "bf16" and device.type == "cuda" and \
-            not torch.cuda.is_bf16_supported(including_emulation=False):
+            torch.cuda.get_device_capability(device)[0] < 8:  # bf16 tensor cores: Ampere
         if precision is not None:
             warnings.warn(f"{device} has no native bf16: using fp16 instead", RaptorzWarning,
                           stacklevel=3)
@@ -154,9 +155,11 @@ def create_encoder(name: str = DEFAULT_ENCODER, *, weights: str | Path | None = 
             source = str(path)
         else:
             model, source = _load_from_hub(config, kwargs)
-    model.eval().requires_grad_(False).to(torch_device)
-    encoder = Encoder(config, model, device=torch_device, precision=chosen, img_size=size,
-                      weights_source=source, layout=layout)  # the checksum: before packing
+    # the checksum on the host copy, before packing and before the move: after it, each
+    # worker would copy a ViT-L (1.2 GB) back from its GPU to hash it
+    encoder = Encoder(config, model.eval().requires_grad_(False), device=torch_device,
+                      precision=chosen, img_size=size, weights_source=source, layout=layout)
+    model.to(torch_device)
     if pack is None:
         pack = can_pack(torch_device, chosen)
     elif pack and not can_pack(torch_device, chosen):
