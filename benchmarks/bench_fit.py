@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import runpy
 import subprocess
 import sys
 import tempfile
@@ -24,9 +25,12 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-# The store and labels writers of the test suite (one implementation for both).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from fit_fixtures import synthetic, write_embeddings, write_labels  # noqa: E402
+# The store and labels writers of the fitting tests (one implementation for both): their
+# conftest.py, loaded by its path since a conftest is no importable module.
+_WRITERS = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tests" / "downstream"
+                              / "conftest.py"))
+synthetic, write_embeddings, write_labels = (
+    _WRITERS[f"_{name}"] for name in ("synthetic", "write_embeddings", "write_labels"))
 
 
 def one(store: str, labels: str, output: str, head: str, budget: str | None) -> None:

@@ -12,20 +12,12 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 from distributed import Client
-from encoder_references import (
-    Reference,
-    biomedclip_open_clip,
-    clip_transformers,
-    dinov2_transformers,
-    dinov3_transformers,
-    sam_segment_anything,
-)
-from vit_fixtures import write_tiny_vit
 
 from raptorz.cli.main import main
 from raptorz.cluster import create_cluster
@@ -34,15 +26,8 @@ from raptorz.layouts import open_embeddings
 
 pytest.importorskip("transformers", reason="the test extra installs transformers")
 
-FAMILIES: dict[str, Callable[[Path], Reference]] = {
-    "dinov2": lambda p: dinov2_transformers(p),
-    "dinov2-reg": lambda p: dinov2_transformers(p, registers=True),
-    "dinov3": dinov3_transformers,
-    "clip": lambda p: clip_transformers(p),
-    "llava-med": lambda p: clip_transformers(p, llava=True),
-    "sam": lambda p: sam_segment_anything(p / "sam_vit_tiny.pth"),
-    "biomedclip": biomedclip_open_clip,
-}
+#: The families run end to end (keys of the ``reference_builders`` fixture).
+FAMILIES = ["dinov2", "dinov2-reg", "dinov3", "clip", "llava-med", "sam", "biomedclip"]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +82,8 @@ def test_encoders_verb_lists_every_named_encoder(capsys: pytest.CaptureFixture[s
 
 
 @pytest.mark.slow
-def test_weights_error_is_printed_once(volumes: Path, tmp_path: Path) -> None:
+def test_weights_error_is_printed_once(volumes: Path, tmp_path: Path,
+                                       write_tiny_vit: Callable[..., Path]) -> None:
     """A fresh process with its own cluster, so the workers' logs are captured too."""
     tiny = write_tiny_vit(tmp_path / "tiny.safetensors")  # 2 blocks for a 12-block model
     projector = tmp_path / "p.npy"
@@ -115,7 +101,8 @@ def test_weights_error_is_printed_once(volumes: Path, tmp_path: Path) -> None:
 
 
 def test_projector_of_another_width_is_refused_before_any_volume(
-        volumes: Path, tmp_path: Path, address: str, capsys: pytest.CaptureFixture[str]) -> None:
+        volumes: Path, tmp_path: Path, address: str, capsys: pytest.CaptureFixture[str],
+        sam_segment_anything: Callable[..., Any]) -> None:
     reference = sam_segment_anything(tmp_path / "sam.pth")  # width 16
     projector = tmp_path / "p.npy"
     assert main(["projector", "--seed", "0", "--dim", "64", "--k", "2", "-o",
@@ -130,10 +117,11 @@ def test_projector_of_another_width_is_refused_before_any_volume(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_every_family_embeds_and_fits_through_the_cli(family: str, volumes: Path,
-                                                     tmp_path: Path, address: str) -> None:
-    reference = FAMILIES[family](tmp_path / "weights")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_embeds_and_fits_through_the_cli(
+        family: str, volumes: Path, tmp_path: Path, address: str,
+        reference_builders: dict[str, Callable[[Path], Any]]) -> None:
+    reference = reference_builders[family](tmp_path / "weights")
     projector = tmp_path / "p.npy"
     width = 16 if family == "sam" else 64
     assert main(["projector", "--seed", "0", "--dim", str(width), "--k", "3", "-o",

@@ -8,12 +8,13 @@ hint, and ``raptorz info --repair`` consolidates it.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import xarray as xr
 import zarr
-from store_runs import PROJECTORS, converted, embed_tiny, thread_client
 
 from raptorz import stores
 from raptorz.cli.main import main
@@ -35,9 +36,13 @@ def _assert_opens_as_raptorz_reads(path: Path, kind: str) -> None:
 
 
 @pytest.mark.slow
-def test_every_kind_of_store_opens_without_warning(
-        tmp_path: Path, tiny_vit_weights: tuple[str, Path],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_kind_of_store_opens_without_warning(tmp_path: Path,
+                                                   tiny_vit_weights: tuple[str, Path],
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   converted: Callable[[Path, int, int], Path],
+                                                   embed_tiny: Callable[..., Any],
+                                                   run_projectors: list[Any],
+                                                   thread_client: Callable[[], Any]) -> None:
     volumes = converted(tmp_path, 4, chunk=1)
     _assert_opens_as_raptorz_reads(volumes, "volumes")
     full, resumed, killed = (tmp_path / f"{name}.zarr" for name in ("full", "resumed", "killed"))
@@ -61,12 +66,12 @@ def test_every_kind_of_store_opens_without_warning(
     _assert_opens_as_raptorz_reads(killed, "embeddings")  # after a run that lost a task
     ds = stores.open_store(full, "embeddings")
     assert {"p4", "p2", "matrix_p2"} <= set(ds.data_vars)
-    assert set(ds.attrs["projectors"]) == {PROJECTORS[0].name, "p2"}
+    assert set(ds.attrs["projectors"]) == {run_projectors[0].name, "p2"}
 
 
 def test_store_without_consolidated_metadata_hints_and_is_repaired(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        converted: Callable[[Path, int, int], Path]) -> None:
     with monkeypatch.context() as patch:  # as raptorz 0.1 wrote stores
         patch.setattr(stores, "consolidate", lambda path: None)
         store = converted(tmp_path, 3, chunk=2)
@@ -89,7 +94,8 @@ def test_store_without_consolidated_metadata_hints_and_is_repaired(
 
 
 def test_stale_consolidated_metadata_is_reported_and_repaired(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        converted: Callable[[Path, int, int], Path]) -> None:
     store = converted(tmp_path, 2, chunk=2)
     # a variable's attributes changed by hand, after the store was consolidated
     zarr.open_array(store / "volume", mode="r+").attrs["reviewed"] = "yes"

@@ -12,21 +12,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import xarray as xr
-from store_runs import (
-    TOLERANCE,
-    changed_chunks,
-    chunk_files,
-    converted,
-    embed_tiny,
-    tear,
-    thread_client,
-    volume_sources,
-)
 
 from raptorz import stores
 from raptorz.errors import RaptorzWarning
@@ -69,8 +61,11 @@ def _reference_volumes(tmp_path: Path, sources: list[Path]) -> np.ndarray:
     return np.asarray(open_volumes(store)["volume"].values)
 
 
-def test_convert_killed_between_data_and_status(tmp_path: Path,
-                                                written_regions: list[tuple[int, int]]) -> None:
+def test_convert_killed_between_data_and_status(
+        tmp_path: Path, written_regions: list[tuple[int, int]],
+        changed_chunks: Callable[[dict[str, tuple[int, bytes]], Path], set[int]],
+        chunk_files: Callable[[Path], dict[str, tuple[int, bytes]]],
+        volume_sources: Callable[..., list[Path]]) -> None:
     sources = volume_sources(tmp_path / "src", 6)
     store = tmp_path / "volumes.zarr"
     killed = subprocess.run([sys.executable, "-c", KILLED_CONVERT, str(sources[0]), str(store),
@@ -89,7 +84,10 @@ def test_convert_killed_between_data_and_status(tmp_path: Path,
 
 
 def test_convert_rerun_after_torn_status_and_error_files(
-        tmp_path: Path, written_regions: list[tuple[int, int]]) -> None:
+        tmp_path: Path, written_regions: list[tuple[int, int]],
+        changed_chunks: Callable[[dict[str, tuple[int, bytes]], Path], set[int]],
+        chunk_files: Callable[[Path], dict[str, tuple[int, bytes]]],
+        tear: Callable[[Path, str], None], volume_sources: Callable[..., list[Path]]) -> None:
     sources = volume_sources(tmp_path / "src", 6, bad=True)  # ids 0-5, then one bad file
     store = tmp_path / "volumes.zarr"
     first = convert(sources, store, chunk=2, workers=1)
@@ -116,7 +114,11 @@ def test_convert_rerun_after_torn_status_and_error_files(
 @pytest.mark.slow
 def test_embed_task_stopped_between_data_and_status(
         tmp_path: Path, tiny_vit_weights: tuple[str, Path], monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str],
+        changed_chunks: Callable[[dict[str, tuple[int, bytes]], Path], set[int]],
+        chunk_files: Callable[[Path], dict[str, tuple[int, bytes]]],
+        converted: Callable[[Path, int, int], Path], embed_tiny: Callable[..., Any],
+        thread_client: Callable[[], Any], run_tolerance: dict[str, float]) -> None:
     volumes = converted(tmp_path, 5, chunk=1)  # one task per volume
     output = tmp_path / "embeddings.zarr"
     write_region = stores.write_region
@@ -148,12 +150,17 @@ def test_embed_task_stopped_between_data_and_status(
     # volume 2's data was on disk before its status; finished volumes' files are untouched
     assert not half.avgpool[2].isnull().any()
     assert changed_chunks(before, output) == {2, 3}
-    _assert_same_embeddings(output, tmp_path / "reference.zarr")
+    _assert_same_embeddings(output, tmp_path / "reference.zarr", run_tolerance)
 
 
 @pytest.mark.slow
 def test_embed_rerun_after_torn_status_and_error_files(
-        tmp_path: Path, tiny_vit_weights: tuple[str, Path]) -> None:
+        tmp_path: Path, tiny_vit_weights: tuple[str, Path],
+        changed_chunks: Callable[[dict[str, tuple[int, bytes]], Path], set[int]],
+        chunk_files: Callable[[Path], dict[str, tuple[int, bytes]]],
+        converted: Callable[[Path, int, int], Path], embed_tiny: Callable[..., Any],
+        run_tolerance: dict[str, float], tear: Callable[[Path, str], None],
+        thread_client: Callable[[], Any]) -> None:
     volumes = converted(tmp_path, 5, chunk=1)
     output = tmp_path / "embeddings.zarr"
     with thread_client() as client:
@@ -172,12 +179,12 @@ def test_embed_rerun_after_torn_status_and_error_files(
     ds = open_embeddings(output)
     assert list(ds.error.values) == [""] * 5
     for name in ("p4", "tokens", "avgpool"):
-        np.testing.assert_allclose(ds[name].values, reference[name].values, **TOLERANCE)
+        np.testing.assert_allclose(ds[name].values, reference[name].values, **run_tolerance)
 
 
-def _assert_same_embeddings(path: Path, reference: Path) -> None:
+def _assert_same_embeddings(path: Path, reference: Path, tolerance: dict[str, float]) -> None:
     ours, theirs = open_embeddings(path), open_embeddings(reference)
     np.testing.assert_array_equal(stores.read_status(path), stores.read_status(reference))
     for name in ("p4", "tokens", "avgpool"):
-        np.testing.assert_allclose(ours[name].values, theirs[name].values, **TOLERANCE)
+        np.testing.assert_allclose(ours[name].values, theirs[name].values, **tolerance)
     xr.testing.assert_identical(ours.error, theirs.error)

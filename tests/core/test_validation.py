@@ -4,10 +4,11 @@ with one error type; the CLI only parses and maps the error to exit code 2."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
-from volume_files import volume, write_nifti
 
 from raptorz.cli.main import EXIT_REFUSED, main
 from raptorz.demo import run_demo
@@ -41,7 +42,8 @@ def test_cli_projector_reports_the_library_error(tmp_path: Path,
 
 
 @pytest.fixture
-def three_volumes(tmp_path: Path) -> list[Path]:
+def three_volumes(tmp_path: Path, volume: Callable[..., np.ndarray],
+                  write_nifti: Callable[..., Path]) -> list[Path]:
     return [write_nifti(tmp_path / f"{name}.nii.gz", volume((6, 6, 6), seed=i))
             for i, name in enumerate("abc")]
 

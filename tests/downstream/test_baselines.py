@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import dask.array as da
@@ -10,7 +11,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
-from fit_fixtures import write_labels
 
 from raptorz import stores
 from raptorz.cli.main import main
@@ -42,7 +42,8 @@ def test_downsample_is_the_block_mean() -> None:
     np.testing.assert_allclose(downsample(volumes, 4), expected, rtol=1e-12)
 
 
-def test_voxel_baseline_pca_fitted_on_train_only(tmp_path: Path) -> None:
+def test_voxel_baseline_pca_fitted_on_train_only(tmp_path: Path,
+                                                 write_labels: Callable[..., Path]) -> None:
     from sklearn.decomposition import PCA
 
     rng = np.random.default_rng(1)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from fit_fixtures import PROJECTOR, synthetic, write_embeddings, write_labels
 from sklearn.linear_model import LogisticRegression, Ridge
 
 from raptorz import stores
@@ -24,7 +24,9 @@ SHAPE = (2, 3, 4)
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def data(tmp_path_factory: pytest.TempPathFactory,
+         synthetic: Callable[..., tuple[np.ndarray, list[str], np.ndarray]],
+         write_embeddings: Callable[..., Path]) -> dict:
     """A store of 200 volumes x 24 features, and targets that are functions of them."""
     folder = tmp_path_factory.mktemp("fit")
     features, ids, split = synthetic(N, SHAPE)
@@ -44,19 +46,24 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
     }
 
 
-def labels(data: dict, name: str, rows: np.ndarray | None = None, **columns: np.ndarray
-           ) -> Path:
-    """A labels CSV of ``rows`` (default all volumes) with the given target columns."""
-    rows = np.arange(N) if rows is None else rows
-    return write_labels(data["folder"] / f"{name}.csv", [data["ids"][i] for i in rows],
-                        data["split"][rows], {k: v[rows] for k, v in columns.items()})
+@pytest.fixture
+def labels(write_labels: Callable[..., Path]) -> Callable[..., Path]:
+    """``labels(data, name, rows=None, **columns)``: a labels CSV of ``rows`` (default all
+    volumes) with the given target columns."""
+    def labels(data: dict, name: str, rows: np.ndarray | None = None,
+               **columns: np.ndarray) -> Path:
+        rows = np.arange(N) if rows is None else rows
+        return write_labels(data["folder"] / f"{name}.csv", [data["ids"][i] for i in rows],
+                            data["split"][rows], {k: v[rows] for k, v in columns.items()})
+    return labels
 
 
 def quick(**head: object) -> FitSettings:
     return FitSettings(head=HeadSettings(**head), bootstrap=50)  # type: ignore[arg-type]
 
 
-def test_separable_classes_score_near_one(data: dict, tmp_path: Path) -> None:
+def test_separable_classes_score_near_one(data: dict, tmp_path: Path,
+                                          labels: Callable[..., Path]) -> None:
     # Only the volumes with a margin are labelled; the store's other volumes are unused.
     rows = np.flatnonzero(data["margin"])
     result = fit(data["store"], labels(data, "sep", rows, label=data["separable"]), tmp_path,
@@ -77,7 +84,8 @@ def test_separable_classes_score_near_one(data: dict, tmp_path: Path) -> None:
     assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_permuted_labels_score_near_half(data: dict, tmp_path: Path) -> None:
+def test_permuted_labels_score_near_half(data: dict, tmp_path: Path,
+                                         labels: Callable[..., Path]) -> None:
     # Guards against leakage between splits: with labels unrelated to the features, test
     # AUROC must be near chance whatever the penalty chosen on val.
     permuted = np.random.default_rng(7).permutation(data["separable"])
@@ -87,14 +95,15 @@ def test_permuted_labels_score_near_half(data: dict, tmp_path: Path) -> None:
     assert auroc["low"] < 0.5 < auroc["high"]
 
 
-def test_three_classes(data: dict, tmp_path: Path) -> None:
+def test_three_classes(data: dict, tmp_path: Path, labels: Callable[..., Path]) -> None:
     result = fit(data["store"], labels(data, "three", grade=data["three"]), tmp_path, quick())
     assert result.model.classes == ("0", "1", "2")
     assert list(result.predictions.columns) == ["id", "grade_0", "grade_1", "grade_2"]
     assert result.metrics["targets"]["grade"]["auroc"]["value"] > 0.9
 
 
-def test_linear_function_is_recovered(data: dict, tmp_path: Path) -> None:
+def test_linear_function_is_recovered(data: dict, tmp_path: Path,
+                                      labels: Callable[..., Path]) -> None:
     target = data["linear"].copy()
     target[::7] = np.nan  # missing values are masked for this target only
     csv = labels(data, "reg", score=target, other=data["linear"] * 2)
@@ -109,7 +118,7 @@ def test_linear_function_is_recovered(data: dict, tmp_path: Path) -> None:
     assert (tmp_path / "predicted_vs_true.png").is_file()
 
 
-def test_multilabel_is_inferred(data: dict, tmp_path: Path) -> None:
+def test_multilabel_is_inferred(data: dict, tmp_path: Path, labels: Callable[..., Path]) -> None:
     csv = labels(data, "multi", a=data["multi"][:, 0], b=data["multi"][:, 1])
     result = fit(data["store"], csv, tmp_path, quick())
     assert result.model.task == "multilabel"
@@ -117,7 +126,8 @@ def test_multilabel_is_inferred(data: dict, tmp_path: Path) -> None:
     assert list(result.predictions.columns) == ["id", "a", "b"]
 
 
-def test_linear_head_matches_scikit_learn(data: dict, tmp_path: Path) -> None:
+def test_linear_head_matches_scikit_learn(data: dict, tmp_path: Path,
+                                          labels: Callable[..., Path]) -> None:
     """Float64 reference: each C's optimum equals scikit-learn's on standardized features."""
     train, test = data["split"] == "train", data["split"] == "test"
     mean, std = data["x"][train].mean(axis=0), data["x"][train].std(axis=0)
@@ -143,7 +153,8 @@ def test_linear_head_matches_scikit_learn(data: dict, tmp_path: Path) -> None:
     ({}, "three"), ({}, "linear"),
     ({"head": "mlp", "epochs": 3, "layers": 3, "dropout": 0.1}, "separable"),
 ])
-def test_streaming_equals_in_memory(data: dict, tmp_path: Path, head: dict, column: str) -> None:
+def test_streaming_equals_in_memory(data: dict, tmp_path: Path, head: dict, column: str,
+                                    labels: Callable[..., Path]) -> None:
     csv = labels(data, f"lazy_{column}", target=data[column])
     settings = quick(**head)
     memory = fit(data["store"], csv, tmp_path / "memory", settings)
@@ -154,8 +165,8 @@ def test_streaming_equals_in_memory(data: dict, tmp_path: Path, head: dict, colu
     assert memory.metrics["mean"] == streamed.metrics["mean"]
 
 
-def test_streaming_statistics_are_exact(data: dict) -> None:
-    variable = stores.open_store(data["store"], "embeddings")[PROJECTOR]
+def test_streaming_statistics_are_exact(data: dict, projector_name: str) -> None:
+    variable = stores.open_store(data["store"], "embeddings")[projector_name]
     rows = np.flatnonzero(data["split"] == "train")
     for budget in (0, 10**9):
         features = Features.open(variable, np.arange(N), budget)
@@ -173,7 +184,8 @@ def test_mlp_is_the_original_architecture() -> None:
     assert (model[0].in_features, model[-1].out_features) == (77100, 199)
 
 
-def test_mlp_is_deterministic_and_reloads(data: dict, tmp_path: Path) -> None:
+def test_mlp_is_deterministic_and_reloads(data: dict, tmp_path: Path,
+                                          labels: Callable[..., Path]) -> None:
     csv = labels(data, "mlp", label=data["separable"])
     settings = quick(head="mlp", epochs=4, dropout=0.2, seed=3)
     first = fit(data["store"], csv, tmp_path / "a", settings)
@@ -188,7 +200,8 @@ def test_mlp_is_deterministic_and_reloads(data: dict, tmp_path: Path) -> None:
                                rtol=1e-6)
 
 
-def test_linear_model_reloads_through_the_cli(data: dict, tmp_path: Path) -> None:
+def test_linear_model_reloads_through_the_cli(data: dict, tmp_path: Path,
+                                              labels: Callable[..., Path]) -> None:
     csv = labels(data, "cli", label=data["separable"])
     assert main(["fit", str(data["store"]), "--labels", str(csv), "-o", str(tmp_path / "r"),
                  "--bootstrap", "20", "--targets", "label"]) == 0
@@ -206,7 +219,7 @@ def test_linear_model_reloads_through_the_cli(data: dict, tmp_path: Path) -> Non
     pd.testing.assert_frame_equal(again.loc[test_ids], written.loc[test_ids])
 
 
-def test_features_choice(data: dict, tmp_path: Path) -> None:
+def test_features_choice(data: dict, tmp_path: Path, labels: Callable[..., Path]) -> None:
     csv = labels(data, "avg", label=data["separable"])
     result = fit(data["store"], csv, tmp_path, FitSettings(projector="avgpool", bootstrap=0))
     assert result.model.feature == "avgpool"

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fit_fixtures import write_embeddings, write_labels
 
 from raptorz.cli.main import main
 from raptorz.downstream.fitting import FitSettings, fit
@@ -54,7 +54,8 @@ def test_cli_refuses_unreadable_layers(capsys: pytest.CaptureFixture[str]) -> No
 
 
 @pytest.fixture(scope="module")
-def product(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def product(tmp_path_factory: pytest.TempPathFactory, write_embeddings: Callable[..., Path],
+            write_labels: Callable[..., Path]) -> tuple[Path, Path]:
     """y = x0 * x1: no linear model beats the mean; one hidden layer fits it."""
     rng = np.random.default_rng(7)
     n = 600
@@ -98,8 +99,8 @@ def test_one_layer_alone_cannot_fit_it(product: tuple[Path, Path], tmp_path: Pat
     assert metrics["mean"]["R2"]["value"] < 0.3  # chance level on 100 test rows; deep: > 0.7
 
 
-def test_many_regression_targets_in_one_model(product: tuple[Path, Path], tmp_path: Path
-                                              ) -> None:
+def test_many_regression_targets_in_one_model(product: tuple[Path, Path], tmp_path: Path,
+                                              write_labels: Callable[..., Path]) -> None:
     """As the original fits 199 IDPs at once: one MLP, one output per target."""
     store, _ = product
     rng = np.random.default_rng(3)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fit_fixtures import PROJECTOR, synthetic, write_embeddings, write_labels
 
 from raptorz import stores
 from raptorz.cli.main import main
@@ -21,7 +21,9 @@ QUICK = FitSettings(bootstrap=10)
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def store(tmp_path_factory: pytest.TempPathFactory,
+          synthetic: Callable[..., tuple[np.ndarray, list[str], np.ndarray]],
+          write_embeddings: Callable[..., Path]) -> dict:
     """40 volumes chunked by one (as ``raptorz embed`` writes), two of them failed."""
     features, ids, split = synthetic(N, (1, 2, 3))
     status = np.full(N, stores.OK)
@@ -32,17 +34,23 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"path": path, "ids": ids, "split": split, "label": label, "status": status}
 
 
-def csv(tmp_path: Path, store: dict, ids: list[str] | None = None, **columns: np.ndarray) -> Path:
-    ids = ids or store["ids"]
-    columns = columns or {"label": store["label"][:len(ids)]}
-    return write_labels(tmp_path / "labels.csv", ids, store["split"][:len(ids)], columns)
+@pytest.fixture
+def csv(write_labels: Callable[..., Path]) -> Callable[..., Path]:
+    """``csv(tmp_path, store, ids=None, **columns)``: a labels CSV of ``ids`` (default all)."""
+    def csv(tmp_path: Path, store: dict, ids: list[str] | None = None,
+            **columns: np.ndarray) -> Path:
+        ids = ids or store["ids"]
+        columns = columns or {"label": store["label"][:len(ids)]}
+        return write_labels(tmp_path / "labels.csv", ids, store["split"][:len(ids)], columns)
+    return csv
 
 
 def ok_only(store: dict) -> list[str]:
     return [i for i, s in zip(store["ids"], store["status"], strict=True) if s == stores.OK]
 
 
-def test_missing_and_failed_are_left_out_with_a_warning(store: dict, tmp_path: Path) -> None:
+def test_missing_and_failed_are_left_out_with_a_warning(store: dict, tmp_path: Path,
+                                                        csv: Callable[..., Path]) -> None:
     ids = [*store["ids"][:-1], "ghost"]
     labels = csv(tmp_path, store, ids)
     with pytest.warns(MissingEmbeddingsWarning, match=r"1 have no embedding \(ghost\).*"
@@ -56,7 +64,8 @@ def test_missing_and_failed_are_left_out_with_a_warning(store: dict, tmp_path: P
     assert "ghost" in str(error.value)
 
 
-def test_cli_exit_codes(store: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_exit_codes(store: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                        csv: Callable[..., Path]) -> None:
     base = ["fit", str(store["path"]), "-o", str(tmp_path / "out"), "--bootstrap", "5"]
     assert main([*base, "--labels", str(csv(tmp_path, store, ok_only(store)))]) == 0
     assert main([*base, "--labels", str(csv(tmp_path, store))]) == 1  # two left out
@@ -66,7 +75,8 @@ def test_cli_exit_codes(store: dict, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "absent.csv: labels file not found" in capsys.readouterr().err
 
 
-def test_ids_match_without_file_extensions(store: dict, tmp_path: Path) -> None:
+def test_ids_match_without_file_extensions(store: dict, tmp_path: Path,
+                                           csv: Callable[..., Path]) -> None:
     ids = [f"{name}.nii.gz" for name in ok_only(store)]
     found = store_index(np.array(ids), np.array(store["ids"]))
     assert (found >= 0).all()
@@ -75,10 +85,11 @@ def test_ids_match_without_file_extensions(store: dict, tmp_path: Path) -> None:
     assert result.predictions["id"].str.endswith(".nii.gz").all()
 
 
-def test_unknown_projector_lists_the_choices(store: dict, tmp_path: Path) -> None:
+def test_unknown_projector_lists_the_choices(store: dict, tmp_path: Path, projector_name: str,
+                                             csv: Callable[..., Path]) -> None:
     with pytest.raises(SettingsError, match=f"projector: .*embeddings.zarr has no projector or "
-                                            f"feature variable 'nope'; available: {PROJECTOR}, "
-                                            "avgpool"):
+                                            "feature variable 'nope'; available: "
+                                            f"{projector_name}, avgpool"):
         fit(store["path"], csv(tmp_path, store), tmp_path, FitSettings(projector="nope"))
 
 
@@ -95,12 +106,12 @@ def test_malformed_labels(tmp_path: Path, text: str, message: str) -> None:
         read_labels(path)
 
 
-def test_unknown_target_column(store: dict, tmp_path: Path) -> None:
+def test_unknown_target_column(store: dict, tmp_path: Path, csv: Callable[..., Path]) -> None:
     with pytest.raises(InputError, match=r"no target column\(s\) \['age'\]"):
         fit(store["path"], csv(tmp_path, store), tmp_path, FitSettings(targets=("age",)))
 
 
-def test_empty_split(store: dict, tmp_path: Path) -> None:
+def test_empty_split(store: dict, tmp_path: Path, write_labels: Callable[..., Path]) -> None:
     ok = ok_only(store)
     split = np.where(store["split"] == "val", "train", store["split"])
     labels = write_labels(tmp_path / "labels.csv", ok, split[:len(ok)],
@@ -109,7 +120,7 @@ def test_empty_split(store: dict, tmp_path: Path) -> None:
         fit(store["path"], labels, tmp_path, QUICK)
 
 
-def test_constant_targets(store: dict, tmp_path: Path) -> None:
+def test_constant_targets(store: dict, tmp_path: Path, csv: Callable[..., Path]) -> None:
     ok = ok_only(store)
     train = store["split"][:len(ok)] == "train"
     constant = np.where(train, 5.0, np.arange(len(ok)))
@@ -121,7 +132,7 @@ def test_constant_targets(store: dict, tmp_path: Path) -> None:
         fit(store["path"], csv(tmp_path, store, ok, label=one_class), tmp_path, QUICK)
 
 
-def test_missing_targets(store: dict, tmp_path: Path) -> None:
+def test_missing_targets(store: dict, tmp_path: Path, csv: Callable[..., Path]) -> None:
     ok = ok_only(store)
     label = store["label"][:len(ok)].astype(float)
     label[3] = np.nan
@@ -133,7 +144,7 @@ def test_missing_targets(store: dict, tmp_path: Path) -> None:
         fit(store["path"], csv(tmp_path, store, ok, y=allnan, z=label), tmp_path, QUICK)
 
 
-def test_text_targets(store: dict, tmp_path: Path) -> None:
+def test_text_targets(store: dict, tmp_path: Path, csv: Callable[..., Path]) -> None:
     ok = ok_only(store)
     names = np.where(store["label"][:len(ok)] == 1, "tumour", "normal")
     result = fit(store["path"], csv(tmp_path, store, ok, kind=names), tmp_path / "o", QUICK)
@@ -143,7 +154,10 @@ def test_text_targets(store: dict, tmp_path: Path) -> None:
             tmp_path, QUICK)
 
 
-def test_predict_refuses_other_features(store: dict, tmp_path: Path) -> None:
+def test_predict_refuses_other_features(
+        store: dict, tmp_path: Path,
+        synthetic: Callable[..., tuple[np.ndarray, list[str], np.ndarray]],
+        write_embeddings: Callable[..., Path], csv: Callable[..., Path]) -> None:
     fit(store["path"], csv(tmp_path, store, ok_only(store)), tmp_path / "out", QUICK)
     features, ids, _ = synthetic(4, (1, 2, 4))
     other = write_embeddings(tmp_path / "other.zarr", features, ids)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fit_fixtures import synthetic, write_embeddings, write_labels
 from safetensors.numpy import load_file, save_file
 
 from raptorz.cli.main import main
@@ -23,7 +22,10 @@ N = 40
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def fitted(tmp_path_factory: pytest.TempPathFactory,
+           synthetic: Callable[..., tuple[np.ndarray, list[str], np.ndarray]],
+           write_embeddings: Callable[..., Path],
+           write_labels: Callable[..., Path]) -> dict[str, Path]:
     """An embeddings store, and a linear and an MLP model fitted on it."""
     folder = tmp_path_factory.mktemp("models")
     features, ids, split = synthetic(N, (1, 2, 3))

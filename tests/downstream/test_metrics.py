@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import matplotlib
@@ -127,10 +127,12 @@ def pdf_backend() -> Iterator[str]:
     matplotlib.use(before)
 
 
-def test_plots_leave_the_backend_and_pyplot_alone(tmp_path: Path, pdf_backend: str) -> None:
+def test_plots_leave_the_backend_and_pyplot_alone(
+        tmp_path: Path, pdf_backend: str,
+        synthetic: Callable[..., tuple[np.ndarray, list[str], np.ndarray]],
+        write_embeddings: Callable[..., Path], write_labels: Callable[..., Path]) -> None:
     """A library plot draws on its own Figure: no backend switch, no pyplot figure left open."""
     import matplotlib.pyplot as plt
-    from fit_fixtures import synthetic, write_embeddings, write_labels
 
     from raptorz.downstream.pca import embedding_pca
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -141,9 +142,10 @@ def test_few_shot_sizes(adrenal: dict, tmp_path: Path) -> None:
     assert len(table) == 2 * 3
 
 
-def test_sweep_needs_stored_tokens(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from fit_fixtures import synthetic, write_embeddings, write_labels
-
+def test_sweep_needs_stored_tokens(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        synthetic: Callable[..., tuple[np.ndarray, list[str], np.ndarray]],
+        write_embeddings: Callable[..., Path], write_labels: Callable[..., Path]) -> None:
     features, ids, split = synthetic(20, (1, 2, 3))
     store = write_embeddings(tmp_path / "e.zarr", features, ids)
     labels = write_labels(tmp_path / "l.csv", ids, split, {"y": np.arange(20.0)})

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import dask.array as da
@@ -20,7 +21,6 @@ import numpy as np
 import pytest
 import xarray as xr
 from distributed import Client, get_task_stream
-from vit_fixtures import write_tiny_vit
 
 from raptorz import stores
 from raptorz.cli.main import main
@@ -71,8 +71,8 @@ def many_volumes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _reference(store: Path, weights: tuple[str, Path]) -> dict[str, np.ndarray]:
     """The in-process kernel on every volume of ``store``."""
     block = open_volumes(store)["volume"].values
-    result = embed_block(block, create_encoder(weights[0], weights=weights[1]), PROJECTORS,
-                         SETTINGS)
+    result = embed_block(block, create_encoder(weights[0], weights=weights[1], device="cpu"),
+                         PROJECTORS, SETTINGS)
     return {**result.projections, "tokens": result.tokens, "avgpool": result.avgpool}
 
 
@@ -119,7 +119,7 @@ def test_two_workers_equal_in_process_kernel(client: Client, volumes: Path, tmp_
     ds = open_embeddings(output)
     assert list(ds["id"].values) == list(open_volumes(volumes)["id"].values)
     assert ds.attrs["encoder"]["weights_checksum"] == create_encoder(
-        name, weights=weights).checksum
+        name, weights=weights, device="cpu").checksum
     assert ds.attrs["projectors"]["p5"]["checksum"] == PROJECTORS[0].checksum
     assert ds.attrs["source"]["attrs"] == open_volumes(volumes).attrs
     assert ds.attrs["settings"]["keep_tokens"] is True
@@ -151,7 +151,8 @@ def test_every_worker_loads_the_encoder_before_the_run(
 
 
 def test_other_settings_are_refused(client: Client, volumes: Path, tmp_path: Path,
-                                    tiny_vit_weights: tuple[str, Path]) -> None:
+                                    tiny_vit_weights: tuple[str, Path],
+                                    write_tiny_vit: Callable[..., Path]) -> None:
     output = tmp_path / "embeddings.zarr"
     name, weights = tiny_vit_weights
     embed(volumes, output, PROJECTORS[:1], encoder=name, weights=weights, settings=SETTINGS,
@@ -210,8 +211,8 @@ def test_failed_volumes_are_recorded(client: Client, tmp_path: Path,
     assert summary.errors["c"] == "volume not converted (failed): unreadable header"
     status = stores.read_status(output)
     assert status.tolist() == [stores.OK, stores.FAILED, stores.FAILED, stores.OK]
-    result = embed_block(block[[0, 3]], create_encoder(name, weights=weights), PROJECTORS,
-                         SETTINGS)
+    result = embed_block(block[[0, 3]], create_encoder(name, weights=weights, device="cpu"),
+                         PROJECTORS, SETTINGS)
     ds = open_embeddings(output)
     np.testing.assert_allclose(ds["p5"].values[[0, 3]], result.projections["p5"], **TOLERANCE)
     assert np.isnan(ds["p5"].values[1]).all()

@@ -64,10 +64,10 @@ def test_medsam_sees_the_stretched_slice_in_0_1() -> None:
 
 
 def test_provenance_records_each_models_input() -> None:
-    clip = create_encoder("raptorz_tiny_clip", weights=RANDOM_WEIGHTS).provenance()
+    clip = create_encoder("raptorz_tiny_clip", weights=RANDOM_WEIGHTS, device="cpu").provenance()
     assert (clip["mean"], clip["std"]) == (list(CLIP_MEAN), list(CLIP_STD))
     assert (clip["img_size"], clip["patch_size"], clip["resize"]) == (224, 14, "stretch")
-    sam = create_encoder("raptorz_tiny_sam", weights=RANDOM_WEIGHTS).provenance()
+    sam = create_encoder("raptorz_tiny_sam", weights=RANDOM_WEIGHTS, device="cpu").provenance()
     assert (sam["img_size"], sam["patch_size"], sam["resize"]) == (64, 16, "longest_side")
     assert sam["config"]["pixel_scale"] == 255.0 and sam["config"]["mean"][0] == 123.675
     assert sam["mean"][0] == pytest.approx(IMAGENET_MEAN[0])  # 123.675 / 255
@@ -85,14 +85,14 @@ def test_timm_names_take_timm_normalisation_and_family() -> None:
 
 def test_cls_tokens_and_feature_map_tokens_in_the_kernel() -> None:
     volume = np.random.default_rng(2).random((6, 7, 5)).astype(np.float32)
-    vit = create_encoder("raptorz_tiny_dinov2_reg", weights=RANDOM_WEIGHTS)
+    vit = create_encoder("raptorz_tiny_dinov2_reg", weights=RANDOM_WEIGHTS, device="cpu")
     projector = [create_projector(0, vit.embed_dim, 3, "p")]
     every = embed_volume(volume, vit, projector, KernelSettings(planes=(0,)))
     cls = embed_volume(volume, vit, projector, KernelSettings(planes=(0,), tokens="cls"))
     assert vit.token_kinds[:6] == ("cls", "register", "register", "register", "register",
                                    "patch")
     np.testing.assert_array_equal(cls.projections["p"], every.projections["p"][..., :1])
-    sam = create_encoder("raptorz_tiny_sam", weights=RANDOM_WEIGHTS)
+    sam = create_encoder("raptorz_tiny_sam", weights=RANDOM_WEIGHTS, device="cpu")
     grid = embed_volume(volume, sam, [create_projector(0, 16, 3, "p")],
                         KernelSettings(planes=(0,)))
     assert grid.projections["p"].shape == (1, 1, 3, 16)  # 16 grid positions of width 16

@@ -6,18 +6,13 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from encoder_references import (
-    biomedclip_open_clip,
-    clip_transformers,
-    dinov3_transformers,
-    sam_segment_anything,
-)
 from safetensors.torch import load_file, save_file
-from vit_fixtures import write_tiny_vit
 
 from raptorz.embedding.encoders import create_encoder
 from raptorz.errors import InputError, RaptorzError
@@ -61,26 +56,29 @@ def timm_roundtrip(name: str, path: Path, tmp_path: Path, **overrides: object) -
     return first.checksum
 
 
-def test_dinov3_original_transformers_and_timm_layouts_agree(tmp_path: Path) -> None:
+def test_dinov3_original_transformers_and_timm_layouts_agree(
+        tmp_path: Path, dinov3_transformers: Callable[..., Any]) -> None:
     ref = dinov3_transformers(tmp_path / "hf")
     checksum = timm_roundtrip(ref.name, ref.path, tmp_path)
     original = tmp_path / "dinov3_vits16_pretrain_lvd1689m.pth"
     torch.save(to_dinov3_original(load_file(str(ref.path / "model.safetensors"))), original)
-    encoder = create_encoder(ref.name, weights=original)
+    encoder = create_encoder(ref.name, weights=original, device="cpu")
     assert encoder.layout == "dinov3" and encoder.checksum == checksum
 
 
-def test_dinov3_nonzero_qv_biases_are_refused(tmp_path: Path) -> None:
+def test_dinov3_nonzero_qv_biases_are_refused(tmp_path: Path,
+                                              dinov3_transformers: Callable[..., Any]) -> None:
     ref = dinov3_transformers(tmp_path / "hf")
     state = load_file(str(ref.path / "model.safetensors"))
     key = next(k for k in state if k.endswith("q_proj.bias"))
     state[key] = torch.ones_like(state[key])
     save_file(state, str(tmp_path / "biased.safetensors"))
     with pytest.raises(InputError, match="non-zero query / value biases.*_qkvb"):
-        create_encoder(ref.name, weights=tmp_path / "biased.safetensors")
+        create_encoder(ref.name, weights=tmp_path / "biased.safetensors", device="cpu")
 
 
-def test_clip_transformers_llava_and_timm_layouts_agree(tmp_path: Path) -> None:
+def test_clip_transformers_llava_and_timm_layouts_agree(
+        tmp_path: Path, clip_transformers: Callable[..., Any]) -> None:
     ref = clip_transformers(tmp_path / "hf")
     checksum = timm_roundtrip(ref.name, ref.path, tmp_path)
     state = load_file(str(ref.path / "model.safetensors"))
@@ -88,37 +86,42 @@ def test_clip_transformers_llava_and_timm_layouts_agree(tmp_path: Path) -> None:
     save_file({"model.embed_tokens.weight": torch.zeros(4, 4),
                **{f"model.vision_tower.vision_tower.vision_model.{k}": v
                   for k, v in state.items()}}, str(llava))
-    encoder = create_encoder(ref.name, weights=llava)
+    encoder = create_encoder(ref.name, weights=llava, device="cpu")
     assert encoder.layout == "llava" and encoder.checksum == checksum
 
 
-def test_llava_tower_keeps_penultimate_block_only(tmp_path: Path) -> None:
+def test_llava_tower_keeps_penultimate_block_only(tmp_path: Path,
+                                                  clip_transformers: Callable[..., Any]) -> None:
     ref = clip_transformers(tmp_path / "hf", llava=True)  # 3 blocks in the file
-    encoder = create_encoder(ref.name, weights=ref.path)
+    encoder = create_encoder(ref.name, weights=ref.path, device="cpu")
     assert len(encoder.model.blocks) == 2 and "norm.weight" not in encoder.model.state_dict()
     with pytest.raises(InputError, match="3 blocks found, 2 expected"):
-        create_encoder("raptorz_tiny_clip", weights=ref.path)  # full tower: 2 of 3 is wrong
+        # full tower: 2 of 3 is wrong
+        create_encoder("raptorz_tiny_clip", weights=ref.path, device="cpu")
 
 
-def test_sam_and_medsam_read_segment_anything_and_timm(tmp_path: Path) -> None:
+def test_sam_and_medsam_read_segment_anything_and_timm(
+        tmp_path: Path, sam_segment_anything: Callable[..., Any]) -> None:
     ref = sam_segment_anything(tmp_path / "medsam_vit_b.pth")
     checksum = timm_roundtrip(ref.name, ref.path, tmp_path)
     wrapped = tmp_path / "training_checkpoint.pth"  # MedSAM training saves {"model": ...}
     torch.save({"model": torch.load(ref.path, weights_only=True), "epoch": torch.tensor(3)},
                wrapped)
-    assert create_encoder(ref.name, weights=wrapped).checksum == checksum
+    assert create_encoder(ref.name, weights=wrapped, device="cpu").checksum == checksum
 
 
-def test_biomedclip_open_clip_folder_and_timm(tmp_path: Path) -> None:
+def test_biomedclip_open_clip_folder_and_timm(tmp_path: Path,
+                                              biomedclip_open_clip: Callable[..., Any]) -> None:
     ref = biomedclip_open_clip(tmp_path / "BiomedCLIP")
     timm_roundtrip(ref.name, ref.path, tmp_path)
-    assert create_encoder(ref.name, weights=ref.path).layout == "open_clip"
+    assert create_encoder(ref.name, weights=ref.path, device="cpu").layout == "open_clip"
 
 
-def test_misfit_weights_are_summarised_once_not_dumped(tmp_path: Path) -> None:
+def test_misfit_weights_are_summarised_once_not_dumped(tmp_path: Path,
+                                                       write_tiny_vit: Callable[..., Path]) -> None:
     tiny = write_tiny_vit(tmp_path / "tiny.safetensors")  # 2 blocks of width 64
     with pytest.raises(InputError) as caught:
-        create_encoder("dinov2-s", weights=tiny)  # 12 blocks of width 384
+        create_encoder("dinov2-s", weights=tiny, device="cpu")  # 12 blocks of width 384
     message = str(caught.value)
     assert str(tiny) in message and "dinov2-s" in message
     assert "read as the timm layout (accepted: timm, dinov2, transformers)" in message
@@ -129,11 +132,12 @@ def test_misfit_weights_are_summarised_once_not_dumped(tmp_path: Path) -> None:
 
 def test_empty_model_folder_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="holds no weights file"):
-        create_encoder("raptorz_tiny_dinov2", weights=tmp_path)
+        create_encoder("raptorz_tiny_dinov2", weights=tmp_path, device="cpu")
 
 
 @pytest.mark.slow
-def test_named_encoders_find_the_copies_users_have_in_the_hub_cache(tmp_path: Path) -> None:
+def test_named_encoders_find_the_copies_users_have_in_the_hub_cache(
+        tmp_path: Path, biomedclip_open_clip: Callable[..., Any]) -> None:
     """Offline, BiomedCLIP's open_clip file in the Hugging Face cache is found and used."""
     repo = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
     entry = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
@@ -156,4 +160,4 @@ def test_named_encoders_find_the_copies_users_have_in_the_hub_cache(tmp_path: Pa
 
 def test_named_encoders_without_timm_weights_say_where_to_get_them() -> None:
     with pytest.raises(RaptorzError, match="medsam_vit_b.pth"):
-        create_encoder("medsam")
+        create_encoder("medsam", device="cpu")

@@ -10,19 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from encoder_references import (
-    Reference,
-    biomedclip_open_clip,
-    clip_openai,
-    clip_transformers,
-    dinov2_transformers,
-    dinov3_transformers,
-    sam_segment_anything,
-)
 
 from raptorz.embedding.encoders import create_encoder
 from raptorz.embedding.preprocessing import prepare_images
@@ -31,23 +23,6 @@ pytest.importorskip("transformers", reason="the test extra installs transformers
 
 TOLERANCE = 1e-5
 
-BUILDERS: dict[str, Callable[[Path], Reference]] = {
-    "dinov2": lambda p: dinov2_transformers(p),
-    "dinov2-reg": lambda p: dinov2_transformers(p, registers=True),
-    # as facebook/dinov2-* ship: trained at 518 px, run at 224 (the position embedding
-    # resampled as transformers and DINOv2 do it, bicubic without antialiasing)
-    "dinov2-518": lambda p: dinov2_transformers(p, img_size=518),
-    "dinov2-reg-518": lambda p: dinov2_transformers(p, registers=True, img_size=518),
-    "rad-dino": lambda p: dinov2_transformers(p, name="rad-dino", img_size=518),
-    "dinov3": dinov3_transformers,
-    "dinov3-h+": lambda p: dinov3_transformers(p, gated=True),
-    "clip": lambda p: clip_transformers(p),
-    "clip-openai": clip_openai,
-    "llava-med": lambda p: clip_transformers(p, llava=True),
-    "sam": lambda p: sam_segment_anything(p / "sam_vit_tiny.pth"),
-    "medsam": lambda p: sam_segment_anything(p / "medsam_vit_b.pth", name="medsam"),
-    "biomedclip": biomedclip_open_clip,
-}
 #: Architecture overrides for named full-size encoders tested at tiny size.
 _TINY_VIT = {"depth": 2, "embed_dim": 64, "num_heads": 2}
 
@@ -57,10 +32,12 @@ def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return float((ours - theirs).abs().max() / theirs.abs().max())
 
 
-@pytest.mark.parametrize("family", list(BUILDERS))
-def test_tokens_equal_the_reference_implementation(family: str, tmp_path: Path) -> None:
+def test_tokens_equal_the_reference_implementation(
+        reference_family: str, tmp_path: Path,
+        reference_builders: dict[str, Callable[[Path], Any]]) -> None:
+    """Once per family of the ``reference_family`` fixture (every family with a reference)."""
     torch.manual_seed(0)
-    reference = BUILDERS[family](tmp_path)
+    reference = reference_builders[reference_family](tmp_path)
     overrides = reference.overrides or (_TINY_VIT if reference.name == "rad-dino" else {})
     encoder = create_encoder(reference.name, weights=reference.path, device="cpu",
                              precision="fp32", **overrides)
@@ -71,7 +48,7 @@ def test_tokens_equal_the_reference_implementation(family: str, tmp_path: Path) 
     ours = encoder.forward(images)
     with torch.no_grad():
         theirs = reference.tokens(images).float()
-    if family == "clip-openai":
+    if reference_family == "clip-openai":
         ours = ours[:, encoder.num_prefix_tokens:]
     assert ours.shape == theirs.shape
     assert ours.shape[1:] == (theirs.shape[1], encoder.embed_dim)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,6 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
-from vit_fixtures import TINY_ENCODER, tiny_vit_state_dict
 
 from raptorz.defaults import RANDOM_WEIGHTS, Precision
 from raptorz.embedding.encoders import (
@@ -25,7 +25,11 @@ from raptorz.embedding.encoders import (
 from raptorz.embedding.encoders._packing import can_pack
 from raptorz.errors import InputError, RaptorzError
 
-ARCH, ARCH_KWARGS = SMALL_ENCODERS[TINY_ENCODER]
+
+@pytest.fixture(scope="module")
+def architecture(tiny_vit_name: str) -> tuple[str, dict]:
+    """The tiny ViT's timm architecture and its keyword arguments (2 blocks of width 64)."""
+    return SMALL_ENCODERS[tiny_vit_name]
 
 
 def to_original_layout(timm_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -33,8 +37,10 @@ def to_original_layout(timm_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {**timm_sd, "mask_token": torch.zeros(1, timm_sd["cls_token"].shape[-1])}
 
 
-def to_transformers_layout(timm_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The same weights as transformers' ``Dinov2Model`` names them (q, k, v split)."""
+def to_transformers_layout(timm_sd: dict[str, torch.Tensor], depth: int
+                           ) -> dict[str, torch.Tensor]:
+    """The same weights (``depth`` blocks) as transformers' ``Dinov2Model`` names them (q, k, v
+    split)."""
     out = {
         "embeddings.cls_token": timm_sd["cls_token"],
         "embeddings.mask_token": torch.zeros(1, timm_sd["cls_token"].shape[-1]),
@@ -44,7 +50,6 @@ def to_transformers_layout(timm_sd: dict[str, torch.Tensor]) -> dict[str, torch.
         "layernorm.weight": timm_sd["norm.weight"],
         "layernorm.bias": timm_sd["norm.bias"],
     }
-    depth = ARCH_KWARGS["depth"]
     for n in range(depth):
         src, dst = f"blocks.{n}.", f"encoder.layer.{n}."
         for kind in ("weight", "bias"):
@@ -62,7 +67,8 @@ def to_transformers_layout(timm_sd: dict[str, torch.Tensor]) -> dict[str, torch.
 
 
 @pytest.fixture(scope="module")
-def layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def layouts(tmp_path_factory: pytest.TempPathFactory, architecture: tuple[str, dict],
+            tiny_vit_state_dict: Callable[..., dict]) -> dict[str, Path]:
     """One set of 518-px random weights in the original, transformers and timm layouts
     (the timm one made by timm's own pretrained-file route)."""
     folder = tmp_path_factory.mktemp("layouts")
@@ -70,9 +76,10 @@ def layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     original = folder / "dinov2_original.pth"
     torch.save(to_original_layout(at_518), original)
     transformers = folder / "model.safetensors"
-    save_file(to_transformers_layout(at_518), str(transformers))
-    reference = timm.create_model(ARCH, pretrained=True, num_classes=0, img_size=518,
-                                  pretrained_cfg_overlay={"file": str(original)}, **ARCH_KWARGS)
+    name, kwargs = architecture
+    save_file(to_transformers_layout(at_518, kwargs["depth"]), str(transformers))
+    reference = timm.create_model(name, pretrained=True, num_classes=0, img_size=518,
+                                  pretrained_cfg_overlay={"file": str(original)}, **kwargs)
     timm_file = folder / "timm_518.safetensors"
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(timm_file))
     return {"original": original, "transformers": transformers, "timm": timm_file}
@@ -80,7 +87,7 @@ def layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_tiny_encoder_from_fixture(tiny_vit_weights: tuple[str, Path]) -> None:
     name, path = tiny_vit_weights
-    encoder = create_encoder(name, weights=path)
+    encoder = create_encoder(name, weights=path, device="cpu")
     assert (encoder.embed_dim, encoder.num_prefix_tokens, encoder.num_tokens) == (64, 1, 257)
     assert encoder.device == torch.device("cpu") and encoder.precision == "fp32"
     assert encoder.checksum == weights_checksum(load_file(str(path)))
@@ -94,8 +101,9 @@ def test_tiny_encoder_from_fixture(tiny_vit_weights: tuple[str, Path]) -> None:
     assert not tokens.requires_grad
 
 
-def test_all_layouts_load_to_identical_weights(layouts: dict[str, Path]) -> None:
-    encoders = {layout: create_encoder(TINY_ENCODER, weights=path)
+def test_all_layouts_load_to_identical_weights(layouts: dict[str, Path],
+                                               tiny_vit_name: str) -> None:
+    encoders = {layout: create_encoder(tiny_vit_name, weights=path, device="cpu")
                 for layout, path in layouts.items()}
     checksums = {enc.checksum for enc in encoders.values()}
     assert len(checksums) == 1
@@ -116,60 +124,61 @@ def test_wrapped_torch_checkpoint_is_unwrapped(tmp_path: Path,
     name, path = tiny_vit_weights
     wrapped = tmp_path / "ckpt.pth"
     torch.save({"model": {f"module.{k}": v for k, v in load_file(str(path)).items()}}, wrapped)
-    assert create_encoder(name, weights=wrapped).checksum == create_encoder(
-        name, weights=path).checksum
+    assert create_encoder(name, weights=wrapped, device="cpu").checksum == create_encoder(
+        name, weights=path, device="cpu").checksum
 
 
 class NotATensor:
     """A pickled object that ``weights_only=True`` must refuse to unpickle."""
 
 
-def test_bad_weights_files_are_refused_with_their_path(tmp_path: Path) -> None:
+def test_bad_weights_files_are_refused_with_their_path(tmp_path: Path, tiny_vit_name: str) -> None:
     pickled = tmp_path / "evil.pth"
     torch.save({"x": NotATensor()}, pickled)
     with pytest.raises(InputError, match="cannot read weights") as error:
-        create_encoder(TINY_ENCODER, weights=pickled)
+        create_encoder(tiny_vit_name, weights=pickled, device="cpu")
     assert str(pickled) in str(error.value)
     with pytest.raises(InputError, match="not found"):
-        create_encoder(TINY_ENCODER, weights=tmp_path / "missing.safetensors")
+        create_encoder(tiny_vit_name, weights=tmp_path / "missing.safetensors", device="cpu")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file")
     with pytest.raises(InputError, match="cannot read weights"):
-        create_encoder(TINY_ENCODER, weights=garbage)
+        create_encoder(tiny_vit_name, weights=garbage, device="cpu")
 
 
 def test_weights_of_another_architecture_are_refused(tmp_path: Path,
-                                                     tiny_vit_weights: tuple[str, Path]) -> None:
+                                                     tiny_vit_weights: tuple[str, Path],
+                                                     tiny_vit_name: str) -> None:
     _, path = tiny_vit_weights
     with pytest.raises(InputError, match="do not fit"):
-        create_encoder(TINY_ENCODER, weights=path, embed_dim=32)
+        create_encoder(tiny_vit_name, weights=path, embed_dim=32, device="cpu")
 
 
 def test_bf16_is_close_to_fp32(tiny_vit_weights: tuple[str, Path]) -> None:
     name, path = tiny_vit_weights
     images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
-    fp32 = create_encoder(name, weights=path).encode(images)
-    bf16 = create_encoder(name, weights=path, precision="bf16").encode(images)
+    fp32 = create_encoder(name, weights=path, device="cpu").encode(images)
+    bf16 = create_encoder(name, weights=path, precision="bf16", device="cpu").encode(images)
     assert bf16.dtype == torch.float32
     # bf16 keeps 8 mantissa bits: a few percent relative error after two blocks
     assert (bf16 - fp32).norm() / fp32.norm() < 0.05
     with pytest.raises(RaptorzError, match="precision"):
-        create_encoder(name, weights=path, precision="fp8")  # type: ignore[arg-type]
+        create_encoder(name, weights=path, precision="fp8", device="cpu")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_cpu_encoders_pack_their_linear_layers_with_the_same_results(
         tiny_vit_weights: tuple[str, Path], precision: Precision) -> None:
     name, path = tiny_vit_weights
-    plain = create_encoder(name, weights=path, precision=precision, pack=False)
-    packed = create_encoder(name, weights=path, precision=precision)
+    plain = create_encoder(name, weights=path, precision=precision, pack=False, device="cpu")
+    packed = create_encoder(name, weights=path, precision=precision, device="cpu")
     linears = [m for m in plain.model.modules() if type(m) is torch.nn.Linear]
     assert linears  # four per block
     if not can_pack(torch.device("cpu"), precision):
         # not x86, or bf16 that oneDNN would emulate: nothing is packed, asking is refused
         assert not any(isinstance(m, PackedLinear) for m in packed.model.modules())
         with pytest.raises(RaptorzError, match="cannot pack"):
-            create_encoder(name, weights=path, precision=precision, pack=True)
+            create_encoder(name, weights=path, precision=precision, pack=True, device="cpu")
         return
     assert sum(isinstance(m, PackedLinear) for m in packed.model.modules()) == len(linears)
     assert not any(type(m) is torch.nn.Linear for m in packed.model.modules())
@@ -189,8 +198,9 @@ def test_cpu_encoders_pack_their_linear_layers_with_the_same_results(
 def test_packing_needs_a_cpu_and_fp32_or_bf16(tiny_vit_weights: tuple[str, Path]) -> None:
     name, path = tiny_vit_weights
     with pytest.raises(RaptorzError, match="cannot pack"):
-        create_encoder(name, weights=path, precision="fp16", pack=True)
-    fp16 = create_encoder(name, weights=path, precision="fp16")  # default: left as it is
+        create_encoder(name, weights=path, precision="fp16", pack=True, device="cpu")
+    # default: left as it is
+    fp16 = create_encoder(name, weights=path, precision="fp16", device="cpu")
     assert any(type(m) is torch.nn.Linear for m in fp16.model.modules())
 
 
@@ -201,26 +211,27 @@ def test_weights_from_a_file_draw_no_random_initial_weights(
     name, path = tiny_vit_weights
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    encoder = create_encoder(name, weights=path)
+    encoder = create_encoder(name, weights=path, device="cpu")
     assert torch.equal(torch.get_rng_state(), state)
     assert all(t.device.type == "cpu" for t in encoder.model.state_dict().values())
     assert encoder.checksum == weights_checksum(load_file(str(path)))
 
 
-def test_small_encoder_without_weights_is_refused() -> None:
+def test_small_encoder_without_weights_is_refused(tiny_vit_name: str) -> None:
     with pytest.raises(RaptorzError, match="no published weights"):
-        create_encoder(TINY_ENCODER)
+        create_encoder(tiny_vit_name, device="cpu")
 
 
 def test_unknown_encoder_names_are_refused(tiny_vit_weights: tuple[str, Path]) -> None:
     with pytest.raises(RaptorzError, match="neither a named encoder .* nor a timm model name"):
-        create_encoder("no_such_vit")
+        create_encoder("no_such_vit", device="cpu")
     with pytest.raises(RaptorzError, match="no_such_vit"):
-        create_encoder("no_such_vit", weights=tiny_vit_weights[1])
+        create_encoder("no_such_vit", weights=tiny_vit_weights[1], device="cpu")
 
 
 @pytest.mark.slow
-def test_offline_cache_and_missing_weights(tmp_path: Path) -> None:
+def test_offline_cache_and_missing_weights(tmp_path: Path, architecture: tuple[str, dict],
+                                           tiny_vit_state_dict: Callable[..., dict]) -> None:
     """Offline: a transformers copy in the HF cache is found (and reported available);
     without it, a helpful error."""
     cache = tmp_path / "hub"
@@ -229,7 +240,8 @@ def test_offline_cache_and_missing_weights(tmp_path: Path) -> None:
     (cache / "models--facebook--dinov2-small" / "refs").mkdir()
     (cache / "models--facebook--dinov2-small" / "refs" / "main").write_text("0123abc")
     at_518 = tiny_vit_state_dict(seed=4, img_size=518)
-    save_file(to_transformers_layout(at_518), str(snapshot / "model.safetensors"))
+    save_file(to_transformers_layout(at_518, architecture[1]["depth"]),
+              str(snapshot / "model.safetensors"))
     script = textwrap.dedent("""
         from raptorz.embedding.encoders import create_encoder, weights_available
         from raptorz.errors import RaptorzError
@@ -254,12 +266,12 @@ def test_offline_cache_and_missing_weights(tmp_path: Path) -> None:
     assert "--weights FILE" in error and "facebook/dinov2-base" in error
 
 
-def test_random_weights_are_seeded_and_leave_the_global_rng_alone() -> None:
+def test_random_weights_are_seeded_and_leave_the_global_rng_alone(tiny_vit_name: str) -> None:
     torch.manual_seed(11)
     expected = torch.rand(3)
     torch.manual_seed(11)
-    first = create_encoder(TINY_ENCODER, weights=RANDOM_WEIGHTS)
+    first = create_encoder(tiny_vit_name, weights=RANDOM_WEIGHTS, device="cpu")
     assert torch.equal(torch.rand(3), expected)
-    second = create_encoder(TINY_ENCODER, weights=RANDOM_WEIGHTS)
+    second = create_encoder(tiny_vit_name, weights=RANDOM_WEIGHTS, device="cpu")
     assert first.checksum == second.checksum
     assert first.provenance()["weights_source"] == "random"

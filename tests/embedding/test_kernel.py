@@ -27,7 +27,7 @@ RTOL = 1e-5
 def model64(tiny_vit_weights: tuple[str, Path]) -> torch.nn.Module:
     """The encoder's timm model in float64 (unpacked: packed layers hold fp32 weights)."""
     name, path = tiny_vit_weights
-    return create_encoder(name, weights=path, pack=False).model.double()
+    return create_encoder(name, weights=path, pack=False, device="cpu").model.double()
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +242,7 @@ def test_bf16_kernel_is_close_to_fp32(tiny_vit_weights: tuple[str, Path], encode
                                       odd_volume: np.ndarray,
                                       projectors: list[Projector]) -> None:
     name, path = tiny_vit_weights
-    bf16 = create_encoder(name, weights=path, precision="bf16")
+    bf16 = create_encoder(name, weights=path, precision="bf16", device="cpu")
     fast = embed_volume(odd_volume, bf16, projectors).projections["small"]
     exact = embed_volume(odd_volume, encoder, projectors).projections["small"]
     assert np.linalg.norm(fast - exact) / np.linalg.norm(exact) < 0.05

@@ -12,11 +12,11 @@ import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from safetensors.torch import save_file
-from vit_fixtures import TINY_ENCODER, tiny_vit_state_dict
 
 from raptorz.embedding.encoders import SMALL_ENCODERS, resolve_config
 
@@ -32,7 +32,8 @@ def _closed_port() -> int:
     return port
 
 
-def _cache_timm_copy(cache: Path, architecture: str) -> None:
+def _cache_timm_copy(cache: Path, architecture: str, tiny_vit_state_dict: Callable[..., dict]
+                     ) -> None:
     """A timm copy of ``architecture`` in the Hugging Face cache layout (tiny random weights)."""
     entry = cache / f"models--timm--{architecture}"
     snapshot = entry / "snapshots" / "0123abc"
@@ -44,11 +45,13 @@ def _cache_timm_copy(cache: Path, architecture: str) -> None:
 
 
 @pytest.mark.slow
-def test_an_unreachable_hub_is_reported_at_once(tmp_path: Path) -> None:
+def test_an_unreachable_hub_is_reported_at_once(
+        tmp_path: Path, tiny_vit_name: str,
+        tiny_vit_state_dict: Callable[..., dict]) -> None:
     architecture = resolve_config("dinov2-s").architecture  # timm's, with a pretrained tag
-    tiny = SMALL_ENCODERS[TINY_ENCODER][1]  # the same model, 2 blocks of width 64
+    tiny = SMALL_ENCODERS[tiny_vit_name][1]  # the same model, 2 blocks of width 64
     cache = tmp_path / "hub"
-    _cache_timm_copy(cache, architecture)
+    _cache_timm_copy(cache, architecture, tiny_vit_state_dict)
     # the imports are timed apart: they take long on a busy machine, and reach no network
     script = textwrap.dedent(f"""
         import time

@@ -66,7 +66,7 @@ def test_a_store_of_units_equals_the_kernel_and_resumes_by_unit(
     files = [p for p in (output / "p4").rglob("*") if p.is_file() and p.name != "zarr.json"]
     assert len(files) == 16  # one file per unit of 3 volumes
     block = open_volumes(volumes)["volume"].values
-    reference = embed_block(block, create_encoder(name, weights=weights), [PROJECTOR],
+    reference = embed_block(block, create_encoder(name, weights=weights, device="cpu"), [PROJECTOR],
                             SETTINGS).projections["p4"]
     np.testing.assert_allclose(open_embeddings(output)["p4"].values, reference,
                                rtol=1e-5, atol=1e-6)

@@ -11,20 +11,11 @@ import gzip
 import re
 import sys
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from volume_files import (
-    OBLIQUE_RAS_SPACING,
-    to_ras,
-    volume,
-    write_itk,
-    write_nibabel,
-    write_nifti,
-)
 
 from raptorz.errors import InputError, RaptorzWarning
 from raptorz.ingest.readers import ReadOptions, probe_shape, read_volume
@@ -32,11 +23,12 @@ from raptorz.ingest.sources import resolve_sources
 from raptorz.ingest.volumes import convert
 from raptorz.layouts import open_volumes
 
-#: Every writable format but Analyze, by file name (the id is the stem).
-WRITERS: dict[str, Callable[[Path, np.ndarray], Path]] = {
-    "a.nii.gz": write_nifti, "b.nrrd": write_itk, "c.nhdr": write_itk,
-    "d.mha": partial(write_itk, compress=True), "e.mhd": write_itk,
-    "f.mgz": write_nibabel, "g.mgh": write_nibabel,
+#: Every writable format but Analyze, by file name (the id is the stem): the writer fixture
+#: (``write_nifti``, ``write_itk``, ``write_nibabel``) that writes it, and its options.
+WRITERS: dict[str, tuple[str, dict[str, bool]]] = {
+    "a.nii.gz": ("nifti", {}), "b.nrrd": ("itk", {}), "c.nhdr": ("itk", {}),
+    "d.mha": ("itk", {"compress": True}), "e.mhd": ("itk", {}),
+    "f.mgz": ("nibabel", {}), "g.mgh": ("nibabel", {}),
 }
 NEW_FORMATS = [name for name in WRITERS if not name.endswith(".nii.gz")] + ["h.hdr"]
 #: Where each file's voxels live (detached headers point to a second file).
@@ -44,9 +36,17 @@ _DATA_FILE = {".nhdr": ".raw", ".mhd": ".raw", ".hdr": ".img"}
 MINC_DATA = Path(nib.__file__).parent / "tests" / "data"
 
 
-def _write(folder: Path, name: str, data: np.ndarray) -> Path:
-    writer = WRITERS.get(name, write_nibabel)
-    return writer(folder / name, data)
+@pytest.fixture
+def write(write_nifti: Callable[..., Path], write_itk: Callable[..., Path],
+          write_nibabel: Callable[..., Path]) -> Callable[[Path, str, np.ndarray], Path]:
+    """``write(folder, name, data) -> path``: ``data`` as ``folder / name``, written as
+    :data:`WRITERS` says (Analyze for any other name)."""
+    writers = {"nifti": write_nifti, "itk": write_itk, "nibabel": write_nibabel}
+
+    def write(folder: Path, name: str, data: np.ndarray) -> Path:
+        kind, options = WRITERS.get(name, ("nibabel", {}))
+        return writers[kind](folder / name, data, **options)
+    return write
 
 
 def _source(path: Path):  # noqa: ANN202 - a Source
@@ -54,10 +54,13 @@ def _source(path: Path):  # noqa: ANN202 - a Source
     return source
 
 
-def test_one_oblique_anatomy_gives_one_array_in_every_format(tmp_path: Path) -> None:
+def test_one_oblique_anatomy_gives_one_array_in_every_format(
+        tmp_path: Path, oblique_ras_spacing: tuple[float, float, float],
+        to_ras: Callable[[np.ndarray], np.ndarray], volume: Callable[..., np.ndarray],
+        write_nibabel: Callable[..., Path], write: Callable[[Path, str, np.ndarray], Path]) -> None:
     data = volume()  # int16, every voxel different: any flip or transposition shows
     for name in WRITERS:
-        _write(tmp_path, name, data)
+        write(tmp_path, name, data)
     write_nibabel(tmp_path / "h.hdr", data)
     sources = resolve_sources([tmp_path])
     assert [(s.id, s.kind) for s in sources] == [
@@ -66,7 +69,7 @@ def test_one_oblique_anatomy_gives_one_array_in_every_format(tmp_path: Path) -> 
     for source in sources[:-1]:
         read = read_volume(source, ReadOptions())
         np.testing.assert_array_equal(read.data, to_ras(data), err_msg=source.id)
-        np.testing.assert_allclose(read.spacing, OBLIQUE_RAS_SPACING, rtol=1e-6)
+        np.testing.assert_allclose(read.spacing, oblique_ras_spacing, rtol=1e-6)
         assert probe_shape(source, ReadOptions()) == read.data.shape and not read.note
     store = tmp_path / "v.zarr"
     summary = convert([tmp_path / name for name in WRITERS], store, intensity="range:0,210",
@@ -76,7 +79,7 @@ def test_one_oblique_anatomy_gives_one_array_in_every_format(tmp_path: Path) -> 
     nifti = ds.volume.sel(id="a").values
     for name in "bcdefg":
         np.testing.assert_array_equal(ds.volume.sel(id=name).values, nifti, err_msg=name)
-        np.testing.assert_allclose(ds.spacing.sel(id=name), OBLIQUE_RAS_SPACING, rtol=1e-6)
+        np.testing.assert_allclose(ds.spacing.sel(id=name), oblique_ras_spacing, rtol=1e-6)
     # Analyze keeps the voxel sizes but not the rotation: its stored order, with the
     # first axis flipped by the radiological (LAS) assumption the note reports
     analyze = read_volume(sources[-1], ReadOptions())
@@ -119,14 +122,15 @@ def _lie(path: Path) -> None:
     ("lies", "lies about the size"),
     ("nan", "1 of 210 voxels are NaN or infinite"),
 ])
-def test_bad_files_are_refused_naming_the_file(tmp_path: Path, name: str, problem: str,
-                                               message: str) -> None:
+def test_bad_files_are_refused_naming_the_file(
+        tmp_path: Path, name: str, problem: str, message: str, volume: Callable[..., np.ndarray],
+        write: Callable[[Path, str, np.ndarray], Path]) -> None:
     data = volume(dtype="float32")
     if problem == "4d":
         data = np.stack([data, data], axis=-1)
     if problem == "nan":
         data[2, 3, 4] = np.nan
-    path = _write(tmp_path, name, data)
+    path = write(tmp_path, name, data)
     if problem == "truncated":
         _truncate(path)
     elif problem == "magic":
@@ -137,8 +141,9 @@ def test_bad_files_are_refused_naming_the_file(tmp_path: Path, name: str, proble
         read_volume(_source(path), ReadOptions())
 
 
-def test_missing_simpleitk_names_the_extra(tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_simpleitk_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           volume: Callable[..., np.ndarray],
+                                           write_itk: Callable[..., Path]) -> None:
     source = _source(write_itk(tmp_path / "v.nrrd", volume()))
     monkeypatch.setitem(sys.modules, "SimpleITK", None)  # what an install without it sees
     with pytest.raises(InputError, match=r'v.nrrd: reading NRRD and MetaImage needs '
@@ -146,15 +151,18 @@ def test_missing_simpleitk_names_the_extra(tmp_path: Path,
         read_volume(source, ReadOptions())
 
 
-def test_a_missing_data_file_is_named(tmp_path: Path) -> None:
+def test_a_missing_data_file_is_named(tmp_path: Path, volume: Callable[..., np.ndarray],
+                                      write: Callable[[Path, str, np.ndarray], Path]) -> None:
     for name in ("c.nhdr", "e.mhd"):
-        path = _write(tmp_path, name, volume())
+        path = write(tmp_path, name, volume())
         path.with_suffix(".raw").unlink()
         with pytest.raises(InputError, match=f"{name}: its data file .*{name[0]}.raw is missing"):
             read_volume(_source(path), ReadOptions())
 
 
-def test_a_nifti_renamed_nrrd_is_not_read_as_nifti(tmp_path: Path) -> None:
+def test_a_nifti_renamed_nrrd_is_not_read_as_nifti(tmp_path: Path,
+                                                   volume: Callable[..., np.ndarray],
+                                                   write_nifti: Callable[..., Path]) -> None:
     path = tmp_path / "v.nrrd"
     path.write_bytes(write_nifti(tmp_path / "v.nii", volume()).read_bytes())
     with pytest.raises(InputError, match="v.nrrd: is not a NRRD file"):
@@ -227,12 +235,14 @@ def test_real_nrrd_and_metaimage_convert_and_embed_through_the_cli(
         np.testing.assert_array_equal(values.sel(id=volume_id), values.sel(id="nifti"))
 
 
-def test_size_checks_bound_gzip_by_its_ratio_and_other_data_by_the_cap(tmp_path: Path) -> None:
+def test_size_checks_bound_gzip_by_its_ratio_and_other_data_by_the_cap(
+        tmp_path: Path, volume: Callable[..., np.ndarray],
+        write: Callable[[Path, str, np.ndarray], Path]) -> None:
     from raptorz.ingest._guard import check_size
 
     small = ReadOptions(max_member_bytes=100)  # the cap binds only what nothing else bounds
     for name in ("f.mgz", "a.nii.gz", "d.mha"):  # all gzip-compressed
-        path = _write(tmp_path, name, volume(dtype="float32"))  # 840 bytes of voxels
+        path = write(tmp_path, name, volume(dtype="float32"))  # 840 bytes of voxels
         assert read_volume(_source(path), small).data.shape == (5, 6, 7)
     check_size("x.nrrd", 10**6, 1000, "gzip", cap=1)
     with pytest.raises(InputError, match="x.nrrd: .* more than 100 gzip-compressed bytes"):

@@ -22,7 +22,6 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from volume_files import volume, write_dicom_series, write_itk, write_nibabel, write_nifti
 
 from raptorz import stores
 from raptorz.errors import InputError
@@ -32,11 +31,15 @@ from raptorz.ingest.sources import resolve_sources
 from raptorz.ingest.volumes import convert
 from raptorz.layouts import open_volumes
 
-#: The bytes of a 6 x 7 x 5 int16 volume, as a raw data file.
-_VOXELS = volume().tobytes(order="F")
 _NRRD = ("NRRD0004\ntype: short\ndimension: 3\nsizes: 6 7 5\nencoding: raw\n"
          "endian: little\n")
 _MHD = "ObjectType = Image\nNDims = 3\nDimSize = 6 7 5\nElementType = MET_SHORT\n"
+
+
+@pytest.fixture(scope="module")
+def voxels(volume: Callable[..., np.ndarray]) -> bytes:
+    """The bytes of a 6 x 7 x 5 int16 volume, as a raw data file."""
+    return volume().tobytes(order="F")
 
 
 def _source(path: Path) -> Source:
@@ -45,13 +48,13 @@ def _source(path: Path) -> Source:
 
 
 @pytest.fixture
-def study(tmp_path: Path) -> Path:
+def study(tmp_path: Path, voxels: bytes) -> Path:
     """A header folder ``study/`` whose parent holds a readable file of the right size."""
-    (tmp_path / "secret.raw").write_bytes(_VOXELS)
+    (tmp_path / "secret.raw").write_bytes(voxels)
     folder = tmp_path / "study"
     folder.mkdir()
     for k in range(5):
-        (folder / f"s{k}.raw").write_bytes(_VOXELS[k * 84:(k + 1) * 84])
+        (folder / f"s{k}.raw").write_bytes(voxels[k * 84:(k + 1) * 84])
     return folder
 
 
@@ -85,9 +88,10 @@ def test_data_files_outside_the_header_folder_are_refused(study: Path) -> None:
             read_volume(_source(header), ReadOptions())
 
 
-def test_data_files_beside_the_header_are_read(study: Path) -> None:
+def test_data_files_beside_the_header_are_read(study: Path, volume: Callable[..., np.ndarray],
+                                               voxels: bytes) -> None:
     """One file, a LIST and a numbered pattern inside the folder still read."""
-    (study / "whole.raw").write_bytes(_VOXELS)
+    (study / "whole.raw").write_bytes(voxels)
     listed = "".join(f"s{k}.raw\n" for k in range(5))
     headers = {"one.nhdr": _NRRD + "data file: whole.raw\n",
                "list.nhdr": _NRRD + "data file: LIST 2\n" + listed,
@@ -114,10 +118,14 @@ def test_unreadable_data_file_patterns_are_refused(study: Path) -> None:
 
 @pytest.mark.parametrize("name", ["a.nii", "b.nii.gz", "c.nrrd", "d.mha", "e.mhd",
                                   "f.mgz", "g.hdr", "h.npz", "i.zip"])
-def test_one_volume_cap_holds_every_format(tmp_path: Path, name: str) -> None:
+def test_one_volume_cap_holds_every_format(tmp_path: Path, name: str,
+                                           volume: Callable[..., np.ndarray],
+                                           write_itk: Callable[..., Path],
+                                           write_nibabel: Callable[..., Path],
+                                           write_nifti: Callable[..., Path],
+                                           write_npz: Callable[..., dict],
+                                           write_ukb_zip: Callable[..., Path]) -> None:
     """The cap counts float32 bytes (6 x 7 x 5 voxels: 840), for compressed files too."""
-    from volume_files import write_npz, write_ukb_zip
-
     data = volume()
     path = tmp_path / name
     if name.endswith((".nrrd", ".mha", ".mhd")):
@@ -262,9 +270,8 @@ def test_an_npz_yields_a_bounded_number_of_volumes(tmp_path: Path) -> None:
         read_volume(source, ReadOptions())
 
 
-def test_an_npz_array_is_held_to_the_cap_before_it_is_decompressed(tmp_path: Path) -> None:
-    from volume_files import write_npz
-
+def test_an_npz_array_is_held_to_the_cap_before_it_is_decompressed(
+        tmp_path: Path, write_npz: Callable[..., dict]) -> None:
     path = tmp_path / "m.npz"
     write_npz(path, {"train": 10}, side=8)  # 5120 bytes of uint8; 2048 a volume as float32
     options = ReadOptions(max_volume_bytes=4096)
@@ -276,8 +283,9 @@ def test_an_npz_array_is_held_to_the_cap_before_it_is_decompressed(tmp_path: Pat
     assert len(resolve_sources([path], max_volume_bytes=5120)) == 10
 
 
-def test_a_dicom_folder_reads_each_header_once(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_dicom_folder_reads_each_header_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               volume: Callable[..., np.ndarray],
+                                               write_dicom_series: Callable[..., Path]) -> None:
     """40 series of 10 files: each file's header is read once, its pixels once."""
     study = tmp_path / "study"
     for number in range(40):
@@ -298,10 +306,12 @@ def test_a_dicom_folder_reads_each_header_once(tmp_path: Path,
 
 @pytest.mark.parametrize("name", [*_HOSTILE, "escape.nhdr"])
 def test_a_hostile_file_fails_alone_in_a_conversion(hostile: dict[str, Path], tmp_path: Path,
-                                                    name: str) -> None:
+                                                    name: str, volume: Callable[..., np.ndarray],
+                                                    write_nifti: Callable[..., Path],
+                                                    voxels: bytes) -> None:
     good = write_nifti(tmp_path / "good.nii.gz", volume())
     if name == "escape.nhdr":
-        (tmp_path / "secret.raw").write_bytes(_VOXELS)
+        (tmp_path / "secret.raw").write_bytes(voxels)
         (tmp_path / "in").mkdir()
         bad = tmp_path / "in" / name
         bad.write_text(_NRRD + "data file: ../secret.raw\n")
@@ -320,8 +330,9 @@ def test_a_hostile_file_fails_alone_in_a_conversion(hostile: dict[str, Path], tm
     assert [s for i, s in status.items() if i != "good"] == [stores.FAILED]
 
 
-def test_the_cap_is_an_option_of_convert(tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_cap_is_an_option_of_convert(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                         volume: Callable[..., np.ndarray],
+                                         write_nifti: Callable[..., Path]) -> None:
     from raptorz.cli.main import main
 
     good = write_nifti(tmp_path / "good.nii.gz", volume())  # 840 bytes as float32

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import gzip
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from volume_files import (
-    OBLIQUE_RAS_SPACING,
-    to_ras,
-    volume,
-    write_dicom_series,
-    write_multiframe,
-    write_nifti,
-    write_npz,
-    write_ukb_zip,
-    zip_bomb,
-)
 
 from raptorz.errors import InputError
 from raptorz.ingest.readers import ReadOptions, Source, probe_shape, read_volume
@@ -32,12 +22,16 @@ def _nifti(path: Path) -> Source:
 
 
 @pytest.mark.parametrize("name", ["v.nii", "v.nii.gz"])
-def test_nifti_comes_out_in_ras_order(tmp_path: Path, name: str) -> None:
+def test_nifti_comes_out_in_ras_order(tmp_path: Path, name: str,
+                                      oblique_ras_spacing: tuple[float, float, float],
+                                      to_ras: Callable[[np.ndarray], np.ndarray],
+                                      volume: Callable[..., np.ndarray],
+                                      write_nifti: Callable[..., Path]) -> None:
     data = volume()
     source = _nifti(write_nifti(tmp_path / name, data))
     read = read_volume(source, RAS)
     np.testing.assert_array_equal(read.data, to_ras(data))
-    np.testing.assert_allclose(read.spacing, OBLIQUE_RAS_SPACING)
+    np.testing.assert_allclose(read.spacing, oblique_ras_spacing)
     assert probe_shape(source, RAS) == read.data.shape
     canonical = nib.as_closest_canonical(nib.load(source.path))
     np.testing.assert_array_equal(read.data, canonical.get_fdata())
@@ -46,7 +40,8 @@ def test_nifti_comes_out_in_ras_order(tmp_path: Path, name: str) -> None:
     np.testing.assert_allclose(native.spacing, (2, 3, 1))
 
 
-def test_nifti_scaling_and_singleton_fourth_axis(tmp_path: Path) -> None:
+def test_nifti_scaling_and_singleton_fourth_axis(tmp_path: Path,
+                                                 volume: Callable[..., np.ndarray]) -> None:
     data = volume(dtype="int16")[..., None]
     image = nib.Nifti1Image(data, np.eye(4))
     image.header.set_slope_inter(0.5, 10)
@@ -59,13 +54,15 @@ def test_nifti_scaling_and_singleton_fourth_axis(tmp_path: Path) -> None:
     ((6, 7, 5, 3), "is a 4D series of 3 frames.*pick one frame"),
     ((6, 7), r"is not a 3D volume \(shape \(6, 7\)\)"),
 ])
-def test_wrong_dimensionality_is_refused(tmp_path: Path, shape: tuple, problem: str) -> None:
+def test_wrong_dimensionality_is_refused(tmp_path: Path, shape: tuple, problem: str,
+                                         write_nifti: Callable[..., Path]) -> None:
     path = write_nifti(tmp_path / "bad.nii.gz", np.zeros(shape, np.int16), np.eye(4))
     with pytest.raises(InputError, match=f"bad.nii.gz: {problem}"):
         read_volume(_nifti(path), RAS)
 
 
-def test_non_finite_voxels_are_refused(tmp_path: Path) -> None:
+def test_non_finite_voxels_are_refused(tmp_path: Path, volume: Callable[..., np.ndarray],
+                                       write_nifti: Callable[..., Path]) -> None:
     data = volume(dtype="float32")
     data[1, 2, 3], data[0, 0, 0] = np.nan, np.inf
     path = write_nifti(tmp_path / "nan.nii.gz", data)
@@ -73,7 +70,8 @@ def test_non_finite_voxels_are_refused(tmp_path: Path) -> None:
         read_volume(_nifti(path), RAS)
 
 
-def test_missing_truncated_and_non_volume_files(tmp_path: Path) -> None:
+def test_missing_truncated_and_non_volume_files(tmp_path: Path, volume: Callable[..., np.ndarray],
+                                                write_nifti: Callable[..., Path]) -> None:
     with pytest.raises(InputError, match="gone.nii.gz: no such file"):
         read_volume(_nifti(tmp_path / "gone.nii.gz"), RAS)
     whole = write_nifti(tmp_path / "whole.nii.gz", volume((20, 20, 20), dtype="float32"))
@@ -91,7 +89,10 @@ def test_missing_truncated_and_non_volume_files(tmp_path: Path) -> None:
         read_volume(Source("report", str(other), "dicom"), RAS)
 
 
-def test_ukb_zip_member_is_read_in_memory(tmp_path: Path) -> None:
+def test_ukb_zip_member_is_read_in_memory(tmp_path: Path,
+                                          to_ras: Callable[[np.ndarray], np.ndarray],
+                                          volume: Callable[..., np.ndarray],
+                                          write_ukb_zip: Callable[..., Path]) -> None:
     data = volume(seed=3)
     path = write_ukb_zip(tmp_path / "1000_20252_2_0.zip", data)
     read = read_volume(Source("1000_20252_2_0", str(path), "zip"), RAS)
@@ -102,7 +103,8 @@ def test_ukb_zip_member_is_read_in_memory(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read.data, to_ras(data))
 
 
-def test_zip_without_member_or_over_the_cap(tmp_path: Path) -> None:
+def test_zip_without_member_or_over_the_cap(tmp_path: Path, write_ukb_zip: Callable[..., Path],
+                                            zip_bomb: Callable[[Path, int], Path]) -> None:
     empty = write_ukb_zip(tmp_path / "empty.zip", None)
     with pytest.raises(InputError, match="empty.zip: has no member 'T1/T1_brain.nii.gz'"):
         read_volume(Source("empty", str(empty), "zip"), RAS)
@@ -111,7 +113,7 @@ def test_zip_without_member_or_over_the_cap(tmp_path: Path) -> None:
         read_volume(Source("bomb", str(bomb), "zip"), ReadOptions(max_member_bytes=2**20))
 
 
-def test_npz_volumes_and_labels(tmp_path: Path) -> None:
+def test_npz_volumes_and_labels(tmp_path: Path, write_npz: Callable[..., dict]) -> None:
     arrays = write_npz(tmp_path / "m.npz", {"train": 3, "val": 1, "test": 2})
     sources = resolve_sources([tmp_path / "m.npz"])
     assert [s.id for s in sources] == ["train_0", "train_1", "train_2", "val_0", "test_0",
@@ -130,7 +132,9 @@ def test_npz_with_objects_or_without_images_fails(tmp_path: Path) -> None:
             read_volume(source, RAS)
 
 
-def test_dicom_series_sorted_by_position_and_rescaled(tmp_path: Path) -> None:
+def test_dicom_series_sorted_by_position_and_rescaled(
+        tmp_path: Path, volume: Callable[..., np.ndarray],
+        write_dicom_series: Callable[..., Path]) -> None:
     data = volume((5, 4, 6), seed=1).astype(np.float32) * 2 - 100
     folder = write_dicom_series(tmp_path / "series", data)
     (source,) = resolve_sources([folder])
@@ -142,7 +146,8 @@ def test_dicom_series_sorted_by_position_and_rescaled(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read_volume(source, RAS).data, data[::-1, ::-1, :])
 
 
-def test_dicom_folder_mixing_series_is_refused(tmp_path: Path) -> None:
+def test_dicom_folder_mixing_series_is_refused(tmp_path: Path, volume: Callable[..., np.ndarray],
+                                               write_dicom_series: Callable[..., Path]) -> None:
     data = volume((4, 4, 3)).astype(np.float32)
     write_dicom_series(tmp_path / "mixed", data, names="a")
     write_dicom_series(tmp_path / "mixed", data, names="b")
@@ -152,7 +157,8 @@ def test_dicom_folder_mixing_series_is_refused(tmp_path: Path) -> None:
         read_volume(Source("mixed", str(tmp_path / "mixed"), "dicom", entry="9.9.9"), RAS)
 
 
-def test_multiframe_dicom_with_functional_groups(tmp_path: Path) -> None:
+def test_multiframe_dicom_with_functional_groups(tmp_path: Path, volume: Callable[..., np.ndarray],
+                                                 write_multiframe: Callable[..., Path]) -> None:
     data = volume((5, 4, 6), seed=2).astype(np.float32) * 0.5 + 3
     (source,) = resolve_sources([write_multiframe(tmp_path / "mf.dcm", data)])
     assert (source.id, source.kind) == ("mf", "dicom")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from volume_files import volume, write_dicom_series, write_nifti, write_npz
 
 from raptorz.errors import InputError, RaptorzError, RaptorzWarning, SettingsError
 from raptorz.ingest.readers import ReadOptions, read_volume
@@ -14,7 +14,8 @@ from raptorz.ingest.sources import resolve_sources, write_labels
 
 
 @pytest.fixture
-def folder(tmp_path: Path) -> Path:
+def folder(tmp_path: Path, volume: Callable[..., np.ndarray],
+           write_nifti: Callable[..., Path]) -> Path:
     for name in ("a.nii.gz", "b.nii", "c.nii.gz"):
         write_nifti(tmp_path / name, volume())
     (tmp_path / "readme.txt").write_text("not listed")
@@ -55,7 +56,8 @@ def test_empty_manifest_is_refused(tmp_path: Path) -> None:
         resolve_sources(manifest=manifest)
 
 
-def test_duplicate_ids_are_refused(folder: Path) -> None:
+def test_duplicate_ids_are_refused(folder: Path, volume: Callable[..., np.ndarray],
+                                   write_nifti: Callable[..., Path]) -> None:
     (folder / "again").mkdir()
     write_nifti(folder / "again" / "a.nii", volume())
     with pytest.raises(RaptorzError, match=r"1 duplicate volume ids \('a' from .*a.nii.gz and "
@@ -63,7 +65,9 @@ def test_duplicate_ids_are_refused(folder: Path) -> None:
         resolve_sources([folder, folder / "again"])
 
 
-def test_npz_manifest_and_labels_csv(tmp_path: Path) -> None:
+def test_npz_manifest_and_labels_csv(tmp_path: Path, volume: Callable[..., np.ndarray],
+                                     write_nifti: Callable[..., Path],
+                                     write_npz: Callable[..., dict]) -> None:
     arrays = write_npz(tmp_path / "m.npz", {"train": 2, "val": 2, "test": 1})
     manifest = tmp_path / "names.txt"
     manifest.write_text("val_1\ntrain_0\n")
@@ -88,7 +92,8 @@ def test_relative_paths_become_absolute(folder: Path, monkeypatch: pytest.Monkey
         str(folder / "a.nii.gz"), str(folder / "b.nii")]
 
 
-def test_folder_of_dicom_series(tmp_path: Path) -> None:
+def test_folder_of_dicom_series(tmp_path: Path, volume: Callable[..., np.ndarray],
+                                write_dicom_series: Callable[..., Path]) -> None:
     data = volume((4, 4, 3)).astype(np.float32)
     write_dicom_series(tmp_path / "dicom" / "s1", data)
     write_dicom_series(tmp_path / "dicom" / "s2", data)
@@ -117,25 +122,31 @@ def test_unreadable_npz_labels_are_reported(tmp_path: Path) -> None:
         assert write_labels(resolve_sources([tmp_path / "short.npz"]), tmp_path / "s.csv") is None
 
 
-def _study(folder: Path) -> dict[str, np.ndarray]:
-    """Two 12-slice series and a 3-slice localizer in one folder, files interleaved."""
-    series = {
-        "t1": (2, "T1 MPRAGE", volume((4, 5, 12), seed=1), ()),
-        "flair": (3, "T2 FLAIR", volume((4, 5, 12), seed=2), ()),
-        "loc": (1, "Localizer", volume((4, 5, 3), seed=3), ("ORIGINAL", "PRIMARY", "LOCALIZER")),
-    }
-    out = {}
-    for name, (number, description, data, image_type) in series.items():
-        values = data.astype(np.float32) * 2 - 100  # what survives the slope of 2
-        write_dicom_series(folder, values, names=name, number=number, description=description,
-                           image_type=image_type)
-        out[name] = values
-    return out
+@pytest.fixture
+def write_study(volume: Callable[..., np.ndarray], write_dicom_series: Callable[..., Path]
+                ) -> Callable[[Path], dict[str, np.ndarray]]:
+    """``write_study(folder) -> values``: two 12-slice series and a 3-slice localizer in one
+    folder, files interleaved."""
+    def write_study(folder: Path) -> dict[str, np.ndarray]:
+        series = {
+            "t1": (2, "T1 MPRAGE", volume((4, 5, 12), seed=1), ()),
+            "flair": (3, "T2 FLAIR", volume((4, 5, 12), seed=2), ()),
+            "loc": (1, "Localizer", volume((4, 5, 3), seed=3),
+                    ("ORIGINAL", "PRIMARY", "LOCALIZER")),
+        }
+        out = {}
+        for name, (number, description, data, image_type) in series.items():
+            values = data.astype(np.float32) * 2 - 100  # what survives the slope of 2
+            write_dicom_series(folder, values, names=name, number=number,
+                               description=description, image_type=image_type)
+            out[name] = values
+        return out
+    return write_study
 
 
 def test_dicom_study_gives_one_volume_per_series_and_skips_the_localizer(
-        tmp_path: Path) -> None:
-    data = _study(tmp_path / "study")
+        tmp_path: Path, write_study: Callable[[Path], dict[str, np.ndarray]]) -> None:
+    data = write_study(tmp_path / "study")
     with pytest.warns(RaptorzWarning, match=r"study: skipped DICOM series 1 'Localizer' "
                       r"\(a localizer\)") as caught:
         chosen = resolve_sources([tmp_path / "study"])
@@ -159,7 +170,8 @@ def test_dicom_study_gives_one_volume_per_series_and_skips_the_localizer(
         "skipped DICOM series 3 'T2 FLAIR' (12 slices, under --min-slices 13)"]
 
 
-def test_dicom_series_ids_are_made_unique(tmp_path: Path) -> None:
+def test_dicom_series_ids_are_made_unique(tmp_path: Path, volume: Callable[..., np.ndarray],
+                                          write_dicom_series: Callable[..., Path]) -> None:
     for seed in (1, 2):
         write_dicom_series(tmp_path / "s", volume((4, 4, 3), seed=seed).astype(np.float32),
                            names=f"x{seed}", number=5, description="Repeat")
@@ -169,11 +181,12 @@ def test_dicom_series_ids_are_made_unique(tmp_path: Path) -> None:
     assert chosen[2].id == f"s_{chosen[2].entry}"  # no number, no description: the UID
 
 
-def test_dicom_study_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_dicom_study_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                     write_study: Callable[[Path], dict[str, np.ndarray]]) -> None:
     from raptorz.cli.main import main
     from raptorz.layouts import open_volumes
 
-    _study(tmp_path / "study")
+    write_study(tmp_path / "study")
     store = tmp_path / "all.zarr"
     with pytest.warns(RaptorzWarning, match="skipped DICOM series 1 'Localizer'"):
         assert main(["convert", str(tmp_path / "study"), "-o", str(store)]) == 0
