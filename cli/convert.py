@@ -61,7 +61,9 @@ def register(subparsers: Any) -> None:
                         "ample for 8 to 12-bit scans, half the size)")
     parser.add_argument("--chunk", type=int, help="volumes per chunk (default: ~64 MB)")
     parser.add_argument("--workers", type=int,
-                        help="local Dask worker processes (default: one per CPU)")
+                        help="local Dask worker processes (default: one per CPU where over 2 "
+                        "GiB of voxels are to be written, else the work runs in this process; "
+                        "1: always in this process)")
     parser.add_argument("--cluster", metavar="tcp://HOST:PORT",
                         help="a running Dask scheduler to convert on (instead of --workers)")
     parser.add_argument("--series", action="append", default=[], metavar="NAME",

@@ -105,7 +105,37 @@ def jobqueue_cluster(
             "can reach it there can run code as you", RaptorzWarning, stacklevel=3)
     cluster = cls(**kwargs)
     cluster.scale(jobs=jobs)
+    _check_submitted(cluster, kind)
     return cluster
+
+
+def _check_submitted(cluster: Any, kind: str) -> None:
+    """Wait until the batch system took the jobs; refuse a cluster whose jobs it refused.
+
+    dask-jobqueue submits in the background and only logs a refusal (no controller, a bad
+    ``--gres``), so the run would wait for workers that never come. A job without an id
+    was refused: its submission is tried once more here to show the batch system's own
+    words.
+    """
+    cluster.sync(cluster._correct_state)
+    refused = [job for job in cluster.workers.values() if getattr(job, "job_id", None) is None]
+    if not refused:
+        return
+    job, detail = refused[0], "it gave no job id"
+    try:
+        with job.job_file() as script:
+            output = cluster.sync(job._submit_job, script)
+    except (RuntimeError, OSError) as error:  # the submit command failed, or is missing
+        detail = str(error).split("stderr:", 1)[-1].strip() or str(error)
+    else:  # taken this time: cancel it, the cluster is refused all the same
+        cluster.sync(job._close_job, job._job_id_from_submit_output(output),
+                     job.cancel_command)
+    for name in [n for n, j in cluster.workers.items() if getattr(j, "job_id", None) is None]:
+        cluster._created.discard(cluster.workers.pop(name))  # never started: nothing to close
+    cluster.worker_spec.clear()
+    cluster.close()
+    raise RaptorzError(f"the {kind} batch system refused the job ({job.submit_command}): "
+                       f"{detail}")
 
 
 def _configured(kind: str, key: str, default: Any) -> Any:
