@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import xarray as xr
 from distributed import Client, as_completed, default_client
 from distributed.deploy import Cluster
 
@@ -42,7 +41,7 @@ from raptorz.cluster import (
     create_cluster,
     share_cpus,
 )
-from raptorz.defaults import DEFAULT_ENCODER, RANDOM_WEIGHTS, Precision
+from raptorz.defaults import DEFAULT_ENCODER, Precision
 from raptorz.embedding.embeddings import (
     check_identity,
     create_embeddings,
@@ -51,24 +50,29 @@ from raptorz.embedding.embeddings import (
     token_kind_coordinate,
     unit_size,
 )
+from raptorz.embedding.planning import (
+    check_encoder_asked,
+    plan_tasks,
+    select_ids,
+    slices_per_volume,
+    volumes_to_do,
+    weights_option,
+)
 from raptorz.embedding.progress import ProgressBar
 from raptorz.embedding.projection import Projector, load_projector
-from raptorz.embedding.settings import PLANE_NAMES, KernelSettings, slice_indices
+from raptorz.embedding.settings import PLANE_NAMES, KernelSettings
 from raptorz.embedding.worker import (
     RETIRED_TOPIC,
-    TASK_SLICES,
     EmbedTask,
     EncoderOptions,
     embed_task,
     encoder_provenance,
     provenance_difference,
 )
-from raptorz.errors import RaptorzError, SettingsError
-from raptorz.layouts import EMBEDDINGS, VOLUMES, stale_volumes
+from raptorz.errors import RaptorzError
+from raptorz.layouts import EMBEDDINGS, VOLUMES
 from raptorz.network import dashboard_link
 
-#: Tasks a worker should get at least, so that every worker stays busy until the tail.
-TASKS_PER_WORKER = 4
 #: The share of a GPU worker's ``GPU`` resource a task asks for: two tasks in flight per
 #: worker, so that one reads and writes while the other encodes; the worker's kernel
 #: lock keeps one at a time on the device.
@@ -186,17 +190,19 @@ def embed(
     source = VOLUMES.open(volumes)
     ids = stores.store_ids(source)
     exists = EMBEDDINGS.exists(output)
-    selected = _selection(len(ids), start, many,
+    selected = select_ids(len(ids), start, many,
                           store_unit(output) if exists else unit_size(len(ids)))
-    options = EncoderOptions(encoder, _weights_option(weights), precision, device=device)
+    options = EncoderOptions(encoder, weights_option(weights), precision, device=device)
     attrs = _attrs(volumes, source.attrs, settings, projectors=loaded)
     if exists:
         check_identity(output, ids, attrs, [p.provenance() for p in loaded],
                        keys=("source", "settings"))  # the encoder is not loaded yet
-    todo = _todo(volumes, output if exists else None, selected)
+    todo = volumes_to_do(volumes, output if exists else None, selected)
     if not todo.any():
+        if exists:
+            check_encoder_asked(output, options)
         return _summary(output, ids, selected, 0, began)
-    slices = _slices_per_volume(source, settings)
+    slices = slices_per_volume(source, settings)
     with _client(cluster) as client:
         if progress and (link := dashboard_link(client)):  # where it listens, as bound
             print(f"raptorz embed: dashboard at {link}", file=sys.stderr)
@@ -212,12 +218,12 @@ def embed(
             attrs={**attrs, "encoder": info},
         )
         create_embeddings(output, template)
-        todo = _todo(volumes, output, selected)  # another process may have done some
+        todo = volumes_to_do(volumes, output, selected)  # another process may have done some
         topic = f"raptorz-progress-{uuid.uuid4().hex}"
         tasks = [EmbedTask(str(volumes), str(output), span.start, span.stop,
                            tuple(int(i) for i in np.flatnonzero(todo[span]) + span.start),
                            options, settings, torch_threads, slices, topic)
-                 for span in _tasks(todo, store_unit(output), slices,
+                 for span in plan_tasks(todo, store_unit(output), slices,
                                     _expected_workers(client))]
         startup = time.perf_counter() - began
         used, halved = _run(client, tasks, resources, ids, total=int(selected.sum()),
@@ -227,49 +233,6 @@ def embed(
               file=sys.stderr)
     return _summary(output, ids, selected, int(todo.sum()), began, batch_size=used,
                     startup=startup)
-
-
-def _weights_option(weights: str | Path | None) -> str | None:
-    """``weights`` as workers receive it: ``None``, the string ``RANDOM_WEIGHTS``, or an
-    absolute path (a ``Path`` is always a file, even one named ``random``)."""
-    if weights is None or (isinstance(weights, str) and weights == RANDOM_WEIGHTS):
-        return weights
-    return str(Path(weights).resolve())
-
-
-def _selection(n: int, start: int, many: int | None, unit: int = 1) -> np.ndarray:
-    """Boolean mask of the ids ``start`` to ``start + many``, whole units of the output.
-
-    Separate processes may write disjoint ranges of one store at once, so a range must
-    start and end on unit boundaries (or at the last volume): never two writers in a unit.
-    """
-    stop = stores.id_range(n, start, many).stop  # the range checks convert makes too
-    if start % unit or (stop % unit and stop != n):
-        # the nearest whole units: a start rounded down, a stop to the nearer boundary
-        low = start // unit * unit
-        high = min(n, max(low + unit, (stop + unit // 2) // unit * unit))
-        raise SettingsError(f"the output is written in units of {unit} volumes and a range "
-                            f"must hold whole units: start={low}, many={high - low} (or "
-                            f"another multiple of {unit})", option="start/many")
-    mask = np.zeros(n, bool)
-    mask[start:stop] = True
-    return mask
-
-
-def _todo(volumes: Path, output: Path | None, selected: np.ndarray) -> np.ndarray:
-    """Mask of selected volumes to embed: pending, failed while the source is ok, or
-    stale (converted again since they were embedded)."""
-    if output is None:
-        return selected.copy()
-    mine, theirs = stores.read_status(output), stores.read_status(volumes)
-    retry = (mine == stores.FAILED) & (theirs == stores.OK)
-    return selected & ((mine == stores.PENDING) | retry | stale_volumes(output, volumes))
-
-
-def _slices_per_volume(source: xr.Dataset, settings: KernelSettings) -> int:
-    """Slices the kernel encodes per volume of the store (every volume has one shape)."""
-    shape = source["volume"].shape[1:]
-    return sum(len(slice_indices(shape[axis], settings.subsample)) for axis in settings.planes)
 
 
 def _load_encoders(client: Client, options: EncoderOptions,
@@ -309,30 +272,6 @@ def _expected_workers(client: Client) -> int:
     connected = len(client.scheduler_info(n_workers=-1)["workers"])
     planned = len(getattr(client.cluster, "worker_spec", None) or {})
     return max(connected, planned, 1)
-
-
-def _tasks(todo: np.ndarray, unit: int, slices_per_volume: int, workers: int) -> list[slice]:
-    """The output's units holding a volume to do, as tasks of about :data:`TASK_SLICES`.
-
-    Smaller where that would leave fewer than :data:`TASKS_PER_WORKER` tasks a worker,
-    so that every worker stays busy until the tail of the run; at least one unit, and a
-    task only joins neighbouring units.
-    """
-    n = len(todo)
-    units = [slice(s, min(s + unit, n)) for s in range(0, n, unit)]
-    wanted = [u for u in units if todo[u].any()]
-    volumes = int(todo.sum())
-    by_work = max(1, TASK_SLICES // max(1, slices_per_volume))
-    by_workers = max(1, -(-volumes // (TASKS_PER_WORKER * workers)))
-    size = max(1, min(by_work, by_workers) // unit)  # units per task
-    tasks: list[slice] = []
-    for u in wanted:
-        last = tasks[-1] if tasks else None
-        if last is not None and last.stop == u.start and (last.stop - last.start) < size * unit:
-            tasks[-1] = slice(last.start, u.stop)
-        else:
-            tasks.append(u)
-    return tasks
 
 
 def _attrs(volumes: Path, source_attrs: dict[str, Any], settings: KernelSettings, *,

@@ -74,15 +74,15 @@ def test_parser_imports_no_heavy_library() -> None:
 
 def test_a_weights_file_named_random_is_a_file(tmp_path: Path) -> None:
     """``--weights random`` asks for random weights; ``--weights ./random`` loads the file."""
-    from raptorz.embedding.runner import _weights_option
+    from raptorz.embedding.planning import weights_option
 
     args = build_parser().parse_args(["embed", "v.zarr", "-o", "e.zarr", "--projector",
                                       "p.npy", "--weights", "random"])
-    assert _weights_option(args.weights) == "random"
+    assert weights_option(args.weights) == "random"
     args = build_parser().parse_args(["embed", "v.zarr", "-o", "e.zarr", "--projector",
                                       "p.npy", "--weights", "./random"])
-    assert _weights_option(args.weights) == str(Path("random").resolve())
-    assert _weights_option(tmp_path / "random") == str(tmp_path / "random")
+    assert weights_option(args.weights) == str(Path("random").resolve())
+    assert weights_option(tmp_path / "random") == str(tmp_path / "random")
 
 
 def test_the_command_prints_each_warning_once_on_one_line(tmp_path: Path) -> None:

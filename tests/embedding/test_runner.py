@@ -18,8 +18,9 @@ from distributed import Client, get_task_stream
 from raptorz import stores
 from raptorz.cluster import create_cluster
 from raptorz.embedding import runner, worker
+from raptorz.embedding.planning import plan_tasks
 from raptorz.embedding.projection import create_projector
-from raptorz.embedding.runner import _tasks, embed
+from raptorz.embedding.runner import embed
 from raptorz.embedding.settings import KernelSettings
 from raptorz.errors import SettingsError
 from raptorz.ingest.volumes import convert
@@ -49,7 +50,7 @@ def test_tasks_are_sized_by_slices_and_by_workers() -> None:
     todo = np.ones(100, bool)
 
     def sizes(*args: int) -> list[int]:
-        return [s.stop - s.start for s in _tasks(todo, *args)]
+        return [s.stop - s.start for s in plan_tasks(todo, *args)]
 
     assert sizes(1, 4096, 1) == [1] * 100  # a volume of 4096 slices is a task
     assert sizes(1, 10, 2) == [13] * 7 + [9]  # at least 4 tasks per worker
@@ -57,21 +58,21 @@ def test_tasks_are_sized_by_slices_and_by_workers() -> None:
     assert sizes(10, 1, 1) == [20] * 5  # 25 volumes a task, rounded down to units
     todo[:] = False
     todo[[5, 6, 42, 99]] = True  # units with nothing to do are left out
-    assert [(s.start, s.stop) for s in _tasks(todo, 10, 1, 1)] == [(0, 10), (40, 50),
+    assert [(s.start, s.stop) for s in plan_tasks(todo, 10, 1, 1)] == [(0, 10), (40, 50),
                                                                    (90, 100)]
 
 
 def test_ranges_must_hold_whole_units() -> None:
-    from raptorz.embedding.runner import _selection
+    from raptorz.embedding.planning import select_ids
 
-    assert _selection(250, 100, 100, unit=100).sum() == 100
-    assert _selection(250, 200, 80, unit=100).sum() == 50  # to the end of the store
+    assert select_ids(250, 100, 100, unit=100).sum() == 100
+    assert select_ids(250, 200, 80, unit=100).sum() == 50  # to the end of the store
     with pytest.raises(SettingsError, match="start/many: .*start=0, many=200"):
-        _selection(250, 50, 100, unit=100)
+        select_ids(250, 50, 100, unit=100)
     with pytest.raises(SettingsError, match="start=0, many=99 "):  # the nearer, not 198
-        _selection(1000, 0, 100, unit=99)
+        select_ids(1000, 0, 100, unit=99)
     with pytest.raises(SettingsError, match="start=99, many=99 "):
-        _selection(1000, 99, 10, unit=99)
+        select_ids(1000, 99, 10, unit=99)
 
 
 def test_one_volumes_chunk_keeps_both_workers_busy(client: Client, volumes: Path,
