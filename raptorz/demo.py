@@ -122,6 +122,14 @@ def make_demo_data(folder: str | Path, *, count: int = DEMO_COUNT, size: int = D
     return labels_csv
 
 
+def _demo_data_made(labels: Path, count: int) -> bool:
+    """Whether ``labels`` lists ``count`` demo volumes that are all there."""
+    if not labels.is_file():
+        return False
+    ids = pd.read_csv(labels)["id"].astype(str).tolist()
+    return len(ids) == count and all((labels.parent / f"{i}.nii.gz").is_file() for i in ids)
+
+
 def describe_encoder(encoder: str) -> EncoderInfo:
     """What ``encoder`` (a named encoder or a timm model name) is, without its weights.
 
@@ -187,7 +195,11 @@ def run_demo(workdir: str | Path = "raptorz-demo", *, data: str | Path | None = 
     subsample = 1
     if data is None:
         data, subsample = workdir / "data", DEMO_SUBSAMPLE
-        labels = make_demo_data(data, count=count)
+        labels = data / "labels.csv"
+        # a rerun keeps the files it made (seeded, the same): written again, they would
+        # count as sources changed since they were converted
+        if not _demo_data_made(labels, count):
+            labels = make_demo_data(data, count=count)
         log(f"data:        {count} labelled volumes of {DEMO_SIZE}³ made in {data} (labels "
             f"{labels}): a lesion on the left in label 1, on the right in label 0")
     where = f"on {len(gpus)} GPU(s)" if gpus else "on the CPU"
