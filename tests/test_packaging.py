@@ -121,14 +121,17 @@ def test_ci_runs_the_tests_on_the_installed_wheel() -> None:
     for module in (raptorz, raptorz.cli):
         assert module.__file__ is not None
         where = Path(module.__file__).resolve()
-        assert not where.is_relative_to(ROOT), f"{module.__name__} imported from the " \
+        assert not where.is_relative_to(ROOT / "raptorz") and \
+            not where.is_relative_to(ROOT / "cli"), f"{module.__name__} imported from the " \
             f"checkout ({where}), not from the installed wheel: install with `pip install .`"
     # a process the tests start (python -c, python -m) puts its working directory first
     started = subprocess.run([sys.executable, "-c", "import raptorz.cli; print(raptorz.__file__)"],
                              capture_output=True, text=True, timeout=120, check=False)
     assert started.returncode == 0, started.stderr
     where = Path(started.stdout.strip()).resolve()
-    assert not where.is_relative_to(ROOT), f"a test's `python -c` imported raptorz from the " \
+    # the source folders, not ROOT: CI's virtual environment lies in the checkout (.venv/)
+    assert not where.is_relative_to(ROOT / "raptorz"), f"a test's `python -c` imported " \
+        f"raptorz from the " \
         f"checkout ({where}): run pytest from tests/, not from the checkout's root"
 
 
