@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Final, Literal
 
 SourceKind = Literal["nifti", "zip", "npz", "dicom", "nrrd", "metaimage", "mgh", "analyze",
-                     "minc"]
+                     "minc", "afni", "parrec"]
 HeadKind = Literal["linear", "mlp"]
 #: ``auto``: ``cuda`` where GPUs are visible, else ``local``.
 ClusterKind = Literal["auto", "local", "cuda", "slurm", "pbs", "sge", "lsf"]
@@ -39,8 +39,11 @@ DEFAULT_MEMBER: Final = "T1/T1_brain.nii.gz"
 DEFAULT_INTENSITY: Final[dict[SourceKind, str]] = {
     "nifti": "percentile:0.5,99.5", "dicom": "percentile:0.5,99.5",
     "zip": "range:0,1280", "npz": "divide:256",
-    **dict.fromkeys(("nrrd", "metaimage", "mgh", "analyze", "minc"), "percentile:0.5,99.5"),
+    **dict.fromkeys(("nrrd", "metaimage", "mgh", "analyze", "minc", "afni", "parrec"),
+                    "percentile:0.5,99.5"),
 }
+#: Train, validation and test shares of the subjects of a BIDS dataset's labels.
+SPLIT_FRACTIONS: Final = (0.7, 0.15, 0.15)
 #: In a DICOM folder of several series, series of fewer slices are skipped (localizers).
 DEFAULT_MIN_SLICES: Final = 10
 #: Projection width of the Raptor paper.

@@ -1,4 +1,4 @@
-"""The layouts of raptorz's two stores: their kind, variables and dimensions, and how to
+"""The layouts of raptorz's three stores: their kind, variables and dimensions, and how to
 open them. One home for each, so that the stage that writes a store and the stages that
 read it cannot drift apart.
 
@@ -14,6 +14,8 @@ the raw-voxel baseline):
 ``source_size(id)``, ``source_mtime(id)``, ``source_sha256(id)``, ``checksum(id)``
     The source's identity when converted (size, modification time in ns, sha256 or ""),
     and a 64-bit checksum of the stored voxels: the embeddings made from it record it.
+``filled_voxels(id)``
+    How many NaN or infinite voxels were filled (``fill_nonfinite``); 0 for the others.
 
 ``embeddings.zarr`` (written by :mod:`raptorz.embedding`, read by :mod:`raptorz.downstream`):
 
@@ -27,7 +29,19 @@ the raw-voxel baseline):
     The ``checksum`` of the volume each embedding was made from: one that differs from
     the volumes store's now is stale.
 
-Both have ``status(id)`` and ``error(id)`` (:mod:`raptorz.stores`). :meth:`StoreLayout.open`
+``masks.zarr`` (written by :mod:`raptorz.ingest.masks`, read by the region embedding):
+
+``mask(id, x, y, z)``
+    Integer labels (0: background) on the grid of the same id's volume in
+    ``volumes.zarr``; its attribute ``labels`` maps each region name to its value.
+``source(id)``
+    The mask file (or folder of binary masks) each was read from.
+
+A region embeddings store (``raptorz embed --masks``) gives the projections, ``tokens``
+and ``avgpool`` a ``roi`` dimension after ``id`` (:func:`projection_dims`), with
+``region_status(id, roi)``: ok, absent (the volume's mask lacks the region) or failed.
+
+All have ``status(id)`` and ``error(id)`` (:mod:`raptorz.stores`). :meth:`StoreLayout.open`
 is how people and the client read a store (lazily, Dask-backed, from the consolidated
 metadata); :meth:`StoreLayout.read` is how a task on a worker reads it (plain lazy
 indexing with no Dask graph, metadata read afresh so that variables another process just
@@ -44,10 +58,12 @@ from typing import Final
 import numpy as np
 import xarray as xr
 
-from raptorz import stores
+from raptorz import locations, stores
 
 #: The array axes of ``volume`` after ``id``.
 VOLUME_AXES: Final = ("x", "y", "z")
+
+locations.fresh_listings()  # before any store in object storage is opened
 
 
 @dataclass(frozen=True)
@@ -102,6 +118,7 @@ VOLUMES: Final = StoreLayout("volumes", {
     "source_mtime": ("id",),
     "source_sha256": ("id",),
     "checksum": ("id",),
+    "filled_voxels": ("id",),
     "status": ("id",),
     "error": ("id",),
 })
@@ -115,19 +132,48 @@ EMBEDDINGS: Final = StoreLayout("embeddings", {
 })
 
 
+MASKS: Final = StoreLayout("masks", {
+    "mask": ("id", *VOLUME_AXES),
+    "source": ("id",),
+    "status": ("id",),
+    "error": ("id",),
+})
+
+#: The region dimension of a region embeddings store, after ``id``.
+ROI: Final = "roi"
+#: ``region_status`` of a region the volume's mask does not hold (beside the stores'
+#: pending / ok / failed).
+REGION_ABSENT: Final = 3
+REGION_STATUS_NAMES: Final = ("pending", "ok", "failed", "absent")
+REGION_STATUS_ATTRS: Final = {"flag_values": [0, 1, 2, REGION_ABSENT],
+                              "flag_meanings": " ".join(REGION_STATUS_NAMES)}
+
+
 def k_dim(projector: str) -> str:
     """The name of projector ``projector``'s ``k`` dimension: projectors may differ in K."""
     return f"k_{projector}"
 
 
-def projection_dims(projector: str) -> tuple[str, ...]:
-    """The dimensions of projector ``projector``'s variable in an embeddings store."""
-    return ("id", "plane", k_dim(projector), "token")
+def with_roi(dims: tuple[str, ...], regions: bool = True) -> tuple[str, ...]:
+    """``dims`` (``id`` first) as in a region embeddings store where ``regions``: ``roi``
+    after ``id``."""
+    return (dims[0], *((ROI,) if regions else ()), *dims[1:])
+
+
+def projection_dims(projector: str, regions: bool = False) -> tuple[str, ...]:
+    """The dimensions of projector ``projector``'s variable in an embeddings store (with
+    ``regions``, in a region embeddings store: ``roi`` after ``id``)."""
+    return with_roi(("id", "plane", k_dim(projector), "token"), regions)
 
 
 def open_volumes(path: str | Path) -> xr.Dataset:
     """Open a ``volumes.zarr`` lazily (safe while a conversion is writing it)."""
     return VOLUMES.open(path)
+
+
+def open_masks(path: str | Path) -> xr.Dataset:
+    """Open a ``masks.zarr`` lazily (``raptorz masks``)."""
+    return MASKS.open(path)
 
 
 def open_embeddings(path: str | Path) -> xr.Dataset:

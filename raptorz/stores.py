@@ -23,13 +23,12 @@ it into place, so a kill leaves a chunk file whole or absent. Other stores and f
 systems (and older Zarr) can leave a torn file, so :func:`read_status` also treats a
 status chunk it cannot decode as *pending*: its volumes are recomputed and the chunk is
 rewritten, and a torn error chunk always belongs to a chunk whose status was not yet
-written. Both defences are needed; neither costs anything when nothing was torn.
+written. Both defences are needed; neither costs anything when nothing was torn. A store
+may also be a URL in object storage (:mod:`raptorz.locations`), where each chunk is one
+object, which a ``PUT`` replaces whole.
 
-Locks. Steps that change a store's metadata (attributes, variables) read it and write it
-back, so two at once would lose one's change: each holds the store's lock
-(:func:`store_lock`), a file lock whose holder (host, pid, command) is written beside it
-for the one that waits. Data writes take no lock, so that processes writing disjoint
-units (``raptorz embed --start/--many`` jobs) run at once.
+Locks. Steps that change a store's metadata hold its lock (:func:`store_lock`), and a
+unit's commit its unit's (:func:`unit_lock`): :mod:`raptorz.locks`.
 
 Consolidated metadata. Every store carries consolidated metadata, so that
 ``xr.open_zarr(path)`` (and intake, napari, dask) open it fast and without a warning.
@@ -41,16 +40,14 @@ older raptorz) still opens, with a one-line hint to run ``raptorz info --repair`
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
 import platform
 import shutil
-import socket
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Final
@@ -58,9 +55,13 @@ from typing import Any, Final
 import numpy as np
 import xarray as xr
 import zarr
-from filelock import FileLock, Timeout
 
+from raptorz import locations
 from raptorz.errors import InputError, RaptorzWarning, SettingsError
+from raptorz.locks import LOCK_FILE as LOCK_FILE
+from raptorz.locks import LOCK_SECONDS as LOCK_SECONDS
+from raptorz.locks import store_lock as store_lock
+from raptorz.locks import unit_lock as unit_lock
 
 PENDING: Final = 0
 OK: Final = 1
@@ -76,12 +77,6 @@ STRING_DTYPE: Final = np.dtypes.StringDType()
 
 #: The command that consolidates an older store's metadata (printed in the hint).
 REPAIR_COMMAND: Final = "raptorz info --repair"
-
-#: The store's lock file, inside its ``status`` array: Zarr lists (and warns at foreign
-#: files in) a group's folder, never an array's.
-LOCK_FILE: Final = "status/.raptorz.lock"
-#: How long a metadata step waits for another one's lock before it gives up.
-LOCK_SECONDS: Final = 600.0
 
 
 def as_strings(values: Iterable[str]) -> np.ndarray:
@@ -106,18 +101,13 @@ def provenance() -> dict[str, Any]:
         except PackageNotFoundError:
             continue
     versions["python"] = platform.python_version()
-    return {
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions,
-    }
-
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return {"created": now.isoformat(timespec="seconds"), "versions": versions}
 
 
 def store_ids(ds: xr.Dataset) -> np.ndarray:
-    """A store's volume ids as a plain ``str`` array.
-
-    Zarr v3 gives variable-width strings, which NumPy does not cast to fixed width.
-    """
+    """A store's volume ids as a plain ``str`` array (Zarr v3 gives variable-width
+    strings, which NumPy does not cast to fixed width)."""
     return np.array(ds["id"].values.tolist(), dtype=str)
 
 
@@ -147,10 +137,7 @@ def store_kind(path: str | Path) -> str | None:
     InputError
         Where ``path`` holds something that is not a raptorz store.
     """
-    path = Path(path)
-    if not path.exists():
-        return None
-    if path.is_dir() and not any(path.iterdir()):
+    if not locations.holds_anything(path):
         return None
     try:
         group = zarr.open_group(path, mode="r")
@@ -178,7 +165,8 @@ def create_store(path: str | Path, template: xr.Dataset, kind: str) -> bool:
     variable is honoured. The store is marked with its ``kind`` and its metadata is
     consolidated (:func:`consolidate`). Creation is safe for processes that start at once:
     each writes its template beside ``path`` and renames it into place (atomic on a POSIX
-    file system); a loser discards its copy.
+    file system), a loser discards its copy; in object storage, which renames nothing,
+    they take turns by a lock object beside the store (:func:`raptorz.locations.object_lock`).
 
     Returns
     -------
@@ -186,9 +174,16 @@ def create_store(path: str | Path, template: xr.Dataset, kind: str) -> bool:
         Whether this call created the store; ``False`` where another process just did
         (the caller then checks that store like any existing one).
     """
-    path = Path(path)
     template = template.copy()
     template.attrs[KIND_ATTR] = kind
+    if locations.is_url(path):
+        with locations.object_lock(f"{path}.raptorz-create.lock", "create", LOCK_SECONDS):
+            if store_kind(path) is not None:
+                return False
+            template.to_zarr(path, mode="w-", compute=False, consolidated=False, zarr_format=3)
+            consolidate(path)
+        return True
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     template.to_zarr(scratch, mode="w-", compute=False, consolidated=False, zarr_format=3)
@@ -247,10 +242,8 @@ def consolidated_metadata_true(path: str | Path) -> bool:
 
 
 def consolidate(path: str | Path) -> None:
-    """Write the consolidated metadata of the group at ``path`` (after any metadata change).
-
-    Safe while tasks write data: region writes change no metadata.
-    """
+    """Write the consolidated metadata of the group at ``path`` (after any metadata change;
+    safe while tasks write data: region writes change no metadata)."""
     with warnings.catch_warnings():
         # Zarr notes that consolidated metadata is not (yet) in the v3 specification;
         # xarray, zarr-python and the tools built on them read it, which is the point.
@@ -268,60 +261,8 @@ def update_attrs(path: str | Path, attrs: Mapping[str, Any]) -> None:
         consolidate(path)
 
 
-def _holder(path: Path) -> str:
-    """Who holds the lock at ``path``, as its holder wrote it ("another process" if unsaid)."""
-    try:
-        info = json.loads(path.with_name(path.name + ".holder").read_text())
-        return f"{info['host']} pid {info['pid']} ({info['command']}, since {info['since']})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another process"
-
-
-@contextlib.contextmanager
-def store_lock(path: str | Path, command: str, *,
-               timeout: float = LOCK_SECONDS) -> Iterator[None]:
-    """Hold the lock of the store at ``path`` for a step that changes its metadata.
-
-    Reentrant in one thread; excludes other threads and processes (on any host sharing
-    the file system). The holder's host, pid and ``command`` are written beside the lock;
-    one that has to wait is told who holds it with a :class:`~raptorz.errors.RaptorzWarning`.
-    A process that dies releases its lock.
-
-    Raises
-    ------
-    InputError
-        Naming the store and the holder, where the lock is not free within ``timeout``
-        seconds.
-    """
-    file = Path(path) / LOCK_FILE
-    lock = FileLock(file, is_singleton=True)
-    holder = file.with_name(file.name + ".holder")
-    if lock.is_locked:  # this thread holds it already: one step inside another
-        with lock:
-            yield
-        return
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        warnings.warn(f"{path}: waiting (up to {timeout:g} s) for its lock, held by "
-                      f"{_holder(file)}", RaptorzWarning, stacklevel=3)
-        try:
-            lock.acquire(timeout=timeout)
-        except Timeout:
-            raise InputError(path, f"is locked by {_holder(file)}; still held after "
-                             f"{timeout:g} s: wait for it to finish, or stop it") from None
-    try:
-        holder.write_text(json.dumps({
-            "host": socket.gethostname(), "pid": os.getpid(), "command": command,
-            "since": datetime.datetime.now().isoformat(timespec="seconds")}))
-        yield
-    finally:
-        holder.unlink(missing_ok=True)
-        lock.release()
-
-
-def read_status(path: str | Path) -> np.ndarray:
-    """The per-volume status codes of the store at ``path``, read fresh from disk.
+def read_status(path: str | Path, region: slice = slice(None)) -> np.ndarray:
+    """The status codes of the store at ``path`` (``region`` of its ids), read afresh.
 
     A chunk that cannot be decoded (a file torn by a kill on a file system without
     atomic renames) reads as *pending*, with a :class:`~raptorz.errors.RaptorzWarning`:
@@ -333,26 +274,26 @@ def read_status(path: str | Path) -> np.ndarray:
         Where a chunk cannot be read at all (an I/O error, no permission): its volumes'
         state is unknown, so nothing may be redone or rewritten on a guess.
     """
-    array = zarr.open_array(Path(path) / "status", mode="r")
+    array = zarr.open_array(locations.join(path, "status"), mode="r")
     try:
-        return np.asarray(array[:])
+        return np.asarray(array[region])
     except OSError as error:
         raise _unreadable(path, error) from None
     except Exception:  # the codec's error for a torn file: RuntimeError, ValueError...
         status = np.full(array.shape, PENDING, np.int8)
         torn = []
-        for region in chunk_slices(array.shape[0], array.chunks[0]):
+        for chunk in chunk_slices(array.shape[0], array.chunks[0]):
             try:
-                status[region] = array[region]
+                status[chunk] = array[chunk]
             except OSError as error:
                 raise _unreadable(path, error) from None
             except Exception:
-                torn.append(region)
+                torn.append(chunk)
         warnings.warn(f"{path}: {len(torn)} status chunk(s) unreadable (a write cut short), "
                       f"ids {', '.join(f'{r.start}-{r.stop - 1}' for r in torn[:5])}: "
                       "counted as pending, so they are recomputed", RaptorzWarning,
                       stacklevel=2)
-        return status
+        return status[region]
 
 
 def _unreadable(path: str | Path, error: OSError) -> InputError:
