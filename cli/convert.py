@@ -1,5 +1,5 @@
-"""``raptorz convert``: volumes (NIfTI, NRRD, MetaImage, MGH, Analyze, MINC, UK Biobank zip,
-MedMNIST npz, DICOM) to a store."""
+"""``raptorz convert``: volumes (NIfTI, NRRD, MetaImage, MGH, Analyze, MINC, AFNI, PAR/REC,
+UK Biobank zip, MedMNIST npz, DICOM, a BIDS dataset's images) to a store."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from raptorz.defaults import DEFAULT_INTENSITY, DEFAULT_MEMBER, DEFAULT_MIN_SLICES
+from raptorz import location
+from raptorz.defaults import (
+    DEFAULT_INTENSITY,
+    DEFAULT_MEMBER,
+    DEFAULT_MIN_SLICES,
+    SPLIT_FRACTIONS,
+)
 from raptorz.errors import RaptorzError
 
 
@@ -22,20 +28,41 @@ def _shape(text: str) -> tuple[int, int, int]:
     return x, y, z
 
 
+def _fill(text: str) -> float | str:
+    if text == "min":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or min, got {text!r}") from None
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TRAIN,VAL,TEST, got {text!r}") from None
+
+
 def register(subparsers: Any) -> None:
     """Add the ``convert`` verb."""
     defaults = ", ".join(f"{k} {v}" for k, v in DEFAULT_INTENSITY.items())
     parser = subparsers.add_parser(
         "convert", help="convert volumes into a volumes.zarr store",
         description="Read NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, "
-        ".mhd), MGH/MGZ, Analyze (.hdr/.img), MINC (.mnc), UK Biobank zips, MedMNIST npz "
-        "files or DICOM series, orient and scale them and write one chunked, compressed "
+        ".mhd), MGH/MGZ, Analyze (.hdr/.img), MINC (.mnc), AFNI (+orig.HEAD/.BRIK), Philips "
+        "PAR/REC, UK Biobank zips, MedMNIST npz files, DICOM series or the images of a BIDS "
+        "dataset (--bids), orient and scale them and write one chunked, compressed "
         "volumes.zarr. Rerun the same command to resume an interrupted or partly failed "
         "conversion.")
     parser.add_argument("sources", nargs="*", metavar="SOURCE",
                         help="files, folders (of volumes, or of DICOM files: one volume per "
-                        "series) or globs")
-    parser.add_argument("-o", "--output", required=True, type=Path, help="the store to write")
+                        "series) or globs; or URLs of them (s3://, gs://, https://)")
+    parser.add_argument("-o", "--output", required=True, type=location,
+                        help="the store to write (a path, or a URL such as s3://bucket/v.zarr)")
+    parser.add_argument("--anon", action="store_true",
+                        help="read URL sources anonymously (a public bucket, e.g. OpenNeuro's "
+                        "s3://openneuro.org); stores use the environment's credentials")
     parser.add_argument("--folder", type=Path,
                         help="folder of the manifest's names (or an .npz whose ids they are)")
     parser.add_argument("--manifest", type=Path, help="text file, one volume name a line")
@@ -72,8 +99,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--min-slices", type=int, default=DEFAULT_MIN_SLICES,
                         help="in DICOM folders of several series, skip localizers and "
                         f"series of fewer slices (default {DEFAULT_MIN_SLICES})")
-    parser.add_argument("--labels-out", type=Path,
-                        help="labels CSV of MedMNIST sources (default STORE.labels.csv)")
+    parser.add_argument("--labels-out", type=location,
+                        help="labels CSV of MedMNIST or BIDS sources (default STORE.labels.csv)")
+    parser.add_argument("--fill-nonfinite", type=_fill, metavar="VALUE|min",
+                        help="fill NaN and infinite voxels (e.g. outside a resampled field "
+                        "of view) with VALUE or the volume's minimum, counted per volume in "
+                        "filled_voxels; without it such volumes fail")
     parser.add_argument("--hash-sources", action="store_true",
                         help="record each source's sha256 besides its size and time (reads "
                         "every byte once more); a rerun then ignores sources only touched")
@@ -83,6 +114,22 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--exclude", action="append", default=[], metavar="ID|@FILE",
                         help="leave this volume out (marked failed: excluded), e.g. one "
                         "that kills its worker; @FILE: one id a line; repeatable")
+    bids = parser.add_argument_group(
+        "BIDS datasets", "SOURCE is a BIDS dataset's root; ids keep the entities that vary "
+        "(sub-01, sub-01_ses-2...); the labels CSV (--labels-out) holds participants.tsv, "
+        "sessions.tsv and the sidecars' scanner facts, split by subject")
+    bids.add_argument("--bids", metavar="ENTITY=VALUE[,...]",
+                      help="the images to convert, e.g. suffix=T1w or "
+                      "suffix=T1w,ses=2,run=1,acq=mprage (suffix required)")
+    bids.add_argument("--bids-derivatives", metavar="PIPELINE",
+                      help="read the images of derivatives/PIPELINE (e.g. fmriprep, selected "
+                      "with space=...,desc=preproc) instead of the raw data")
+    bids.add_argument("--split-seed", type=int, default=0, metavar="N",
+                      help="seed of the subjects' train/val/test split (default 0)")
+    bids.add_argument("--split-fractions", type=_fractions, default=SPLIT_FRACTIONS,
+                      metavar="TRAIN,VAL,TEST",
+                      help="shares of the subjects in each split (default "
+                      f"{','.join(map(str, SPLIT_FRACTIONS))})")
     parser.set_defaults(func=run)
 
 
@@ -123,7 +170,10 @@ def run(args: argparse.Namespace) -> int:
             chunk=args.chunk, workers=args.workers, cluster=args.cluster,
             labels_out=args.labels_out, series=args.series, min_slices=args.min_slices,
             hash_sources=args.hash_sources, reconvert_changed=args.reconvert_changed,
-            exclude=_excluded(args.exclude),
+            exclude=_excluded(args.exclude), fill_nonfinite=args.fill_nonfinite,
+            bids=args.bids, bids_derivatives=args.bids_derivatives,
+            split_seed=args.split_seed, split_fractions=args.split_fractions,
+            storage_options={"anon": True} if args.anon else None,
             **({} if args.max_volume_bytes is None else
                {"max_volume_bytes": args.max_volume_bytes}),
             progress=progress,

@@ -17,12 +17,12 @@ import dataclasses
 import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 import xarray as xr
 
-from raptorz import stores
+from raptorz import locations, stores
 from raptorz.defaults import DEFAULT_INTENSITY
 from raptorz.errors import InputError
 from raptorz.ingest._shape import Fit, fit_shape
@@ -49,9 +49,12 @@ class Settings:
 
     def record(self) -> dict[str, object]:
         """The settings as the store's ``convert`` attribute (JSON)."""
+        fill = self.read.fill_nonfinite
         return stores.json_attr({
+            # fill_nonfinite only where set: stores made before it existed resume
             "reader": {"member": self.read.member,
-                       "max_member_bytes": self.read.max_member_bytes},
+                       "max_member_bytes": self.read.max_member_bytes,
+                       **({} if fill is None else {"fill_nonfinite": fill})},
             "intensity": str(self.intensity) if self.intensity else "auto",
             "intensity_defaults": DEFAULT_INTENSITY if self.intensity is None else {},
             "orientation": self.read.orientation,
@@ -75,33 +78,42 @@ def item_bytes(settings: Settings) -> int:
     return int(np.prod(settings.shape)) * np.dtype(settings.dtype).itemsize
 
 
-#: Per-volume variables of a source's identity (:func:`source_identity`) and the
-#: volume's checksum; stores of older raptorz versions lack them.
-TRACKING: Final = ("source_size", "source_mtime", "source_sha256", "checksum")
+#: Per-volume variables of a source's identity (:func:`source_identity`), the volume's
+#: checksum and its non-finite voxels filled; stores of older raptorz versions lack them.
+TRACKING: Final = ("source_size", "source_mtime", "source_sha256", "checksum",
+                   "filled_voxels")
 #: The identity of a source that is gone.
 GONE: Final = (-1, -1, "")
 
 
-def source_identity(source: Source, content: bool = False) -> tuple[int, int, str]:
+def source_identity(source: Source, content: bool = False,
+                    storage_options: dict[str, Any] | None = None) -> tuple[int, int, str]:
     """``(size, mtime_ns, sha256)`` of a source's file, or of a DICOM folder's files
-    (total size, latest time); the hash ("" unless ``content``) reads every byte.
-    :data:`GONE` where it is not there."""
+    (total size, latest time), or of an object (its metadata, with ``storage_options``);
+    the hash ("" unless ``content``) reads every byte. :data:`GONE` where it is not there."""
+    if locations.is_url(source.path):
+        try:
+            size, mtime = locations.identity(source.path, storage_options)
+        except OSError:
+            return GONE
+        return size, mtime, _sha256([source.path], storage_options) if content else ""
     path = Path(source.path)
     try:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         stats = [f.stat() for f in files]
     except OSError:
         return GONE
-    digest = ""
-    if content:
-        sha = hashlib.sha256()
-        for file in files:
-            with open(file, "rb") as stream:
-                while block := stream.read(2**20):
-                    sha.update(block)
-        digest = sha.hexdigest()
     return (sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0),
-            digest)
+            _sha256(files) if content else "")
+
+
+def _sha256(files: Sequence[str | Path], storage_options: dict[str, Any] | None = None) -> str:
+    sha = hashlib.sha256()
+    for file in files:
+        with locations.open_file(file, "rb", storage_options) as stream:
+            while block := stream.read(2**20):
+                sha.update(block)
+    return sha.hexdigest()
 
 
 def volume_checksum(voxels: np.ndarray) -> int:
@@ -163,7 +175,8 @@ def convert_chunk(path: str, region: slice, sources: Sequence[Source], settings:
     for j in redo:
         source = sources[j]
         if "source_size" in tracking:  # before reading: a later change shows on a rerun
-            size, mtime, digest = source_identity(source, hash_sources)
+            size, mtime, digest = source_identity(source, hash_sources,
+                                                  settings.read.storage_options)
             tracking["source_size"][j], tracking["source_mtime"][j] = size, mtime
             tracking["source_sha256"][j] = digest
         try:
@@ -175,6 +188,8 @@ def convert_chunk(path: str, region: slice, sources: Sequence[Source], settings:
             volume[j], spacing[j] = fit_shape(scaled, read.spacing, settings.shape,
                                               settings.fit, str(source))
             original[j] = read.data.shape
+            if "filled_voxels" in tracking:
+                tracking["filled_voxels"][j] = read.filled
             status[j] = stores.OK
         except InputError as error:
             errors[j] = str(error)

@@ -1,6 +1,7 @@
 """Readers: one 3D volume from any format ``raptorz convert`` knows.
 
-NIfTI, MGH/MGZ, Analyze and MINC are read by nibabel, NRRD and MetaImage by SimpleITK
+NIfTI, MGH/MGZ, Analyze, MINC, AFNI (``+orig.HEAD``/``.BRIK``) and Philips PAR/REC are
+read by nibabel, NRRD and MetaImage by SimpleITK
 (:mod:`._itk`), DICOM by pydicom (:mod:`._dicom`); UK Biobank zips and MedMNIST npz files
 here. Every reader yields the volume's voxels as stored and its voxel-to-world affine (RAS
 millimetres, as NIfTI defines it); :func:`read_volume` then checks the shape, refuses
@@ -11,6 +12,7 @@ to superior whatever the scanner wrote.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gzip
@@ -23,9 +25,12 @@ from typing import IO, Any, Final, Literal, cast
 
 import nibabel as nib
 import numpy as np
+from nibabel.brikhead import AFNIImage
+from nibabel.parrec import PARRECImage
 
+from raptorz import locations
 from raptorz.defaults import DEFAULT_MEMBER, SourceKind
-from raptorz.errors import InputError
+from raptorz.errors import InputError, SettingsError
 from raptorz.ingest._guard import (
     DEFAULT_MAX_VOLUME_BYTES,
     MAX_VOLUMES_PER_FILE,
@@ -89,12 +94,27 @@ class ReadOptions:
         Largest volume accepted, in bytes of float32 voxels, checked on the header of
         every format before anything is allocated (also the cap on an npz array, which
         is decompressed whole).
+    fill_nonfinite
+        Fill NaN and infinite voxels with this value, or the volume's smallest finite
+        one (``"min"``); ``None`` refuses such volumes.
+    storage_options
+        fsspec options of sources given as URLs (``{"anon": True}``); not recorded.
     """
 
     member: str = DEFAULT_MEMBER
     max_member_bytes: int = 2**31
     orientation: Orientation = "ras"
     max_volume_bytes: int = DEFAULT_MAX_VOLUME_BYTES
+    fill_nonfinite: float | Literal["min"] | None = None
+    storage_options: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        fill = self.fill_nonfinite
+        if not (fill is None or fill == "min" or (
+                isinstance(fill, int | float) and not isinstance(fill, bool)
+                and math.isfinite(fill))):
+            raise SettingsError(f"expected a number or 'min', got {fill!r}",
+                                option="fill_nonfinite")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,12 +122,14 @@ class Volume:
     """A volume as read: raw values (float32) in the chosen orientation, spacing in mm.
 
     ``note`` says what the user should know although the volume was read (e.g. an
-    Analyze file's assumed orientation); empty otherwise.
+    Analyze file's assumed orientation); empty otherwise. ``filled`` counts the
+    non-finite voxels filled (:attr:`ReadOptions.fill_nonfinite`).
     """
 
     data: np.ndarray
     spacing: tuple[float, float, float]
     note: str = ""
+    filled: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +148,8 @@ _NIBABEL: Final[dict[SourceKind, tuple[type, ...]]] = {
     "mgh": (nib.MGHImage,),
     "analyze": (nib.AnalyzeImage,),  # Analyze 7.5, SPM's variants and NIfTI pairs
     "minc": (nib.Minc1Image, nib.Minc2Image),
+    "afni": (AFNIImage,),
+    "parrec": (PARRECImage,),
 }
 _ANALYZE_NOTE: Final = ("Analyze 7.5 stores no orientation: the array is assumed to run "
                         "right to left, posterior to anterior, inferior to superior (LAS, "
@@ -365,8 +389,27 @@ def _permute(values: tuple, ornt: np.ndarray) -> tuple:
     return tuple(out)
 
 
+#: The data files read with a header, by the header's ending: fetched with it from a URL.
+_DATA_FILES: Final = {".hdr": (".img", ".img.gz"), ".head": (".brik", ".brik.gz"),
+                      ".par": (".rec",), ".mhd": (".raw", ".zraw"), ".nhdr": (".raw", ".raw.gz")}
+
+
+def _fetched(source: Source, options: ReadOptions) -> contextlib.AbstractContextManager[Path]:
+    """A local copy of URL ``source`` and its data file; none over 2x the volume cap."""
+    header = next((h for h in _DATA_FILES if source.path.lower().endswith(h)), "")
+    stem, ending = source.path[: len(source.path) - len(header)], source.path[-len(header):]
+    data = tuple(stem + (d.upper() if ending.isupper() else d)
+                 for d in _DATA_FILES.get(header, ()))
+    cap = max(2 * options.max_volume_bytes, options.max_member_bytes)
+    return locations.local_copy(source.path, options.storage_options, cap, data)
+
+
 def probe_shape(source: Source, options: ReadOptions) -> tuple[int, int, int]:
-    """The shape ``source`` will have once read, from its header only."""
+    """The shape ``source`` will have once read, from its header only (a source in object
+    storage is fetched whole)."""
+    if locations.is_url(source.path):
+        with _fetched(source, options) as copy:
+            return probe_shape(dataclasses.replace(source, path=str(copy)), options)
     image, shape = _open(source, options)
     return _permute(shape, _orientation(image, options))
 
@@ -378,8 +421,12 @@ def read_volume(source: Source, options: ReadOptions) -> Volume:
     ------
     InputError
         Naming the file and the problem: missing, unreadable, not 3D, a 4D series,
-        or voxels that are NaN or infinite (such volumes are refused, not repaired).
+        or voxels that are NaN or infinite (refused unless ``options.fill_nonfinite``;
+        refused all the same where no voxel is finite).
     """
+    if locations.is_url(source.path):  # the readers need a file: a local copy, for the read
+        with _fetched(source, options) as copy:
+            return read_volume(dataclasses.replace(source, path=str(copy)), options)
     image, shape = _open(source, options)
     try:
         data = np.asarray(image.load(), dtype=np.float32).reshape(shape)
@@ -388,10 +435,16 @@ def read_volume(source: Source, options: ReadOptions) -> Volume:
     except Exception as error:
         raise InputError(source.path, f"cannot read the voxels, truncated or corrupt? "
                          f"({type(error).__name__}: {error})") from None
-    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
-    if bad:
+    finite = np.isfinite(data)
+    bad = int(data.size - np.count_nonzero(finite))
+    if bad and (options.fill_nonfinite is None or bad == data.size):
         raise InputError(source.path, f"{bad} of {data.size} voxels are NaN or infinite; "
-                         "raptorz refuses such volumes (fix or mask them first)")
+                         "raptorz refuses such volumes (fix or mask them first, or fill "
+                         "them: --fill-nonfinite VALUE|min, fill_nonfinite= in Python)")
+    if bad:
+        fill = (data[finite].min() if options.fill_nonfinite == "min"
+                else options.fill_nonfinite)
+        data = np.where(finite, data, np.float32(fill))
     ornt = _orientation(image, options)
     spacing = _permute(tuple(float(v) for v in nib.affines.voxel_sizes(image.affine)), ornt)
-    return Volume(nib.apply_orientation(data, ornt), spacing, image.note)
+    return Volume(nib.apply_orientation(data, ornt), spacing, image.note, bad)

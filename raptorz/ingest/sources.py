@@ -17,14 +17,15 @@ import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
-from raptorz import stores
+from raptorz import locations, stores
 from raptorz.defaults import DEFAULT_MIN_SLICES
-from raptorz.errors import InputError, RaptorzError, RaptorzWarning
+from raptorz.errors import InputError, RaptorzError, RaptorzWarning, SettingsError
 from raptorz.ingest._guard import DEFAULT_MAX_VOLUME_BYTES
+from raptorz.ingest.bids import BidsQuery, bids_sources
 from raptorz.ingest.readers import Source, SourceKind, npz_images, npz_volumes
 
 if TYPE_CHECKING:
@@ -35,13 +36,23 @@ SUFFIXES: Final[dict[str, SourceKind]] = {
     ".nii.gz": "nifti", ".nii": "nifti", ".zip": "zip", ".npz": "npz",
     ".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "metaimage", ".mhd": "metaimage",
     ".mgz": "mgh", ".mgh": "mgh", ".hdr": "analyze", ".img": "analyze", ".mnc": "minc",
+    ".brik.gz": "afni", ".brik": "afni", ".head": "afni", ".par": "parrec", ".rec": "parrec",
 }
+#: Data files of the formats whose header is another file: the header stands for both.
+_HEADERS: Final = {".img": ".hdr", ".brik": ".head", ".brik.gz": ".head", ".rec": ".par"}
 _GLOB_CHARS: Final = frozenset("*?[")
 
 
 def _suffix(path: Path) -> str:
     name = path.name.lower()
     return next((s for s in SUFFIXES if name.endswith(s)), "")
+
+
+def _has_header(path: Path, names: set[str]) -> bool:
+    """Whether ``path`` is a data file whose header is among ``names`` (lower case)."""
+    suffix = _suffix(path)
+    return suffix in _HEADERS and (
+        path.name[: -len(suffix)] + _HEADERS[suffix]).lower() in names
 
 
 def _npz_sources(path: Path, selection: SeriesSelection) -> list[Source]:
@@ -140,9 +151,12 @@ def _expand(path: Path, selection: SeriesSelection) -> list[Source]:
         return _npz_sources(path, selection)
     if path.is_dir():
         entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
-        # an Analyze pair is one volume: its header stands for it
-        inside = [p for p in entries if _suffix(p) and not (
-            _suffix(p) == ".img" and p.with_suffix(".hdr") in entries)]
+        names = {p.name.lower() for p in entries}
+        # a header and its data file (Analyze, AFNI, PAR/REC) are one volume
+        inside = [p for p in entries if _suffix(p) and not _has_header(p, names)]
+        if not inside and "dataset_description.json" in names:
+            raise InputError(path, "is a BIDS dataset: choose its images by entities, e.g. "
+                             "--bids suffix=T1w (bids= in Python)")
         if not inside and not any(p.is_file() for p in entries):  # a folder of series
             inside = [p for p in entries if p.is_dir()]
         if inside:
@@ -151,6 +165,35 @@ def _expand(path: Path, selection: SeriesSelection) -> list[Source]:
     if suffix:
         return [Source(path.name[: -len(suffix)], str(path), SUFFIXES[suffix])]
     return [Source(path.name.removesuffix(".dcm"), str(path), "dicom")]
+
+
+def _remote(url: str, storage_options: dict[str, Any] | None) -> list[Source]:
+    """The sources at a URL: an object, a glob's matches, or a folder's files (or, where it
+    holds none raptorz reads, its sub-folders'), each listed once, by its own prefix."""
+    if _GLOB_CHARS & set(url.split("://", 1)[1]):
+        found = locations.matches(url, storage_options)
+        if not found:
+            raise InputError(url, "the pattern matches no object")
+        return [s for one in found for s in _remote(one, storage_options)]
+    if not locations.is_folder(url, storage_options):
+        suffix = _suffix(Path(locations.name(url)))
+        if suffix in ("", ".npz"):
+            raise InputError(url, "raptorz reads DICOM and npz files from object storage "
+                             "only once downloaded (each other format, as it is)")
+        return [Source(locations.name(url)[: -len(suffix)], url, SUFFIXES[suffix])]
+    entries = [(u, folder) for u, folder in locations.listing(url, storage_options)
+               if not locations.name(u).startswith(".")]
+    names = {locations.name(u).lower() for u, _ in entries}
+    inside = [u for u, folder in entries if not folder and _suffix(Path(locations.name(u)))
+              and not _has_header(Path(locations.name(u)), names)]
+    if not inside and "dataset_description.json" in names:
+        raise InputError(url, "is a BIDS dataset: choose its images by entities, e.g. "
+                         "--bids suffix=T1w (bids= in Python)")
+    inside = inside or [u for u, folder in entries if folder]
+    if not inside:
+        raise InputError(url, "holds no file raptorz reads (DICOM folders must be "
+                         "downloaded first)")
+    return [s for one in inside for s in _remote(one, storage_options)]
 
 
 def _manifest_names(manifest: Path) -> list[str]:
@@ -193,14 +236,18 @@ def resolve_sources(
     series: Sequence[str] = (),
     min_slices: int = DEFAULT_MIN_SLICES,
     max_volume_bytes: int = DEFAULT_MAX_VOLUME_BYTES,
+    bids: BidsQuery | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> list[Source]:
-    """Resolve paths, folders, globs and a manifest into the volumes to convert.
+    """Resolve paths, folders, globs, a manifest or a BIDS dataset into the volumes to
+    convert.
 
     Parameters
     ----------
     sources
-        Files (NIfTI, NRRD, MetaImage, MGH/MGZ, Analyze, MINC, zip, npz, DICOM),
-        folders (of such files, or of DICOM files: one volume per series) and globs.
+        Files (NIfTI, NRRD, MetaImage, MGH/MGZ, Analyze, MINC, AFNI, PAR/REC, zip, npz,
+        DICOM), folders (of such files, or of DICOM files: one volume per series) and
+        globs; with ``bids``, one BIDS dataset root.
     folder
         Where the manifest's names live (default: the manifest's folder); an ``.npz``
         here makes the manifest's names ids of that npz, as the original's ``--npz``.
@@ -216,19 +263,38 @@ def resolve_sources(
     max_volume_bytes
         The cap on one volume's float32 bytes (and on an npz array): an npz whose
         headers claim more, or more than the file holds, is one failing source.
+    bids
+        Read ``sources``, one BIDS dataset root, for the images this query names
+        (:func:`raptorz.ingest.bids.bids_sources`; ids ``sub-01``, ``sub-01_ses-2``...).
+    storage_options
+        fsspec options for sources given as URLs (objects, prefixes, globs, a BIDS root).
 
     Raises
     ------
     InputError
         For a ``start`` / ``many`` that select nothing (:func:`raptorz.stores.id_range`),
-        a glob matching nothing or a manifest name that escapes ``folder``.
+        a glob matching nothing, a manifest name that escapes ``folder``, a BIDS root
+        given without ``bids``, or with ``bids`` a folder that is not a BIDS root or has
+        no image matching.
+    SettingsError
+        For ``bids`` with other than one source, or with a manifest.
     RaptorzError
         For two volumes with the same id.
     """
     selection = SeriesSelection(tuple(series), min_slices, max_volume_bytes)
     resolved: list[Source] = []
-    # Absolute paths: the store records them, and a rerun from elsewhere compares equal.
-    for text in (os.path.abspath(source) for source in sources):
+    if bids is not None:
+        if len(sources) != 1 or manifest is not None:
+            raise SettingsError("reads one BIDS dataset: give its root as the only source, "
+                                "and no manifest", option="bids")
+        root = sources[0] if locations.is_url(sources[0]) else os.path.abspath(sources[0])
+        resolved, sources = bids_sources(root, bids, storage_options), ()
+    for given in sources:
+        if locations.is_url(given):
+            resolved += _remote(str(locations.location(given)), storage_options)
+            continue
+        # Absolute paths: the store records them, and a rerun from elsewhere compares equal.
+        text = os.path.abspath(given)
         if not Path(text).exists() and _GLOB_CHARS & set(text):
             matches = sorted(glob.glob(text))
             if not matches:
@@ -280,7 +346,7 @@ def _labels(path: str, key: str, images: int) -> np.ndarray:
     return labels
 
 
-def write_labels(sources: Sequence[Source], path: str | Path) -> Path | None:
+def write_labels(sources: Sequence[Source], path: str | Path) -> str | Path | None:
     """Write the labels of the npz volumes among ``sources`` as the original's CSV.
 
     Columns: ``id``, ``split``, then ``label`` (or ``label_0``, ``label_1``... for
@@ -305,9 +371,9 @@ def write_labels(sources: Sequence[Source], path: str | Path) -> Path | None:
             rows.append([source.id, split, *labels[source.index].tolist()])
     if not rows:
         return None
-    path = Path(path)
+    path = locations.location(path)
     columns = ["label"] if width == 1 else [f"label_{j}" for j in range(width)]
-    with path.open("w", newline="") as file:
+    with locations.open_file(path, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["id", "split", *columns])
         writer.writerows(rows)

@@ -22,9 +22,9 @@ import dataclasses
 import hashlib
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Final, get_args
+from typing import Any, Final, Literal, get_args
 
 import dask.array as da
 import numpy as np
@@ -33,11 +33,12 @@ from distributed import Client, KilledWorker, as_completed
 from distributed.deploy import Cluster
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from raptorz import stores
+from raptorz import locations, stores
 from raptorz.cluster import connect, create_cluster
 from raptorz.errors import InputError, RaptorzWarning, SettingsError
 from raptorz.ingest._guard import DEFAULT_MAX_VOLUME_BYTES
 from raptorz.ingest._shape import Fit, native_shape
+from raptorz.ingest.bids import SPLIT_FRACTIONS, BidsQuery, write_bids_labels
 from raptorz.ingest.conversion import (
     GONE,
     ChunkResult,
@@ -74,13 +75,13 @@ class ConvertSummary:
     done by an earlier run; ``failures`` and ``notes`` map ids to their text.
     """
 
-    store: Path
+    store: str | Path
     converted: int
     failed: int
     skipped: int
     failures: dict[str, str]
     notes: dict[str, str]
-    labels: Path | None
+    labels: str | Path | None
 
     @property
     def ok(self) -> bool:
@@ -109,6 +110,8 @@ def _template(sources: Sequence[Source], settings: Settings, chunk: int) -> xr.D
             "source_sha256": ("id", stores.as_strings([""] * n)),
             "checksum": ("id", lazy(dtype="int64"),
                          {"long_name": "64-bit blake2b of the stored voxels"}),
+            "filled_voxels": (VOLUMES.dims["filled_voxels"], lazy(dtype="int64"),
+                              {"long_name": "NaN or infinite voxels filled"}),
             **stores.status_variables(n, chunk),
         },
         coords={"id": stores.as_strings(s.id for s in sources),
@@ -122,7 +125,7 @@ def _template(sources: Sequence[Source], settings: Settings, chunk: int) -> xr.D
     return ds
 
 
-def _check_rerun(path: Path, sources: Sequence[Source], settings: Settings) -> int:
+def _check_rerun(path: str | Path, sources: Sequence[Source], settings: Settings) -> int:
     """Refuse a rerun that differs from the store's run; return the store's chunk size."""
     ds = open_volumes(path)
     before = [str(s) for s in ds.source.values]
@@ -131,7 +134,7 @@ def _check_rerun(path: Path, sources: Sequence[Source], settings: Settings) -> i
                          f"(this run names {len(sources)}); rerun with the same sources to "
                          "resume, or choose another output")
     recorded, wanted = ds.attrs.get("convert", {}), settings.record()
-    changed = [k for k in wanted if recorded.get(k) != wanted[k]]
+    changed = [k for k in wanted if _differs(k, recorded.get(k), wanted[k])]
     if changed:
         raise InputError(path, "was converted with other options (" + ", ".join(
             f"{k}: {recorded.get(k)} vs {wanted[k]}" for k in changed) + "); rerun with the "
@@ -139,8 +142,17 @@ def _check_rerun(path: Path, sources: Sequence[Source], settings: Settings) -> i
     return int(ds.volume.encoding["chunks"][0])
 
 
-def _to_redo(path: Path, sources: Sequence[Source], status: np.ndarray,
-             reconvert_changed: bool, hash_sources: bool) -> np.ndarray:
+def _differs(option: str, recorded: object, wanted: object) -> bool:
+    """Whether a store's recorded option differs from this run's; a reader added to the
+    per-reader intensity defaults since the store was made changes none of its volumes."""
+    if option == "intensity_defaults" and isinstance(recorded, dict) and isinstance(
+            wanted, dict):
+        return any(wanted.get(kind) != value for kind, value in recorded.items())
+    return recorded != wanted
+
+
+def _to_redo(path: str | Path, sources: Sequence[Source], status: np.ndarray,
+             reconvert_changed: bool, hash_sources: bool, read: ReadOptions) -> np.ndarray:
     """Mask of the volumes to convert: those not ok, and, with ``reconvert_changed``, those
     whose source changed since; the others changed (or gone) are reported, and kept."""
     redo = status != stores.OK
@@ -152,12 +164,12 @@ def _to_redo(path: Path, sources: Sequence[Source], status: np.ndarray,
     gone: list[int] = []
     changed: list[int] = []
     for j in map(int, np.flatnonzero(~redo)):
-        now = source_identity(sources[j])
+        now = source_identity(sources[j], False, read.storage_options)
         if now == GONE:
             gone.append(j)
         elif now[:2] != (size[j], mtime[j]) and not (
                 hash_sources and digest[j] and
-                source_identity(sources[j], True)[2] == digest[j]):
+                source_identity(sources[j], True, read.storage_options)[2] == digest[j]):
             changed.append(j)
     if gone:
         warnings.warn(f"{_named(sources, gone)}: gone since converted; kept as converted",
@@ -175,7 +187,7 @@ def _named(sources: Sequence[Source], positions: Sequence[int]) -> str:
     return listed + (f" and {len(positions) - 10} more" if len(positions) > 10 else "")
 
 
-def _excluded(path: Path, sources: Sequence[Source], exclude: Sequence[str]) -> np.ndarray:
+def _excluded(path: str | Path, sources: Sequence[Source], exclude: Sequence[str]) -> np.ndarray:
     """Mask of the volumes ``exclude`` names that are not yet marked excluded."""
     ids = [s.id for s in sources]
     unknown = sorted(set(exclude) - set(ids))
@@ -231,6 +243,12 @@ def convert(
     hash_sources: bool = False,
     reconvert_changed: bool = False,
     exclude: Sequence[str] = (),
+    fill_nonfinite: float | Literal["min"] | None = None,
+    bids: str | Mapping[str, str] | None = None,
+    bids_derivatives: str | None = None,
+    split_seed: int = 0,
+    split_fractions: Sequence[float] = SPLIT_FRACTIONS,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> ConvertSummary:
     """Convert volumes into the store ``output``, or resume an unfinished conversion.
 
@@ -262,7 +280,7 @@ def convert(
         a scheduler address such as ``tcp://host:8786``); its workers must see the
         sources and ``output`` at the same paths.
     labels_out
-        Where MedMNIST labels go (default: ``output`` with ``.zarr`` replaced by
+        Where MedMNIST or BIDS labels go (default: ``output`` with ``.zarr`` replaced by
         ``.labels.csv``).
     series, min_slices
         DICOM folders holding several series: only the series named, else all but
@@ -281,6 +299,23 @@ def convert(
     exclude
         Volume ids to leave out: marked failed ("excluded"), not read, in a new store or
         one that exists (e.g. a volume that kills its worker: run without it).
+    fill_nonfinite
+        Fill the NaN and infinite voxels of a volume with this value, or its smallest
+        finite one (``"min"``), and record how many in ``filled_voxels(id)``; by default
+        such volumes fail.
+    bids, bids_derivatives
+        Read ``sources``, a BIDS dataset's root, for the images these entities name
+        (``{"suffix": "T1w", "ses": "2"}`` or ``"suffix=T1w,ses=2"``; ``suffix`` is
+        required), from the pipeline outputs ``derivatives/<bids_derivatives>`` where
+        given; ids keep the entities that vary (``sub-01_ses-2``). The labels CSV comes
+        from ``participants.tsv``, ``sessions.tsv`` and the sidecars
+        (:func:`raptorz.ingest.bids.write_bids_labels`).
+    split_seed, split_fractions
+        The BIDS labels' split of the subjects into train, validation and test.
+    storage_options
+        fsspec options for sources given as URLs (``s3://``, ``gs://``, ``https://``), e.g.
+        ``{"anon": True}`` for a public bucket; ``output`` may be a URL too, opened with the
+        environment's credentials (docs/cloud.md).
     progress
         Called as ``progress(done, total)`` once at the start with ``done=0``, then
         after each chunk with the number of volumes it held; ``total`` is the number
@@ -301,11 +336,18 @@ def convert(
         if value not in allowed:
             raise SettingsError(f"must be one of {', '.join(allowed)}, not {value!r}",
                                 option=name)
-    output = Path(output)
+    output = locations.location(output)
+    read = ReadOptions(member, max_member_bytes, orientation, max_volume_bytes, fill_nonfinite,
+                       dict(storage_options) if storage_options else None)
+    if bids is None and bids_derivatives is not None:
+        raise SettingsError("selects the images of a BIDS dataset: give bids= too",
+                            option="bids_derivatives")
+    query = None if bids is None else BidsQuery.parse(bids, bids_derivatives, split_seed,
+                                                      split_fractions)
     selected = resolve_sources(sources, folder=folder, manifest=manifest, start=start,
                                many=many, series=series, min_slices=min_slices,
-                               max_volume_bytes=max_volume_bytes)
-    read = ReadOptions(member, max_member_bytes, orientation, max_volume_bytes)
+                               max_volume_bytes=max_volume_bytes, bids=query,
+                               storage_options=read.storage_options)
     scaling = parse_intensity(intensity) if isinstance(intensity, str) else intensity
     exists = VOLUMES.exists(output)
     if not exists:
@@ -321,10 +363,12 @@ def convert(
         settings = Settings(read, scaling, shape or tuple(policy["shape"]),
                              fit if shape else recorded_fit, dtype)
         per_chunk = _check_rerun(output, selected, settings)
-    labels = write_labels(selected, labels_out or output.with_name(
-        output.name.removesuffix(".zarr") + ".labels.csv"))
+    labels_path = labels_out or locations.sibling(
+        output, locations.name(output).removesuffix(".zarr") + ".labels.csv")
+    labels = (write_labels(selected, labels_path) if query is None else
+              write_bids_labels(sources[0], query, selected, labels_path, read.storage_options))
     redo = _to_redo(output, selected, stores.read_status(output), reconvert_changed,
-                    hash_sources)
+                    hash_sources, read)
     refused = _excluded(output, selected, exclude)
     redo &= ~refused
     tasks = [(str(output), region, selected[region], settings,
