@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast, get_args
+from typing import Any
 
-from raptorz.defaults import EMBED_WORKER_IMPORTS, RANDOM_WEIGHTS, ClusterKind
-from raptorz.errors import RaptorzError
-
-_KINDS = get_args(ClusterKind)
+from raptorz import location
+from raptorz.cli._cluster import LOCAL_KINDS, add_cluster_options, cluster_from
+from raptorz.defaults import EMBED_WORKER_IMPORTS, RANDOM_WEIGHTS
 
 
 def _planes(text: str) -> tuple[int, ...]:
@@ -36,9 +34,10 @@ def register(subparsers: Any) -> None:
         description="Encode every slice of every volume with a frozen 2D ViT, pool and "
         "randomly project the tokens (Raptor), on local CPUs, local GPUs, an HPC batch "
         "system or a running Dask scheduler. Rerun the same command to resume.")
-    parser.add_argument("volumes", type=Path, help="the volumes.zarr store (raptorz convert)")
-    parser.add_argument("-o", "--output", required=True, type=Path,
-                        help="the embeddings.zarr store to write or resume")
+    parser.add_argument("volumes", type=location,
+                        help="the volumes.zarr store (raptorz convert; a path or a URL)")
+    parser.add_argument("-o", "--output", required=True, type=location,
+                        help="the embeddings.zarr store to write or resume (a path or a URL)")
     parser.add_argument("--projector", action="append", required=True, type=Path,
                         help="a (dim, k) .npy projector (raptorz projector); repeatable")
     model = parser.add_argument_group("encoder and kernel")
@@ -75,54 +74,40 @@ def register(subparsers: Any) -> None:
                        help="slices per forward pass (default 64 on a GPU, 16 on a CPU)")
     model.add_argument("--start", type=int, default=0, help="first volume id to embed")
     model.add_argument("--many", type=int, help="how many volumes to embed (default all)")
-    dask = parser.add_argument_group("cluster")
-    dask.add_argument("--cluster", default=None, metavar="KIND|ADDRESS",
-                      help="local | cuda | slurm | pbs | sge | lsf | tcp://HOST:PORT "
-                      "(default cuda where GPUs are visible, else local)")
-    dask.add_argument("--workers", type=int, help="local/cuda: worker processes")
+    regions = parser.add_argument_group("regions (docs/regions.md)")
+    regions.add_argument("--masks", type=Path,
+                         help="embed per region of this masks.zarr (raptorz masks)")
+    regions.add_argument("--regions", default="all", metavar="NAMES|all",
+                         help="regions to embed: names or label values, comma-separated, "
+                         "or all (default)")
+    regions.add_argument("--region-mode", choices=("onepass", "crop"), default="onepass",
+                         help="onepass: every slice encoded once, each region pools the "
+                         "patches it covers (default); crop: each region's box plus a "
+                         "margin embedded as a volume of its own")
+    regions.add_argument("--coverage", type=float, default=0.5,
+                         help="onepass: least fraction of a patch the region must cover")
+    regions.add_argument("--margin-mm", type=float, default=10.0,
+                         help="crop: millimetres around each region's bounding box")
+    dask = add_cluster_options(parser, default="cuda where GPUs are visible, else local")
     dask.add_argument("--threads", type=int,
                       help="torch threads per worker (default: each worker's share of the "
                       "CPUs of its machine or batch job)")
     dask.add_argument("--device", help="torch device of the workers, e.g. cpu or cuda:1 "
                       "(default: each worker's own GPU, else the CPU); for one worker")
-    dask.add_argument("--dashboard-address", default=":8787", metavar="[HOST]:PORT",
-                      help="where the dashboard listens: ':8787' (default) is 127.0.0.1:8787, "
-                      "this machine only (':0': any free port); 0.0.0.0:8787 opens it to "
-                      "the network (docs/security.md)")
-    dask.add_argument("--host", help="local/cuda: where the scheduler and workers listen "
-                      "(default 127.0.0.1, this machine only; another host lets whoever "
-                      "reaches it run code as you); batch: the scheduler's host")
-    dask.add_argument("--jobs", type=int, default=1, help="batch: jobs to start (one worker each)")
-    dask.add_argument("--queue", help="batch: queue / partition")
-    dask.add_argument("--account", help="batch: account / project to charge")
-    dask.add_argument("--walltime", help="batch: job time limit, HH:MM:SS")
-    dask.add_argument("--cores", type=int, help="batch: CPU cores per job")
-    dask.add_argument("--memory", help="batch: memory per job, e.g. 32GiB")
     dask.add_argument("--gpus-per-job", type=int, default=0,
                       help="batch: GPUs per job (one pinned worker per GPU)")
-    dask.add_argument("--job-extra", action="append", default=[], metavar="DIRECTIVE",
-                      help="batch: extra job-script directive, repeatable; write "
-                      "--job-extra=--exclusive for one that starts with a dash")
-    dask.add_argument("--job-prologue", action="append", default=[], metavar="COMMAND",
-                      help="batch: shell command run before the worker, e.g. module load")
-    dask.add_argument("--job-log-dir", type=Path, help="batch: where job logs go")
-    dask.add_argument("--jobqueue-config", type=Path,
-                      help="batch: a dask-jobqueue YAML file (flags override it)")
-    dask.add_argument("--no-tls", dest="tls", action="store_false",
-                      help="batch: no TLS between the jobs and the scheduler (for sites that "
-                      "cannot use it; whoever reaches the scheduler can then run code as you)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Embed, with a progress bar and a summary; 1 when any volume failed."""
-    if _local(args) and not args.output.exists():
+    if _local(args) and (isinstance(args.output, str) or not args.output.exists()):
         # a first run has work: the workers' imports (torch, timm: seconds) start now, in
         # a process of their own, while this one imports and checks the inputs
         from raptorz import start_worker_server
 
         start_worker_server()
-    from raptorz import DEFAULT_ENCODER, KernelSettings, embed
+    from raptorz import DEFAULT_ENCODER, KernelSettings, RegionSettings, embed
 
     settings = KernelSettings(
         planes=args.planes, preprocess=args.preprocess, resize=args.resize,
@@ -132,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
         args.volumes, args.output, args.projector, encoder=args.encoder or DEFAULT_ENCODER,
         weights=args.weights, settings=settings, precision=args.precision,
         device=args.device, cluster=_cluster(args), start=args.start, many=args.many,
-        torch_threads=args.threads,
+        torch_threads=args.threads, masks=args.masks, regions=args.regions,
+        region_settings=RegionSettings(args.region_mode, args.coverage, args.margin_mm),
     )
     for name, problem in summary.errors.items():
         print(f"failed: {name}: {problem}", file=sys.stderr)
@@ -153,30 +139,10 @@ def _cluster(args: argparse.Namespace) -> str | Callable[[], Any]:
 
     ``raptorz.embed`` calls it only once it has checked its inputs and found work to do.
     """
-    kind = args.cluster or "auto"
-    if "://" in kind:
-        return str(kind)
-    if kind not in _KINDS:
-        raise RaptorzError(f"--cluster {kind!r}: expected one of {', '.join(_KINDS)} or an "
-                           "address like tcp://HOST:8786")
-    options: dict[str, Any] = {"dashboard_address": args.dashboard_address,
-                               "workers": args.workers, "host": args.host}
-    if _local(args):
-        options["worker_imports"] = EMBED_WORKER_IMPORTS
-    else:
-        options.update(
-            jobs=args.jobs, queue=args.queue, account=args.account, walltime=args.walltime,
-            cores=args.cores, memory=args.memory, gpus_per_job=args.gpus_per_job,
-            job_extra=args.job_extra, config=args.jobqueue_config, tls=args.tls)
-        if args.job_prologue:
-            options["job_script_prologue"] = args.job_prologue
-        if args.job_log_dir:
-            options["log_directory"] = str(args.job_log_dir)
-    from raptorz import create_cluster
-
-    return functools.partial(create_cluster, cast(ClusterKind, kind), **options)
+    return cluster_from(args, args.cluster or "auto", gpus_per_job=args.gpus_per_job,
+                        worker_imports=EMBED_WORKER_IMPORTS)
 
 
 def _local(args: argparse.Namespace) -> bool:
     """Whether the options start worker processes on this machine."""
-    return (args.cluster or "auto") in ("auto", "local", "cuda")
+    return (args.cluster or "auto") in LOCAL_KINDS

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
+
+from raptorz import location
 
 
 def register(subparsers: Any) -> None:
@@ -14,7 +15,7 @@ def register(subparsers: Any) -> None:
         description="Print a store's kind, counts by status, dimensions, variables "
         "(dtype, chunking, compression), provenance, failures and whether its metadata is "
         "consolidated; --repair consolidates it.")
-    parser.add_argument("store", type=Path, metavar="STORE",
+    parser.add_argument("store", type=location, metavar="STORE",
                         help="a raptorz store (volumes, embeddings or a baseline's)")
     parser.add_argument("--repair", action="store_true",
                         help="first consolidate the store's metadata where it is missing or "

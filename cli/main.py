@@ -15,8 +15,8 @@ from raptorz.errors import RaptorzError, SettingsError
 
 #: Verb modules in ``raptorz.cli``, in the order ``raptorz --help`` lists them.
 VERBS: tuple[str, ...] = (
-    "demo", "convert", "info", "encoders", "projector", "embed", "reproject", "export", "fit",
-    "predict", "baseline", "score", "sweep",
+    "demo", "convert", "masks", "info", "encoders", "projector", "embed", "reproject", "export",
+    "fit", "predict", "baseline", "score", "sweep",
 )
 
 #: Exit codes: 0 all good, 1 some volumes failed, 2 the input or the options were refused.

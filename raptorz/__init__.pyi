@@ -73,10 +73,13 @@ from .embedding.projection import (
 from .embedding.projection import (
     save_projector as save_projector,
 )
+from .embedding.regions import RegionEmbedding as RegionEmbedding
+from .embedding.regions import embed_regions as embed_regions
 from .embedding.runner import EmbedSummary as EmbedSummary
 from .embedding.runner import embed as embed
 from .embedding.settings import PLANE_NAMES as PLANE_NAMES
 from .embedding.settings import KernelSettings as KernelSettings
+from .embedding.settings import RegionSettings as RegionSettings
 from .errors import (
     InputError as InputError,
 )
@@ -93,10 +96,15 @@ from .info import repair_store as repair_store
 from .info import store_info as store_info
 from .ingest.intensity import Intensity as Intensity
 from .ingest.intensity import parse_intensity as parse_intensity
+from .ingest.masks import MasksSummary as MasksSummary
+from .ingest.masks import build_masks as build_masks
+from .ingest.masks import read_label_table as read_label_table
 from .ingest.volumes import ConvertSummary as ConvertSummary
 from .ingest.volumes import convert as convert
 from .layouts import open_embeddings as open_embeddings
+from .layouts import open_masks as open_masks
 from .layouts import open_volumes as open_volumes
+from .locations import location as location
 from .processes import start_worker_server as start_worker_server
 
 __version__: str

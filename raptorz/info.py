@@ -11,7 +11,7 @@ import xarray as xr
 
 from raptorz import stores
 from raptorz.errors import InputError
-from raptorz.layouts import stale_volumes
+from raptorz.layouts import REGION_STATUS_NAMES, stale_volumes
 
 #: How many failures and notes are listed before the rest is counted.
 LISTED: Final = 20
@@ -83,6 +83,7 @@ def store_info(path: str | Path) -> str:
         counts = stores.status_counts(status)
         lines.append(f"volumes: {len(status)} ("
                      + ", ".join(f"{n} {name}" for name, n in counts.items()) + ")")
+    lines += _regions(ds)
     lines.append("dimensions: " + ", ".join(f"{d}={n}" for d, n in ds.sizes.items()))
     lines.append("variables:")
     lines += [_variable(str(name), var) for name, var in ds.data_vars.items()]
@@ -98,6 +99,25 @@ def store_info(path: str | Path) -> str:
         lines += _listing("notes", ids[notes != ""], notes[notes != ""])
     lines += _stale(path, ds, ids)
     return "\n".join(lines)
+
+
+def _regions(ds: xr.Dataset) -> list[str]:
+    """Lines listing a store's regions: in a region embeddings store, how many volumes
+    hold each (ok) and how many lack it (absent) or failed; in a masks store, the labels."""
+    if "region_status" in ds:
+        status = np.asarray(ds["region_status"].values)
+        lines = [f"regions: {ds.sizes['roi']}"]
+        for r, (name, label) in enumerate(zip(ds["roi"].values.tolist(),
+                                              ds["roi_label"].values.tolist(), strict=True)):
+            counts = ", ".join(f"{int((status[:, r] == code).sum())} {word}"
+                               for code, word in enumerate(REGION_STATUS_NAMES)
+                               if (status[:, r] == code).any())
+            lines.append(f"  {name} (label {label}): {counts}")
+        return lines
+    labels = ds.attrs.get("labels") if "mask" in ds else None
+    if not labels:
+        return []
+    return [f"regions: {len(labels)}: " + ", ".join(f"{n}={v}" for n, v in labels.items())]
 
 
 def _stale(path: str | Path, ds: xr.Dataset, ids: np.ndarray) -> list[str]:

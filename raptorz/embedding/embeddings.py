@@ -20,6 +20,9 @@ Layout (an xarray Dataset in a Zarr v3 group written through :mod:`raptorz.store
 ``status(id)``, ``error(id)``
     Per volume: pending / ok / failed and the error text.
 
+A region store (``embed --masks``, docs/regions.md): a ``roi`` dimension (names; their
+labels in ``roi_label``) after ``id``, ``region_status(id, roi)`` and a ``regions`` attribute.
+
 Coordinates: ``id`` (the volume ids of ``volumes.zarr``), ``plane`` (``A``, ``C``, ``S``
 of the chosen planes), ``token`` (index) with ``token_kind(token)`` = ``cls``,
 ``register`` or ``patch``. Attributes: ``projectors`` (name -> seed, dim, k, checksum),
@@ -44,8 +47,8 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from raptorz import stores
-from raptorz.embedding.projection import Projector, check_projectors, project, project_tokens
+from raptorz import layouts, locations, stores
+from raptorz.embedding.projection import Projector, check_projectors, project, project_ok
 from raptorz.embedding.settings import TokenSelection, token_kinds, token_slice
 from raptorz.errors import InputError
 from raptorz.layouts import EMBEDDINGS, k_dim, open_embeddings, projection_dims
@@ -61,7 +64,7 @@ MIN_UNITS: Final = 16
 INNER_BYTES: Final = 2**20
 MATRIX_PREFIX: Final = "matrix_"
 RESERVED: Final = frozenset({"tokens", "avgpool", "source_checksum", "status", "error",
-                             "id", "plane", "token",
+                             "id", "plane", "token", "roi", "roi_label", "region_status",
                              "token_kind", "dim"})
 
 
@@ -73,7 +76,7 @@ def unit_size(n: int) -> int:
 def store_unit(path: str | Path) -> int:
     """Volumes per written unit of the store at ``path`` (its status chunk; 1 in stores
     written before units existed)."""
-    return int(zarr.open_array(Path(path) / "status", mode="r").chunks[0])
+    return int(zarr.open_array(locations.join(path, "status"), mode="r").chunks[0])
 
 
 def token_kind_coordinate(num_tokens: int, num_prefix_tokens: int, *,
@@ -94,8 +97,12 @@ def embeddings_template(
     keep_tokens: bool,
     attrs: Mapping[str, Any],
     unit: int | None = None,
+    regions: Mapping[str, int] | None = None,
 ) -> xr.Dataset:
     """The lazy template of an embeddings store (nothing computed).
+
+    With ``regions`` (name -> label value), a region embeddings store: a ``roi``
+    dimension after ``id`` and ``region_status(id, roi)``.
 
     Every ``id``-indexed variable is stored in units of ``unit`` volumes (default
     :func:`unit_size`), one file per unit: a Zarr chunk, or a Zarr shard of smaller
@@ -112,14 +119,21 @@ def embeddings_template(
             raise InputError(projector.name, "this projector name is reserved in the store; "
                              "rename the projector file")
     variables: dict[str, xr.DataArray] = {}
+    roi = () if regions is None else (len(regions),)
     for projector in projectors:
-        variables[projector.name] = _lazy((n, p, projector.k, t),
-                                          projection_dims(projector.name), unit)
+        variables[projector.name] = _lazy((n, *roi, p, projector.k, t),
+                                          projection_dims(projector.name, bool(roi)), unit)
         variables[MATRIX_PREFIX + projector.name] = xr.DataArray(
             projector.matrix, dims=("dim", k_dim(projector.name)))
     if keep_tokens:
-        variables["tokens"] = _lazy((n, p, t, embed_dim), EMBEDDINGS.dims["tokens"], unit)
-    variables["avgpool"] = _lazy((n, embed_dim), EMBEDDINGS.dims["avgpool"], unit)
+        variables["tokens"] = _lazy((n, *roi, p, t, embed_dim),
+                                    layouts.with_roi(EMBEDDINGS.dims["tokens"], bool(roi)), unit)
+    variables["avgpool"] = _lazy((n, *roi, embed_dim),
+                                 layouts.with_roi(EMBEDDINGS.dims["avgpool"], bool(roi)), unit)
+    if regions is not None:
+        variables["region_status"] = xr.DataArray(da.zeros(
+            (n, *roi), chunks=(unit, *roi), dtype=np.int8), dims=layouts.with_roi(("id",)),
+            attrs=layouts.REGION_STATUS_ATTRS)
     variables["source_checksum"] = xr.DataArray(
         da.zeros(n, chunks=unit, dtype=np.int64), dims=EMBEDDINGS.dims["source_checksum"],
         attrs={"long_name": "checksum of the volume embedded (see volumes.zarr)"})
@@ -130,6 +144,9 @@ def embeddings_template(
         "token": np.arange(t),
         "token_kind": ("token", token_kind),
     }
+    if regions is not None:
+        coords[layouts.ROI] = stores.as_strings(regions)
+        coords["roi_label"] = (layouts.ROI, np.asarray(list(regions.values()), np.int64))
     return xr.Dataset(variables, coords=coords, attrs=stores.json_attr(dict(attrs)))
 
 
@@ -168,7 +185,7 @@ def create_embeddings(path: str | Path, template: xr.Dataset) -> bool:
         Where an existing store was made for other ids, source, encoder, settings or
         projectors (:func:`check_identity`).
     """
-    path = Path(path)
+    path = locations.location(path)
     if stores.store_kind(path) is None and stores.create_store(path, template, EMBEDDINGS.kind):
         return True
     check_identity(path, template["id"].values, template.attrs,
@@ -181,7 +198,7 @@ def create_embeddings(path: str | Path, template: xr.Dataset) -> bool:
 #: are stale and recomputed, the others stay valid).
 VOLATILE: Final = {"settings": ("batch_size",), "encoder": ("device", "weights_source"),
                    "source": ("checksum",)}
-IDENTITY_KEYS: Final = ("source", "settings", "encoder")
+IDENTITY_KEYS: Final = ("source", "settings", "encoder", "regions")
 
 
 def identity(attrs: Mapping[str, Any]) -> dict[str, Any]:
@@ -247,11 +264,14 @@ def projector_names(ds: xr.Dataset) -> list[str]:
     return list(ds.attrs.get("projectors", {}))
 
 
-def stored_projectors(ds: xr.Dataset) -> list[Projector]:
-    """The projectors of an embeddings Dataset, with their matrices read from the store."""
+def stored_projectors(ds: xr.Dataset, *, unlisted: bool = False) -> list[Projector]:
+    """The projectors of an embeddings Dataset, with their matrices read from the store;
+    with ``unlisted``, also those not listed yet (a reproject under way adds them)."""
     info = ds.attrs.get("projectors", {})
-    return [Projector(name, ds[MATRIX_PREFIX + name].values, info[name].get("seed"))
-            for name in info]
+    names = [str(v)[len(MATRIX_PREFIX):] for v in ds.data_vars
+             if str(v).startswith(MATRIX_PREFIX)] if unlisted else list(info)
+    return [Projector(name, ds[MATRIX_PREFIX + name].values, info.get(name, {}).get("seed"))
+            for name in names]
 
 
 def export_npy(path: str | Path, directory: str | Path,
@@ -299,7 +319,8 @@ def add_projections(path: str | Path, projectors: Sequence[Projector],
     checksum is skipped. The store's consolidated metadata is rewritten after the new
     variables are added and again after the attributes list them. The whole step holds
     the store's lock (:func:`raptorz.stores.store_lock`): two at once on one store both
-    end up listed.
+    end up listed. A unit is filled under its lock (:func:`raptorz.stores.unit_lock`) for
+    its volumes ok then; a task that commits it later finds the new variables and fills them.
 
     Returns
     -------
@@ -333,28 +354,27 @@ def _add_projections(path: str | Path, projectors: Sequence[Projector],
     if not new:
         return []
     unit = store_unit(path)
+    regions = (dict(zip(ds[layouts.ROI].values.tolist(), ds["roi_label"].values.tolist(),
+                        strict=True)) if layouts.ROI in ds.dims else None)
     template = embeddings_template(
         list(ds["id"].values), plane_names=list(ds["plane"].values), projectors=new,
         token_kind=ds["token_kind"].values, embed_dim=ds.sizes["dim"], keep_tokens=False,
-        attrs={}, unit=unit)
+        attrs={}, unit=unit, regions=regions)
     added = template[[name for p in new for name in (p.name, MATRIX_PREFIX + p.name)]]
     added.attrs = dict(ds.attrs)  # appending rewrites the group's attributes
-    added.drop_vars(["id", "plane", "token", "token_kind"]).to_zarr(
+    added.drop_vars([c for c in added.coords if c in ds.coords]).to_zarr(
         path, mode="a", compute=False, consolidated=False)
     stores.consolidate(path)  # new variables: readers see them (the attrs list them last)
-    ok = stores.read_status(path) == stores.OK
     per_write = max(1, block // unit) * unit  # whole units: a shard is written whole
-    for start in range(0, len(ok), per_write):
-        span = slice(start, min(start + per_write, len(ok)))
-        if not ok[span].any():
-            continue
-        tokens = np.where(ok[span, None, None, None], ds["tokens"][span].values, np.nan)
-        projected = project_tokens(np.nan_to_num(tokens), new)
-        for value in projected.values():
-            value[~ok[span]] = np.nan  # volumes without tokens get no projection
-        xr.Dataset({name: (projection_dims(name), value)
-                    for name, value in projected.items()}).to_zarr(
-            path, region={"id": span}, consolidated=False)
+    for start in range(0, ds.sizes["id"], per_write):
+        span = slice(start, min(start + per_write, ds.sizes["id"]))
+        with stores.unit_lock(path, span):  # a task commits these units before or after
+            ok = stores.read_status(path, span) == stores.OK
+            if ok.any():
+                projected = project_ok(ds["tokens"][span].values, ok, new)
+                xr.Dataset({name: (projection_dims(name, regions is not None), value)
+                            for name, value in projected.items()}).to_zarr(
+                    path, region={"id": span}, consolidated=False)
     stores.update_attrs(path, {"projectors": {**stored, **{p.name: p.provenance()
                                                            for p in new}}})
     return [p.name for p in new]
@@ -381,7 +401,7 @@ def seeded_matrix(seed: int, dim: int, k: int) -> np.ndarray:
 
 
 def project_stored_tokens(path: str | Path, matrix: np.ndarray, positions: np.ndarray,
-                          *, block: int = 64) -> np.ndarray:
+                          *, block: int = 64, regions: Sequence[str] | None = None) -> np.ndarray:
     """Project the stored pooled tokens of the volumes at ``positions`` with ``matrix``.
 
     Computed as ``raptorz embed`` and :func:`add_projections` do (float64 matmul, float32
@@ -395,6 +415,9 @@ def project_stored_tokens(path: str | Path, matrix: np.ndarray, positions: np.nd
         ``(dim, k)`` projection matrix.
     positions
         Store positions of the volumes, in the order wanted.
+
+    regions
+        In a region store: the regions to project (``roi`` after ``id`` in the result).
 
     Returns
     -------
@@ -415,8 +438,9 @@ def project_stored_tokens(path: str | Path, matrix: np.ndarray, positions: np.nd
         raise InputError(path, f"the tokens have width {ds.sizes['dim']}; the projector has "
                          f"{matrix.shape[0]} rows")
     tokens = xr.open_zarr(path, consolidated=False, chunks=None)["tokens"]
+    tokens = tokens if regions is None else tokens.sel(roi=list(regions))
     positions = np.asarray(positions, np.int64)
-    out = np.empty((len(positions), ds.sizes["plane"], matrix.shape[1], ds.sizes["token"]),
+    out = np.empty((len(positions), *tokens.shape[1:-2], matrix.shape[1], tokens.shape[-2]),
                    np.float32)
     for start in range(0, len(positions), block):
         rows = positions[start:start + block]

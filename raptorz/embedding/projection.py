@@ -236,3 +236,14 @@ def project_tokens(tokens: np.ndarray, projectors: Sequence[Projector]) -> dict[
     name -> ``(B, planes, K, T)`` float32."""
     check_projectors(tuple(projectors), np.shape(tokens)[-1], "of these tokens")
     return {p.name: project(tokens, p.matrix) for p in projectors}
+
+
+def project_ok(tokens: np.ndarray, ok: np.ndarray,
+               projectors: Sequence[Projector]) -> dict[str, np.ndarray]:
+    """:func:`project_tokens` of the volumes ``ok`` (along the first axis) of ``tokens``;
+    NaN for the others, whatever their rows hold (volumes not embedded, or failed)."""
+    kept = np.where(np.reshape(ok, (-1, *[1] * (np.ndim(tokens) - 1))), tokens, 0.0)
+    projected = project_tokens(kept, projectors)
+    for value in projected.values():
+        value[~np.asarray(ok)] = np.nan
+    return projected

@@ -32,7 +32,7 @@ import numpy as np
 from distributed import Client, as_completed, default_client
 from distributed.deploy import Cluster
 
-from raptorz import stores
+from raptorz import locations, stores
 from raptorz.cluster import (
     GPU_RESOURCE,
     ExitOnClose,
@@ -52,7 +52,9 @@ from raptorz.embedding.embeddings import (
 )
 from raptorz.embedding.planning import (
     check_encoder_asked,
+    fill_missing_projections,
     plan_tasks,
+    region_request,
     select_ids,
     slices_per_volume,
     volumes_to_do,
@@ -60,7 +62,7 @@ from raptorz.embedding.planning import (
 )
 from raptorz.embedding.progress import ProgressBar
 from raptorz.embedding.projection import Projector, load_projector
-from raptorz.embedding.settings import PLANE_NAMES, KernelSettings
+from raptorz.embedding.settings import PLANE_NAMES, KernelSettings, RegionSettings
 from raptorz.embedding.worker import (
     RETIRED_TOPIC,
     EmbedTask,
@@ -107,7 +109,7 @@ class EmbedSummary:
         start, the encoder's first load on a worker, the store's creation.
     """
 
-    output: Path
+    output: str | Path
     total: int
     ok: int
     failed: int
@@ -143,6 +145,9 @@ def embed(
     many: int | None = None,
     torch_threads: int | None = None,
     progress: bool = True,
+    masks: str | Path | None = None,
+    regions: str | Sequence[str] = "all",
+    region_settings: RegionSettings | None = None,
 ) -> EmbedSummary:
     """Embed the volumes of ``volumes`` into the store ``output`` on a Dask cluster.
 
@@ -178,6 +183,11 @@ def embed(
         may run on (:func:`raptorz.cluster.worker_threads`).
     progress
         Show a progress bar in volumes (a widget in Jupyter) and the dashboard address.
+    masks, regions, region_settings
+        Embed per region (docs/regions.md): a ``masks.zarr`` of these volumes
+        (``raptorz masks``), the regions (names or label values, or ``"all"``) and how
+        (:class:`~raptorz.embedding.settings.RegionSettings`: one pass by default). The
+        store gets a ``roi`` dimension and ``region_status(id, roi)``.
 
     Returns
     -------
@@ -185,7 +195,7 @@ def embed(
     """
     began = time.perf_counter()
     settings = settings or KernelSettings()
-    volumes, output = Path(volumes).resolve(), Path(output).resolve()
+    volumes, output = locations.resolved(volumes), locations.resolved(output)
     loaded = [p if isinstance(p, Projector) else load_projector(p) for p in projectors]
     source = VOLUMES.open(volumes)
     ids = stores.store_ids(source)
@@ -194,9 +204,20 @@ def embed(
                           store_unit(output) if exists else unit_size(len(ids)))
     options = EncoderOptions(encoder, weights_option(weights), precision, device=device)
     attrs = _attrs(volumes, source.attrs, settings, projectors=loaded)
+    request = None if masks is None else region_request(
+        masks, list(regions) if not isinstance(regions, str) else regions,
+        region_settings or RegionSettings(), ids)
+    if request is not None:
+        attrs["regions"] = {"masks": request.masks, "labels": dict(zip(
+            request.names, request.values, strict=True)),
+            **dataclasses.asdict(request.settings)}
     if exists:
         check_identity(output, ids, attrs, [p.provenance() for p in loaded],
-                       keys=("source", "settings"))  # the encoder is not loaded yet
+                       keys=("source", "settings", "regions"))  # the encoder is not loaded
+        healed = fill_missing_projections(output, stores.id_range(len(ids), start, many))
+        if healed:
+            print(f"raptorz embed: filled, from the stored tokens, projections of {healed} "
+                  "volume(s) left NaN by an older raptorz", file=sys.stderr)
     todo = volumes_to_do(volumes, output if exists else None, selected)
     if not todo.any():
         if exists:
@@ -216,13 +237,14 @@ def embed(
                                    tokens=settings.tokens),
             embed_dim=info["embed_dim"], keep_tokens=settings.keep_tokens,
             attrs={**attrs, "encoder": info},
+            regions=None if request is None else attrs["regions"]["labels"],
         )
         create_embeddings(output, template)
         todo = volumes_to_do(volumes, output, selected)  # another process may have done some
         topic = f"raptorz-progress-{uuid.uuid4().hex}"
         tasks = [EmbedTask(str(volumes), str(output), span.start, span.stop,
                            tuple(int(i) for i in np.flatnonzero(todo[span]) + span.start),
-                           options, settings, torch_threads, slices, topic)
+                           options, settings, torch_threads, slices, topic, request)
                  for span in plan_tasks(todo, store_unit(output), slices,
                                     _expected_workers(client))]
         startup = time.perf_counter() - began
@@ -274,7 +296,7 @@ def _expected_workers(client: Client) -> int:
     return max(connected, planned, 1)
 
 
-def _attrs(volumes: Path, source_attrs: dict[str, Any], settings: KernelSettings, *,
+def _attrs(volumes: str | Path, source_attrs: dict[str, Any], settings: KernelSettings, *,
            projectors: Sequence[Projector]) -> dict[str, Any]:
     """Provenance attributes of a new embeddings store (the encoder's come from a worker)."""
     return {
@@ -371,9 +393,10 @@ def _new_retirements(client: Client, topic: str | None, retired: set[str]) -> bo
     return bool(retired)
 
 
-def _summary(output: Path, ids: np.ndarray, selected: np.ndarray, computed: int,
+def _summary(output: str | Path, ids: np.ndarray, selected: np.ndarray, computed: int,
              began: float, batch_size: int | None = None, startup: float = 0.0) -> EmbedSummary:
-    status = stores.read_status(output) if output.exists() else np.zeros(len(ids), np.int8)
+    status = (stores.read_status(output) if locations.exists(output)
+              else np.zeros(len(ids), np.int8))
     failed = selected & (status == stores.FAILED)
     errors: dict[str, str] = {}
     if failed.any():

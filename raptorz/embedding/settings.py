@@ -89,6 +89,55 @@ class KernelSettings:
         return CPU_BATCH_SIZE if device_type == "cpu" else DEVICE_BATCH_SIZE
 
 
+RegionMode = Literal["onepass", "crop"]
+
+
+@dataclass(frozen=True)
+class RegionSettings:
+    """How regions of a masks store are embedded (recorded in the store's provenance).
+
+    Parameters
+    ----------
+    mode
+        ``onepass``: every slice encoded once, as without regions; each region pools the
+        patch tokens whose patch the region covers (``coverage``), over the slices that
+        cut it, and the prefix tokens (CLS, registers) over the same slices. ``crop``:
+        each region's bounding box plus ``margin_mm`` is cut out and embedded as a volume
+        of its own (only the slices through the box are encoded).
+    coverage
+        ``onepass``: the least fraction of a patch's area the region must cover (in
+        (0, 1]) for the patch's token to be pooled.
+    margin_mm
+        ``crop``: millimetres added around the bounding box on every side (clipped to the
+        volume).
+    """
+
+    mode: RegionMode = "onepass"
+    coverage: float = 0.5
+    margin_mm: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("onepass", "crop"):
+            raise SettingsError(f"must be onepass or crop, not {self.mode!r}",
+                                option="region_mode")
+        if not 0 < self.coverage <= 1:
+            raise SettingsError(f"must be in (0, 1], not {self.coverage}", option="coverage")
+        if not self.margin_mm >= 0:
+            raise SettingsError(f"must be at least 0, not {self.margin_mm}",
+                                option="margin_mm")
+
+
+@dataclass(frozen=True)
+class RegionRequest:
+    """The regions a run embeds: the masks store, each region's name and label value, and
+    the :class:`RegionSettings`."""
+
+    masks: str
+    names: tuple[str, ...]
+    values: tuple[int, ...]
+    settings: RegionSettings
+
+
 def slice_indices(length: int, subsample: int = 1) -> np.ndarray:
     """Equidistant slice positions along an axis of ``length`` slices.
 

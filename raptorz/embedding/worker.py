@@ -31,14 +31,17 @@ from raptorz import stores
 from raptorz.cluster import keep_freed_memory, pinned_gpu, worker_device, worker_threads
 from raptorz.defaults import DEFAULT_ENCODER, Precision
 from raptorz.embedding.embeddings import contiguous_runs, stored_projectors
-from raptorz.embedding.projection import Projector
-from raptorz.embedding.settings import KernelSettings
+from raptorz.embedding.projection import Projector, project_ok
+from raptorz.embedding.settings import KernelSettings, RegionRequest
 from raptorz.errors import RaptorzError
 from raptorz.layouts import EMBEDDINGS, VOLUMES
 
 if TYPE_CHECKING:  # torch is imported on the workers only
+    from raptorz.embedding.blocks import BlockPlan
     from raptorz.embedding.encoders import Encoder
-    from raptorz.embedding.kernel import BlockEmbedding, BlockPlan, Pooled
+    from raptorz.embedding.kernel import BlockEmbedding, Pooled
+    from raptorz.embedding.region_worker import RegionBlock
+    from raptorz.embedding.regions import RegionEmbedding
 
 #: Slices a task aims at (the client sizes tasks by it), and a task's block of volumes
 #: read at once: enough to fill a few batches, few enough that a run's tail is short.
@@ -80,6 +83,7 @@ class EmbedTask:
     torch_threads: int | None
     slices_per_volume: int  # every volume of a store has one shape
     topic: str | None = None  # where the task reports its progress
+    regions: RegionRequest | None = None  # embed per region of a masks store
 
     @property
     def key(self) -> str:
@@ -238,34 +242,44 @@ def embed_task(task: EmbedTask) -> dict[str, int | bool]:
     import torch
 
     from raptorz.embedding.kernel import default_batch_size, pool_block
+    from raptorz.embedding.region_worker import embed_crops_block
 
     indices = np.asarray(task.indices, dtype=np.int64)
     with _KERNEL_LOCK:
         encoder = worker_encoder(task.encoder)
     _check_provenance(task, encoder)
     pooled = len(task.settings.planes) * encoder.num_tokens * encoder.embed_dim * 8
+    if task.regions is not None and task.regions.settings.mode == "onepass":
+        pooled *= 1 + len(task.regions.values)  # each region's sums besides the block's
     per_block = max(1, min(TASK_SLICES // max(1, task.slices_per_volume),
                            BLOCK_BYTES // pooled))
     blocks = [indices[i:i + per_block] for i in range(0, len(indices), per_block)]
     report = _reporter(task)
     asked = batch_size = default_batch_size(task.settings, encoder)
     projectors = _worker_projectors(task.output)
-    results: list[tuple[_Read, BlockEmbedding | None]] = []
+    results: list[tuple[_Read, BlockEmbedding | RegionEmbedding | None]] = []
     with ThreadPoolExecutor(1, thread_name_prefix="raptorz-read") as reader:
         ahead = reader.submit(_read_and_plan, task, blocks[0], encoder) if blocks else None
         for n in range(len(blocks)):
             assert ahead is not None
-            read, plan = ahead.result()
+            read, plan, regions = ahead.result()
             if n + 1 < len(blocks):
                 ahead = reader.submit(_read_and_plan, task, blocks[n + 1], encoder)
-            embedded = None
+            embedded: BlockEmbedding | RegionEmbedding | None = None
+            if regions is not None and plan is None and len(read.usable):
+                with _KERNEL_LOCK:  # crop mode: each region's box on its own
+                    torch.set_num_threads(task.torch_threads or worker_threads())
+                    embedded = embed_crops_block(task.regions, read.block, regions,
+                                                 worker_encoder(task.encoder), projectors,
+                                                 task.settings)
             if plan is not None:
                 try:
                     with _KERNEL_LOCK:
                         torch.set_num_threads(task.torch_threads or worker_threads())
                         encoder = worker_encoder(task.encoder)
                         block = pool_block(plan, encoder, progress=report,
-                                           limit=_BATCH_LIMITS.get(task.encoder))
+                                           limit=_BATCH_LIMITS.get(task.encoder),
+                                           sink=regions.pooling if regions else None)
                         _BATCH_LIMITS[task.encoder] = block.batch_size
                 except RuntimeError as error:
                     if device_failed(error):
@@ -273,7 +287,7 @@ def embed_task(task: EmbedTask) -> dict[str, int | bool]:
                                task.topic)
                     raise
                 batch_size = min(batch_size, block.batch_size)
-                embedded = _finish(read, block, encoder, projectors, task.settings)
+                embedded = _finish(read, block, encoder, projectors, task.settings, regions)
             results.append((read, embedded))
     _write(task, results, projectors)
     return {"volumes": len(indices), "batch_size": batch_size, "halved": batch_size < asked}
@@ -297,26 +311,41 @@ def _check_provenance(task: EmbedTask, encoder: Encoder) -> None:
         retire(f"its encoder differs from the store's: {difference}", task.topic)
 
 
-def _read_and_plan(task: EmbedTask, indices: np.ndarray,
-                   encoder: Encoder) -> tuple[_Read, BlockPlan | None]:
-    """The reader thread's share of a block: read and check the volumes, plan the batches."""
+def _read_and_plan(task: EmbedTask, indices: np.ndarray, encoder: Encoder,
+                   ) -> tuple[_Read, BlockPlan | None, RegionBlock | None]:
+    """The reader thread's share of a block: read and check the volumes (and masks), plan
+    the batches (and the regions' weights; none in crop mode)."""
     from raptorz.embedding.kernel import default_batch_size, prepare_block
+    from raptorz.embedding.region_worker import plan_regions, read_masks
 
     read = _read(task.volumes, indices)
+    masks = spacing = None
+    if task.regions is not None:  # a volume whose mask is not ok fails
+        masks, spacing = read_masks(task.regions, task.volumes, read)
     if not len(read.block):
-        return read, None
-    plan = prepare_block(read.block, encoder, task.settings,
-                         _BATCH_LIMITS.get(task.encoder) or
-                         default_batch_size(task.settings, encoder))
-    read.block = read.block[:0]  # the plan holds the voxels now
-    return read, plan
+        return read, None, None
+    plan = None
+    if task.regions is None or task.regions.settings.mode == "onepass":
+        plan = prepare_block(read.block, encoder, task.settings,
+                             _BATCH_LIMITS.get(task.encoder) or
+                             default_batch_size(task.settings, encoder))
+        read.block = read.block[:0]  # the plan holds the voxels now
+    if task.regions is None or masks is None or spacing is None:
+        return read, plan, None
+    return read, plan, plan_regions(task.regions, plan, masks, spacing, encoder)
 
 
 def _finish(read: _Read, block: Pooled, encoder: Encoder, projectors: list[Projector],
-            settings: KernelSettings) -> BlockEmbedding | None:
-    """Projections of a pooled block; its volumes whose tokens were not finite fail."""
+            settings: KernelSettings, regions: RegionBlock | None = None,
+            ) -> BlockEmbedding | RegionEmbedding | None:
+    """Projections of a pooled block (of its regions, where asked); its volumes whose
+    tokens were not finite fail."""
     from raptorz.embedding.kernel import finish_block, nonfinite_problem
+    from raptorz.embedding.region_worker import finish_onepass
 
+    if regions is not None and (~block.nonfinite).any():
+        embedded = finish_onepass(regions, ~block.nonfinite, block.slices, encoder,
+                                  projectors, settings)
     if block.nonfinite.any():
         problem = nonfinite_problem(encoder)
         read.errors.update({int(i): problem for i in read.usable[block.nonfinite]})
@@ -324,6 +353,8 @@ def _finish(read: _Read, block: Pooled, encoder: Encoder, projectors: list[Proje
         block = block.select(~block.nonfinite)
     if not len(read.usable):
         return None
+    if regions is not None:
+        return embedded
     return finish_block(block, encoder, projectors, settings)
 
 
@@ -344,16 +375,18 @@ def _reporter(task: EmbedTask) -> Callable[[float], None] | None:
     return report
 
 
-def _write(task: EmbedTask, results: list[tuple[_Read, BlockEmbedding | None]],
+def _write(task: EmbedTask, results: list[tuple[_Read, BlockEmbedding | RegionEmbedding | None]],
            projectors: list[Projector]) -> None:
-    """Write the task's whole units in one region write, data first, then status.
+    """Write the task's whole units in one region write, data first, then status (under
+    the units' lock, with any projection a reproject added since the task began).
 
     Volumes it embedded get their rows; those that failed get NaN rows and their error;
     the others of its units (already done) are written back as they are.
     """
     region = slice(task.start, task.stop)
     names = [p.name for p in projectors] + \
-        (["tokens"] if task.settings.keep_tokens else []) + ["avgpool"]
+        (["tokens"] if task.settings.keep_tokens else []) + ["avgpool"] + \
+        (["region_status"] if task.regions is not None else [])
     existing = EMBEDDINGS.read(task.output)
     size = task.stop - task.start
     status, errors = np.full(size, stores.PENDING, np.int8), np.full(size, "", dtype=object)
@@ -364,12 +397,15 @@ def _write(task: EmbedTask, results: list[tuple[_Read, BlockEmbedding | None]],
     data = {}
     for name in names:
         variable = existing[name]
-        values = np.full((size, *variable.shape[1:]), np.nan, np.float32)
+        values = np.full((size, *variable.shape[1:]),  # region_status: pending (0)
+                         np.nan if variable.dtype.kind == "f" else 0, variable.dtype)
         if len(kept):
             values[kept] = variable[kept + task.start].values
         for read, embedded in results:
             if embedded is not None:
                 values[read.usable - task.start] = _variable(embedded, name)
+            if name == "region_status":  # every region of a failed volume failed
+                values[np.asarray(list(read.errors), np.int64) - task.start] = stores.FAILED
         data[name] = xr.DataArray(values, dims=variable.dims)
     if "source_checksum" in existing:  # stores of older raptorz versions lack it
         checksum = np.zeros(size, np.int64)
@@ -383,14 +419,23 @@ def _write(task: EmbedTask, results: list[tuple[_Read, BlockEmbedding | None]],
         for index, problem in read.errors.items():
             status[index - task.start], errors[index - task.start] = stores.FAILED, problem
         errors[read.usable - task.start] = ""
-    stores.write_units(task.output, data, region, status, [str(e) for e in errors])
+    stores.write_region(task.output, data, region)
+    # a reproject under way adds its variables, then fills each unit under the unit's lock:
+    # committing under it, a task either precedes that fill or sees the variables and fills them
+    with stores.unit_lock(task.output, region):
+        now = EMBEDDINGS.read(task.output)
+        added = [p for p in stored_projectors(now, unlisted=True)
+                 if p.name not in names and p.name in now]  # both of its variables exist
+        late = {name: xr.DataArray(value, dims=now[name].dims) for name, value in project_ok(
+            data["tokens"].values, status == stores.OK, added).items()} if added else {}
+        stores.write_units(task.output, late, region, status, [str(e) for e in errors])
 
 
-def _variable(embedded: BlockEmbedding, name: str) -> np.ndarray:
-    """One store variable of a :class:`~raptorz.embedding.kernel.BlockEmbedding`."""
-    if name == "avgpool":
-        return embedded.avgpool
-    if name == "tokens":
-        assert embedded.tokens is not None
-        return embedded.tokens
+def _variable(embedded: BlockEmbedding | RegionEmbedding, name: str) -> np.ndarray:
+    """One store variable of a :class:`~raptorz.embedding.kernel.BlockEmbedding` (or of a
+    :class:`~raptorz.embedding.regions.RegionEmbedding`: ``region_status`` too)."""
+    if name in ("avgpool", "tokens", "region_status"):
+        value = getattr(embedded, name)
+        assert value is not None
+        return np.asarray(value)
     return embedded.projections[name]
