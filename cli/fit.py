@@ -5,17 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from raptorz import HeadSettings
-from raptorz.defaults import BATCH, PAPER_DEPTHS, PENALTIES
+from raptorz import HeadSettings, location
+from raptorz.cli._cluster import add_cluster_options, cluster_from
+from raptorz.defaults import PAPER_DEPTHS, PENALTIES
 
 MEMORY_HELP = (
     "memory the features may take, e.g. 8GB or 512MiB. When the float32 features of all "
     "labelled volumes fit in it they are read once and held in memory; otherwise they are "
-    f"streamed from the store in batches of {BATCH} rows, one read of the store per pass "
-    "(an L-BFGS iteration or an MLP epoch). Default: half of the memory available when fit "
-    "starts. Both paths give the same predictions."
+    "streamed from the store a unit at a time, one read of the store per pass (one for "
+    "every penalty's L-BFGS evaluation at once, or an MLP epoch). Default: half of the "
+    "memory available when fit starts. Both paths give the same predictions."
 )
 
 
@@ -29,11 +32,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bootstrap intervals and write predictions.csv, metrics.json, a plot and model/ "
         "to the output folder.",
     )
-    parser.add_argument("store", type=Path, help="embeddings.zarr")
-    parser.add_argument("--labels", type=Path, required=True, help="the labels CSV")
+    parser.add_argument("store", type=location, help="embeddings.zarr (a path or a URL)")
+    parser.add_argument("--labels", type=location, required=True,
+                        help="the labels CSV (a path or a URL)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="results folder")
     parser.add_argument("--projector", help="features: a projector's name, avgpool or tokens "
                         "(default: the store's only projector)")
+    parser.add_argument("--region", metavar="NAMES",
+                        help="a region store (embed --masks): the region(s) whose features "
+                        "are fitted, comma-separated (concatenated in that order); volumes "
+                        "where one is absent are left out")
     parser.add_argument("--task", default="auto",
                         choices=("auto", "classification", "multilabel", "regression"),
                         help="default auto: inferred from the targets and reported")
@@ -64,12 +72,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the MLP and of the bootstrap (default 0)")
     parser.add_argument("--memory-budget", metavar="SIZE", help=MEMORY_HELP)
+    parser.add_argument("--cache", type=Path, metavar="DIR",
+                        help="streamed features: keep an uncompressed copy in a file under "
+                        "DIR (filled by the first pass, read by the others, removed at the "
+                        "end; needs the features' float32 size free)")
     parser.add_argument("--bootstrap", type=int, default=1000,
                         help="bootstrap resamples of the test split for 95%% intervals "
                         "(default 1000; 0 for none)")
     parser.add_argument("--strict", action="store_true",
                         help="refuse labelled volumes without an ok embedding instead of "
                         "leaving them out with a warning")
+    add_cluster_options(parser, default="none: this process", description=(
+        "the linear head's passes over the train rows on a Dask cluster (the MLP fits on "
+        "this machine)"))
     parser.set_defaults(func=run)
 
 
@@ -84,17 +99,24 @@ def run(args: argparse.Namespace) -> int:
                         depths=depths if len(depths) > 1 else (), dropout=args.dropout,
                         epochs=args.epochs, patience=args.patience, lr=args.lr, seed=args.seed)
     targets = tuple(t.strip() for t in args.targets.split(",")) if args.targets else ()
-    settings = FitSettings(projector=args.projector, task=args.task, targets=targets,
-                           head=head, memory_budget=args.memory_budget,
+    projector = args.projector if not args.region else f"{args.projector or ''}@{args.region}"
+    settings = FitSettings(projector=projector, task=args.task, targets=targets,
+                           head=head, memory_budget=args.memory_budget, cache=args.cache,
                            bootstrap=args.bootstrap, strict=args.strict)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RaptorzWarning)
-        result = fit(args.store, args.labels, args.output, settings,
+        result = fit(args.store, args.labels, args.output, settings, cluster=_cluster(args),
                      log=lambda line: print(line, file=sys.stderr))
     for warning in caught:
         print(f"raptorz fit: warning: {warning.message}", file=sys.stderr)
     print(f"wrote {result.output}: predictions.csv, metrics.json, plot, model/")
     return 1 if result.metrics["left_out"] else 0
+
+
+def _cluster(args: argparse.Namespace) -> str | Callable[[], Any] | None:
+    """The scheduler address, a function that starts the cluster the options ask for
+    (``fit`` calls it once its inputs are checked), or ``None``: no cluster."""
+    return None if args.cluster is None else cluster_from(args, args.cluster)
 
 
 def _depths(text: str) -> tuple[int, ...]:

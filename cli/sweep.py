@@ -32,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--train-sizes", default="all", metavar="N,N,...|all",
                         help="few-shot train sizes, e.g. 10,100,all (default all); each "
                         "below the train split's volumes, none repeated")
+    parser.add_argument("--region", metavar="NAMES",
+                        help="a region store (embed --masks --keep-tokens): the region(s) "
+                        "swept, comma-separated (concatenated in that order)")
     parser.add_argument("--targets", help="comma-separated target columns (default: all)")
     parser.add_argument("--task", default="auto",
                         choices=("auto", "classification", "multilabel", "regression"),
@@ -54,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     sizes = tuple(None if s.strip() == "all" else int(s) for s in args.train_sizes.split(","))
     targets = tuple(t.strip() for t in args.targets.split(",")) if args.targets else ()
     fit = FitSettings(task=args.task, targets=targets, bootstrap=0,
+                      projector=f"@{args.region}" if args.region else None,
                       head=HeadSettings(max_iter=args.max_iter, penalties=args.penalties))
     settings = SweepSettings(ks=args.k, seeds=args.seeds, planes=planes, train_sizes=sizes,
                              fit=fit)

@@ -17,11 +17,15 @@ with bootstrap intervals (:mod:`raptorz.downstream.metrics`) and writes ``result
     The fitted model (:func:`raptorz.downstream.model.load_model`, ``raptorz predict``).
 
 Features are held in memory when they fit the memory budget and streamed from the store
-in batches otherwise; both paths compute the same numbers (see :mod:`raptorz.downstream.features`).
+(through a local uncompressed copy where ``cache`` names a folder) otherwise; with a
+``cluster``, the linear head's passes over the train rows run on its workers
+(:mod:`raptorz.downstream.remote`). Every path computes the same numbers (see
+:mod:`raptorz.downstream.features`); ``metrics.json`` counts the passes over the features.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Callable
@@ -33,8 +37,8 @@ import numpy as np
 import pandas as pd
 
 from raptorz import stores
-from raptorz.downstream.features import Features, memory_budget, open_variable, statistics
-from raptorz.downstream.heads import Scaling, fit_head
+from raptorz.downstream.features import Features, feature_status, memory_budget, open_variable
+from raptorz.downstream.heads import fit_head
 from raptorz.downstream.labels import (
     SPLITS,
     Targets,
@@ -43,8 +47,10 @@ from raptorz.downstream.labels import (
     match_embeddings,
     read_labels,
 )
+from raptorz.downstream.linear import LocalPasses, Scaling, TrainPasses
 from raptorz.downstream.metrics import evaluate, plot, table
 from raptorz.downstream.model import FittedModel
+from raptorz.downstream.remote import ClusterPasses, ClusterTarget, fit_client
 from raptorz.downstream.settings import HeadSettings
 from raptorz.errors import SettingsError
 from raptorz.layouts import open_embeddings
@@ -70,6 +76,9 @@ class FitSettings:
     memory_budget
         Bytes (or a size such as ``"4GB"``) the features may take in memory; above it they
         are streamed from the store. Default: half of the memory available at the start.
+    cache
+        A folder for an uncompressed local copy of streamed features (a memory-mapped
+        file, filled by the first pass, read by the others, removed at the end).
     bootstrap
         Bootstrap resamples of the test split for the 95% intervals (0: none).
     strict
@@ -81,6 +90,7 @@ class FitSettings:
     targets: tuple[str, ...] = ()
     head: HeadSettings = field(default_factory=HeadSettings)
     memory_budget: str | int | None = None
+    cache: str | Path | None = None
     bootstrap: int = 1000
     strict: bool = False
 
@@ -100,7 +110,7 @@ class FitResult:
 
 
 def fit(store: str | Path, labels: str | Path, output: str | Path,
-        settings: FitSettings | None = None, *,
+        settings: FitSettings | None = None, *, cluster: ClusterTarget | None = None,
         log: Callable[[str], None] = lambda message: None) -> FitResult:
     """Fit a head on an embeddings store, score it on the test split and write ``output``.
 
@@ -114,6 +124,10 @@ def fit(store: str | Path, labels: str | Path, output: str | Path,
         The results folder (created; files in it are replaced).
     settings
         What to fit; :class:`FitSettings` defaults when omitted.
+    cluster
+        Where the linear head's passes over the train rows run: a Dask client, a
+        cluster, a scheduler address or a function that starts a cluster (closed at the
+        end); default this process. The predictions are the same (to 1e-6).
     log
         Called with one line per step (the CLI prints them).
 
@@ -136,19 +150,26 @@ def fit(store: str | Path, labels: str | Path, output: str | Path,
     ds = open_embeddings(store)
     variable = open_variable(ds, store, settings.projector)
     all_labels = read_labels(labels, settings.targets or None)
-    kept, positions = match_embeddings(all_labels, store_ids(ds),
-                                       stores.read_status(store), store, strict=settings.strict)
+    status = feature_status(ds, settings.projector, stores.read_status(store))  # regions ok
+    kept, positions = match_embeddings(all_labels, store_ids(ds), status, store,
+                                       strict=settings.strict)
     targets, reason = encode_targets(kept, settings.task)
     log(f"task: {targets.task} ({reason}); targets: {', '.join(targets.names)}")
-    features = Features.open(variable, positions, memory_budget(settings.memory_budget))
-    log(f"features '{variable.name}': {features.describe()}")
+    # With the linear head on a cluster, this process reads only val and test, streamed.
+    spread = cluster is not None and settings.head.head == "linear"
+    budget = -1 if spread else memory_budget(settings.memory_budget)
+    features = Features.open(variable, positions, budget, settings.cache)
+    log(f"features '{variable.name}': {features.describe()}"
+        + ("; train passes on the cluster" if spread else ""))
     rows = {name: np.flatnonzero(kept.split == name) for name in SPLITS}
     log("rows: " + ", ".join(f"{name} {len(r)}" for name, r in rows.items()))
 
     summary = {"task_reason": reason, "store": str(store), "labels": str(labels)}
-    model, prediction, metrics = fit_features(features, targets, rows, settings,
-                                              feature=str(variable.name), summary=summary,
-                                              log=log)
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(fit_client(cluster)) if spread and cluster else None
+        model, prediction, metrics = fit_features(features, targets, rows, settings,
+                                                  feature=str(variable.name), summary=summary,
+                                                  log=log, client=client)
     record = {k: v for k, v in model.summary.items() if k not in summary}
     regression = targets.task == "regression"
     test = rows["test"]
@@ -164,7 +185,7 @@ def fit(store: str | Path, labels: str | Path, output: str | Path,
     report = {"task": targets.task, "task_reason": reason, "head": settings.head.head,
               "mlp_depth": record.get("depth"),  # None for the linear head
               "feature": str(variable.name), "n": {k: len(r) for k, r in rows.items()},
-              "left_out": left_out, **metrics, "fit": record}
+              "left_out": left_out, **metrics, "passes": record["passes"], "fit": record}
     (output / "metrics.json").write_text(json.dumps(stores.json_attr(report), indent=2))
     plot_name = "predicted_vs_true.png" if regression else "roc.png"
     plot(targets.task, targets.names, targets.classes, truth, prediction, output / plot_name)
@@ -174,7 +195,7 @@ def fit(store: str | Path, labels: str | Path, output: str | Path,
 
 def fit_features(features: Features, targets: Targets, rows: dict[str, np.ndarray],
                  settings: FitSettings, *, feature: str, summary: dict[str, Any] | None = None,
-                 log: Callable[[str], None] = lambda message: None
+                 log: Callable[[str], None] = lambda message: None, client: Any = None
                  ) -> tuple[FittedModel, np.ndarray, dict[str, Any]]:
     """Fit a head on ``features`` and score it on the test rows (what :func:`fit` and the
     sweeps share).
@@ -191,12 +212,32 @@ def fit_features(features: Features, targets: Targets, rows: dict[str, np.ndarra
         The head and the bootstrap of the scores.
     feature, summary
         The feature's name and what else the model's record should hold.
+    client
+        A Dask client: the linear head's passes over the train rows run on its workers
+        (the MLP ignores it).
 
     Returns
     -------
     The model, its test predictions and the scores of :func:`~raptorz.downstream.metrics.evaluate`.
     """
-    mean, std = statistics(features, rows["train"])
+    passes: TrainPasses
+    if client is None or settings.head.head != "linear":  # the MLP trains on this machine
+        passes = LocalPasses(features, rows["train"])
+    else:
+        passes = ClusterPasses(client, features, rows["train"])
+    try:
+        return _fit_and_score(features, targets, rows, settings, passes, feature, summary,
+                              log)
+    finally:
+        if isinstance(passes, ClusterPasses):
+            passes.close()
+
+
+def _fit_and_score(features: Features, targets: Targets, rows: dict[str, np.ndarray],
+                   settings: FitSettings, passes: TrainPasses, feature: str,
+                   summary: dict[str, Any] | None, log: Callable[[str], None]
+                   ) -> tuple[FittedModel, np.ndarray, dict[str, Any]]:
+    mean, std = passes.statistics()
     train_truth = targets.values[rows["train"]]
     regression = targets.task == "regression"
     n_targets = len(targets.names)
@@ -204,7 +245,7 @@ def fit_features(features: Features, targets: Targets, rows: dict[str, np.ndarra
                       np.nanmean(train_truth, axis=0) if regression else np.zeros(n_targets),
                       np.nanstd(train_truth, axis=0) if regression else np.ones(n_targets))
     head, record = fit_head(targets.task, targets.values, len(targets.classes), features,
-                            rows["train"], rows["val"], scaling, settings.head, log)
+                            rows["train"], rows["val"], scaling, settings.head, log, passes)
     # The saved model rebuilds the MLP from ``layers``: record the depth chosen on val.
     head_settings = (dataclasses.replace(settings.head, layers=record["depth"])
                      if settings.head.head == "mlp" else settings.head)
@@ -212,6 +253,9 @@ def fit_features(features: Features, targets: Targets, rows: dict[str, np.ndarra
                         features.n_features, head_settings, scaling, head,
                         {**(summary or {}), **record})
     prediction = model.predict(features, rows["test"])
+    # Passes over the features: loading them, the statistics, the head's, val and test.
+    model.summary.update(passes=features.reads.passes,
+                         read_gigabytes=features.reads.bytes / 1e9)
     metrics = evaluate(targets.task, targets.names, targets.values[rows["test"]], prediction,
                        resamples=settings.bootstrap, seed=settings.head.seed)
     return model, prediction, metrics

@@ -20,7 +20,7 @@ from typing import Final, Literal
 import numpy as np
 import pandas as pd
 
-from raptorz import stores
+from raptorz import locations, stores
 from raptorz.errors import InputError, RaptorzWarning
 
 Task = Literal["auto", "classification", "multilabel", "regression"]
@@ -55,7 +55,7 @@ class Labels:
         The target columns, one per target, in the CSV's order.
     """
 
-    path: Path
+    path: str | Path
     id_column: str
     ids: np.ndarray
     split: np.ndarray
@@ -106,8 +106,8 @@ def read_labels(path: str | Path, targets: Sequence[str] | None = None) -> Label
         Where the file is missing or unreadable, has no ``split`` column, an unknown
         split name, a repeated id, or no (or an unknown) target column.
     """
-    path = Path(path)
-    if not path.is_file():
+    path = locations.location(path)  # pandas reads a URL through fsspec
+    if not (locations.exists(path) if isinstance(path, str) else path.is_file()):
         raise InputError(path, "labels file not found")
     try:
         header = pd.read_csv(path, nrows=0).columns

@@ -23,17 +23,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from raptorz import stores
-from raptorz.downstream.features import Features, memory_budget, open_variable
-from raptorz.downstream.heads import (
-    Head,
-    LinearHead,
-    MLPHead,
-    Scaling,
-    build_mlp,
-    output_size,
-    to_output,
-)
+from raptorz.downstream.features import Features, feature_status, memory_budget, open_variable
+from raptorz.downstream.heads import Head, MLPHead, build_mlp
 from raptorz.downstream.labels import FittedTask, store_index
+from raptorz.downstream.linear import LinearHead, Scaling, output_size, to_output
 from raptorz.downstream.settings import HeadSettings
 from raptorz.errors import InputError
 from raptorz.layouts import open_embeddings
@@ -276,7 +269,7 @@ def predict(store: str | Path, model: str | Path | FittedModel, *,
     fitted = model if isinstance(model, FittedModel) else load_model(model)
     ds = open_embeddings(store)
     variable = open_variable(ds, store, fitted.feature)
-    positions = _usable_positions(ds, store, ids)
+    positions = _usable_positions(ds, store, ids, fitted.feature)
     features = Features.open(variable, positions, memory_budget(memory_budget_size))
     if features.n_features != fitted.n_features:
         raise InputError(store, f"'{fitted.feature}' has {features.n_features} features; the "
@@ -287,12 +280,14 @@ def predict(store: str | Path, model: str | Path | FittedModel, *,
     return frame
 
 
-def _usable_positions(ds: xr.Dataset, store: str | Path, ids: list[str] | None) -> np.ndarray:
-    """Store positions of ``ids`` (default: all ok volumes); refuses unknown or failed ids.
+def _usable_positions(ds: xr.Dataset, store: str | Path, ids: list[str] | None,
+                      feature: str | None = None) -> np.ndarray:
+    """Store positions of ``ids`` (default: all ok volumes, with the regions of ``feature``
+    ok); refuses unknown or failed ids.
 
     Ids match as in a labels CSV (exactly, or without a volume file's extension).
     """
-    status = stores.read_status(store)
+    status = feature_status(ds, feature, stores.read_status(store))
     if ids is None:
         return np.flatnonzero(status == stores.OK)
     found = store_index(np.asarray(ids, str), store_ids(ds))

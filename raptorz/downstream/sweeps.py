@@ -22,13 +22,13 @@ import pandas as pd
 import xarray as xr
 
 from raptorz import stores
-from raptorz.downstream.features import Features
+from raptorz.downstream.features import REGION_SEPARATOR, Features, feature_status
 from raptorz.downstream.fitting import FitSettings, fit_features
 from raptorz.downstream.labels import SPLITS, encode_targets, match_embeddings, read_labels
 from raptorz.downstream.tables import to_markdown
 from raptorz.embedding.embeddings import project_stored_tokens, seeded_matrix
 from raptorz.errors import InputError, SettingsError
-from raptorz.layouts import open_embeddings
+from raptorz.layouts import open_embeddings, with_roi
 from raptorz.stores import store_ids
 
 #: The paper's plane subsets (Table 7).
@@ -104,8 +104,13 @@ def sweep(store: str | Path, labels: str | Path, output: str | Path,
         if set(subset) - set(stored_planes):
             raise InputError(store, f"plane subset {subset!r}: the store holds planes "
                              f"{''.join(stored_planes)} only")
+    # a region store: the regions named after the separator (FitSettings(projector="@liver"))
+    region = (settings.fit.projector or "").partition(REGION_SEPARATOR)[2]
+    status = feature_status(ds, "tokens" + REGION_SEPARATOR * bool(region) + region,
+                            stores.read_status(store))
+    regions = region.split(",") if region else None
     read = read_labels(labels, settings.fit.targets or None)
-    kept, positions = match_embeddings(read, store_ids(ds), stores.read_status(store), store,
+    kept, positions = match_embeddings(read, store_ids(ds), status, store,
                                        strict=settings.fit.strict)
     targets, reason = encode_targets(kept, settings.fit.task)
     rows = {name: np.flatnonzero(kept.split == name) for name in SPLITS}
@@ -122,10 +127,11 @@ def sweep(store: str | Path, labels: str | Path, output: str | Path,
     for k in settings.ks:
         for seed in settings.seeds:
             projected = project_stored_tokens(store, seeded_matrix(seed, ds.sizes["dim"], k),
-                                              positions)
+                                              positions, regions=regions)
             for subset in settings.planes:
-                chosen = projected[:, [stored_planes.index(p) for p in subset]]
-                variable = xr.DataArray(chosen, dims=("id", "plane", "k", "token"))
+                chosen = np.take(projected, [stored_planes.index(p) for p in subset], axis=-3)
+                variable = xr.DataArray(chosen, dims=with_roi(("id", "plane", "k", "token"),
+                                                              regions is not None))
                 features = Features.open(variable, np.arange(len(chosen)), chosen.nbytes + 1)
                 for size in settings.train_sizes:
                     fitted_rows = {**rows, "train": _few(rows["train"], size, seed)}

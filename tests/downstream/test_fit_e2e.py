@@ -75,7 +75,7 @@ def test_adrenal_classification(shared_data: Path, tmp_path: Path, projector: Pa
     assert main(["convert", "--folder", str(shared_data / "medmnist" / "adrenalmnist3d.npz"),
                  "--manifest", str(manifest), "-o", str(volumes), "--workers", "1"]) == 0
     embeddings = tmp_path / "adrenal_embeddings.zarr"
-    embed(volumes, embeddings, projector, tiny_vit_weights)
+    embed(volumes, embeddings, projector, tiny_vit_weights, "--subsample", "2")
     labels = tmp_path / "adrenal.labels.csv"
     results = tmp_path / "results"
     assert main(["fit", str(embeddings), "--labels", str(labels), "-o", str(results),
