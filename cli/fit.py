@@ -20,6 +20,11 @@ MEMORY_HELP = (
     "every penalty's L-BFGS evaluation at once, or an MLP epoch). Default: half of the "
     "memory available when fit starts. Both paths give the same predictions."
 )
+DEVICE_HELP = (
+    "where the head computes: the MLP trains and predicts there, the linear head's "
+    "float64 sums run there (torch on a GPU, numpy on the CPU); auto: the GPU where one "
+    "is present, else the CPU (default auto; metrics.json names the device used)"
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -71,6 +76,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"MLP AdamW learning rate (default {defaults.lr:g})")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the MLP and of the bootstrap (default 0)")
+    parser.add_argument("--device", default=defaults.device, metavar="auto|cpu|cuda|cuda:N",
+                        help=DEVICE_HELP)
     parser.add_argument("--memory-budget", metavar="SIZE", help=MEMORY_HELP)
     parser.add_argument("--cache", type=Path, metavar="DIR",
                         help="streamed features: keep an uncompressed copy in a file under "
@@ -83,8 +90,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="refuse labelled volumes without an ok embedding instead of "
                         "leaving them out with a warning")
     add_cluster_options(parser, default="none: this process", description=(
-        "the linear head's passes over the train rows on a Dask cluster (the MLP fits on "
-        "this machine)"))
+        "the train rows read once and held on a Dask cluster's workers: the linear head's "
+        "passes run there; the MLP fits on this machine, its epochs' rows gathered from the "
+        "workers"))
     parser.set_defaults(func=run)
 
 
@@ -97,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     depths = args.layers
     head = HeadSettings(head=args.head, max_iter=args.max_iter, layers=depths[0],
                         depths=depths if len(depths) > 1 else (), dropout=args.dropout,
-                        epochs=args.epochs, patience=args.patience, lr=args.lr, seed=args.seed)
+                        epochs=args.epochs, patience=args.patience, lr=args.lr, seed=args.seed,
+                        device=args.device)
     targets = tuple(t.strip() for t in args.targets.split(",")) if args.targets else ()
     projector = args.projector if not args.region else f"{args.projector or ''}@{args.region}"
     settings = FitSettings(projector=projector, task=args.task, targets=targets,

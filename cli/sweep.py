@@ -45,6 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         f"paper's {','.join(f'{c:g}' for c in PENALTIES)})")
     parser.add_argument("--max-iter", type=int, default=100,
                         help="linear head: L-BFGS iterations per penalty (default 100)")
+    parser.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                        help="where the linear head's float64 sums run (torch on a GPU, "
+                        "numpy on the CPU); auto: the GPU where one is present (default auto)")
     parser.set_defaults(func=run)
 
 
@@ -58,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     targets = tuple(t.strip() for t in args.targets.split(",")) if args.targets else ()
     fit = FitSettings(task=args.task, targets=targets, bootstrap=0,
                       projector=f"@{args.region}" if args.region else None,
-                      head=HeadSettings(max_iter=args.max_iter, penalties=args.penalties))
+                      head=HeadSettings(max_iter=args.max_iter, penalties=args.penalties,
+                                        device=args.device))
     settings = SweepSettings(ks=args.k, seeds=args.seeds, planes=planes, train_sizes=sizes,
                              fit=fit)
     sweep(args.store, args.labels, args.output, settings,

@@ -18,9 +18,12 @@ with bootstrap intervals (:mod:`raptorz.downstream.metrics`) and writes ``result
 
 Features are held in memory when they fit the memory budget and streamed from the store
 (through a local uncompressed copy where ``cache`` names a folder) otherwise; with a
-``cluster``, the linear head's passes over the train rows run on its workers
-(:mod:`raptorz.downstream.remote`). Every path computes the same numbers (see
-:mod:`raptorz.downstream.features`); ``metrics.json`` counts the passes over the features.
+``cluster``, the train rows are read once by its workers and held there
+(:mod:`raptorz.downstream.remote`): the linear head's passes run on them, the MLP's
+epochs gather their windows from them and train here. Every path computes the same
+numbers (see :mod:`raptorz.downstream.features`); ``metrics.json`` counts the passes over
+the features and names the device the head computed on
+(:attr:`~raptorz.downstream.settings.HeadSettings.device`).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from raptorz.downstream.labels import (
     match_embeddings,
     read_labels,
 )
-from raptorz.downstream.linear import LocalPasses, Scaling, TrainPasses
+from raptorz.downstream.linear import LocalPasses, Scaling, TrainPasses, resolve_device
 from raptorz.downstream.metrics import evaluate, plot, table
 from raptorz.downstream.model import FittedModel
 from raptorz.downstream.remote import ClusterPasses, ClusterTarget, fit_client
@@ -125,9 +128,10 @@ def fit(store: str | Path, labels: str | Path, output: str | Path,
     settings
         What to fit; :class:`FitSettings` defaults when omitted.
     cluster
-        Where the linear head's passes over the train rows run: a Dask client, a
-        cluster, a scheduler address or a function that starts a cluster (closed at the
-        end); default this process. The predictions are the same (to 1e-6).
+        Where the train rows are held and the linear head's passes over them run (the
+        MLP's epochs gather their windows from there and train in this process): a Dask
+        client, a cluster, a scheduler address or a function that starts a cluster
+        (closed at the end); default this process. The predictions are the same (to 1e-6).
     log
         Called with one line per step (the CLI prints them).
 
@@ -147,6 +151,7 @@ def fit(store: str | Path, labels: str | Path, output: str | Path,
     >>> result.metrics["mean"]["auroc"]["value"]  # doctest: +SKIP
     """
     settings = settings or FitSettings()
+    resolve_device(settings.head.device)  # a device this machine lacks: refused at once
     ds = open_embeddings(store)
     variable = open_variable(ds, store, settings.projector)
     all_labels = read_labels(labels, settings.targets or None)
@@ -155,12 +160,12 @@ def fit(store: str | Path, labels: str | Path, output: str | Path,
                                        strict=settings.strict)
     targets, reason = encode_targets(kept, settings.task)
     log(f"task: {targets.task} ({reason}); targets: {', '.join(targets.names)}")
-    # With the linear head on a cluster, this process reads only val and test, streamed.
-    spread = cluster is not None and settings.head.head == "linear"
+    # On a cluster, the workers hold the train rows: this process streams val and test.
+    spread = cluster is not None
     budget = -1 if spread else memory_budget(settings.memory_budget)
     features = Features.open(variable, positions, budget, settings.cache)
     log(f"features '{variable.name}': {features.describe()}"
-        + ("; train passes on the cluster" if spread else ""))
+        + ("; train rows held on the cluster" if spread else ""))
     rows = {name: np.flatnonzero(kept.split == name) for name in SPLITS}
     log("rows: " + ", ".join(f"{name} {len(r)}" for name, r in rows.items()))
 
@@ -213,18 +218,19 @@ def fit_features(features: Features, targets: Targets, rows: dict[str, np.ndarra
     feature, summary
         The feature's name and what else the model's record should hold.
     client
-        A Dask client: the linear head's passes over the train rows run on its workers
-        (the MLP ignores it).
+        A Dask client: its workers hold the train rows (:class:`ClusterPasses`), the
+        linear head's passes run there and the MLP's epochs gather their windows there.
 
     Returns
     -------
     The model, its test predictions and the scores of :func:`~raptorz.downstream.metrics.evaluate`.
     """
     passes: TrainPasses
-    if client is None or settings.head.head != "linear":  # the MLP trains on this machine
-        passes = LocalPasses(features, rows["train"])
-    else:
-        passes = ClusterPasses(client, features, rows["train"])
+    if client is None:
+        passes = LocalPasses(features, rows["train"],
+                             str(resolve_device(settings.head.device)))
+    else:  # each worker resolves the device for its own sums
+        passes = ClusterPasses(client, features, rows["train"], settings.head.device)
     try:
         return _fit_and_score(features, targets, rows, settings, passes, feature, summary,
                               log)

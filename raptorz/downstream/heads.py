@@ -9,7 +9,13 @@ store is the same head as one fitted on features held in memory.
 * ``mlp``: the original tool's MLP, trained with AdamW on minibatches, stopped early on
   the validation loss, keeping the best checkpoint. An epoch reads the train rows once:
   the store's groups in a seeded order, their rows shuffled together in windows of at
-  most :data:`SHUFFLE_BYTES` (all the train rows at once where they fit one).
+  most :data:`SHUFFLE_BYTES` (all the train rows at once where they fit one). A window
+  comes from memory, from the store, or with ``--cluster`` from the blocks the Dask
+  workers hold (:meth:`~raptorz.downstream.remote.ClusterPasses.window`); the
+  mini-batches run here, in order.
+
+Both compute on :attr:`HeadSettings.device <raptorz.downstream.settings.HeadSettings.device>`
+(:func:`~raptorz.downstream.linear.resolve_device`); the fit's record names it.
 """
 
 from __future__ import annotations
@@ -26,7 +32,14 @@ from torch import nn
 
 from raptorz.downstream.features import Features, outputs
 from raptorz.downstream.labels import FittedTask
-from raptorz.downstream.linear import LinearHead, Scaling, TrainPasses, fit_linear
+from raptorz.downstream.linear import (
+    LinearHead,
+    LocalPasses,
+    Scaling,
+    TrainPasses,
+    fit_linear,
+    resolve_device,
+)
 from raptorz.downstream.settings import HeadSettings
 
 Log = Callable[[str], None]
@@ -45,14 +58,17 @@ class MLPHead:
         return {f"mlp.{k}": v.detach().cpu().numpy() for k, v in self.model.state_dict().items()}
 
     def raw(self, features: Features, rows: np.ndarray, scaling: Scaling) -> np.ndarray:
-        """Raw outputs (logits or standardized values) of ``rows``."""
-        mean, std = (torch.as_tensor(a, dtype=torch.float32)
+        """Raw outputs (logits or standardized values) of ``rows``, computed on the device
+        the model lies on."""
+        device = next(iter(self.model.parameters())).device
+        mean, std = (torch.as_tensor(a, dtype=torch.float32, device=device)
                      for a in (scaling.feature_mean, scaling.feature_std))
         self.model.eval()
 
         def forward(x: np.ndarray) -> np.ndarray:
             with torch.no_grad():
-                return self.model((torch.from_numpy(x) - mean) / std).double().numpy()
+                z = self.model((torch.from_numpy(x).to(device) - mean) / std)
+                return z.double().cpu().numpy()
 
         return outputs(features, rows, forward, _outputs(self.model))
 
@@ -85,9 +101,19 @@ def fit_head(task: FittedTask, truth: np.ndarray, n_classes: int, features: Feat
     """Fit the head that ``settings`` names; returns it and a summary of the fit.
 
     ``truth`` holds every sample's targets (as :class:`~raptorz.downstream.labels.Targets` encodes
-    them); ``train`` and ``val`` are sample numbers. The linear head's passes over the
-    train rows go through ``passes`` where given (on Dask workers: :mod:`.remote`).
+    them); ``train`` and ``val`` are sample numbers. The passes over the train rows go
+    through ``passes`` where given (on Dask workers: :mod:`.remote`). The record names the
+    device the head computed on.
     """
+    device = resolve_device(settings.device)
+    head, record = _fit(task, truth, n_classes, features, train, val, scaling, settings, log,
+                        passes or LocalPasses(features, train, str(device)), device)
+    return head, {**record, "device": str(device)}
+
+
+def _fit(task: FittedTask, truth: np.ndarray, n_classes: int, features: Features,
+         train: np.ndarray, val: np.ndarray, scaling: Scaling, settings: HeadSettings,
+         log: Log, passes: TrainPasses, device: torch.device) -> tuple[Head, dict[str, Any]]:
     y = truth.copy()
     if task == "regression":
         y = (y - scaling.target_mean) / scaling.target_std
@@ -95,7 +121,8 @@ def fit_head(task: FittedTask, truth: np.ndarray, n_classes: int, features: Feat
         return fit_linear(task, y, truth, n_classes, features, train, val, scaling, settings,
                           log, passes)
     if not settings.depths:
-        head, record = _fit_mlp(task, y, n_classes, features, train, val, scaling, settings, log)
+        head, record = _fit_mlp(task, y, n_classes, features, train, val, scaling, settings,
+                                log, passes, device)
         return head, {"depth": settings.layers, **record}
     # The paper's protocol: the depth whose best checkpoint has the lowest validation loss
     # (ties keep the shallower network).
@@ -104,7 +131,8 @@ def fit_head(task: FittedTask, truth: np.ndarray, n_classes: int, features: Feat
     for depth in sorted(set(settings.depths)):
         log(f"mlp depth {depth}:")
         head, record = _fit_mlp(task, y, n_classes, features, train, val, scaling,
-                                dataclasses.replace(settings, layers=depth, depths=()), log)
+                                dataclasses.replace(settings, layers=depth, depths=()), log,
+                                passes, device)
         loss = float(min(record["validation_loss"], default=np.inf))
         losses[str(depth)] = loss
         if best is None or loss < best[0]:
@@ -154,18 +182,24 @@ def epoch_windows(features: Features, train: np.ndarray,
 
 def _fit_mlp(task: FittedTask, y: np.ndarray, n_classes: int, features: Features,
              train: np.ndarray, val: np.ndarray, scaling: Scaling, settings: HeadSettings,
-             log: Log) -> tuple[MLPHead, dict[str, Any]]:
+             log: Log, passes: TrainPasses, device: torch.device
+             ) -> tuple[MLPHead, dict[str, Any]]:
+    """Train the MLP on ``device``: each epoch's windows of train rows from ``passes``
+    (or sliced from memory), their mini-batches in order."""
     n_out = n_classes if task == "classification" else y.shape[1]
     targets = torch.as_tensor(y, dtype=torch.float32)
-    mean, std = (torch.as_tensor(a, dtype=torch.float32)
+    mean, std = (torch.as_tensor(a, dtype=torch.float32, device=device)
                  for a in (scaling.feature_mean, scaling.feature_std))
     rng = np.random.default_rng(settings.seed)
+    gpus = [device.index if device.index is not None else torch.cuda.current_device()
+            ] if device.type == "cuda" else []
     # A private torch RNG state: the seed fixes initialisation and dropout without
     # touching the caller's global generator.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=gpus):
         torch.manual_seed(settings.seed)
+        # Built on the CPU, then moved: the same initial weights on every device.
         model = build_mlp(features.n_features, n_out, settings.layers, settings.hidden,
-                          settings.dropout)
+                          settings.dropout).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr,
                                       weight_decay=settings.weight_decay)
         best_loss, best_epoch, history = np.inf, 0, []
@@ -174,14 +208,16 @@ def _fit_mlp(task: FittedTask, y: np.ndarray, n_classes: int, features: Features
             model.train()
             features.reads.passes += 1
             for window in epoch_windows(features, train, rng):
-                # A streamed window is read once, whole; one in memory is sliced per batch.
-                held = features(window) if features.streaming else None
+                # A streamed window is got once, whole (from the store, or the workers'
+                # blocks); one in memory is sliced per batch.
+                held = passes.window(window)
                 for batch in features.batches(np.arange(len(window))):
                     if len(batch) < 2 and settings.layers > 1:
                         continue  # BatchNorm cannot train on a single row
                     x = held[batch] if held is not None else features(window[batch])
-                    loss, count = _torch_loss(task, model((torch.from_numpy(x) - mean) / std),
-                                              targets[window[batch]])
+                    inputs = (torch.from_numpy(x).to(device) - mean) / std
+                    loss, count = _torch_loss(task, model(inputs),
+                                              targets[window[batch]].to(device))
                     optimizer.zero_grad()
                     (loss / max(count, 1)).backward()
                     optimizer.step()

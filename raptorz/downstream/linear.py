@@ -15,7 +15,8 @@ data as often as its longest optimizer evaluates, not five times that. A pass su
 float64, one partial result per group of rows (:func:`group_sums`), combined in an order
 fixed by the number of groups (:func:`~raptorz.downstream.sums.tree_reduce`): on this
 machine (:class:`LocalPasses`) or on Dask workers (:mod:`raptorz.downstream.remote`), the
-same numbers.
+same numbers. On a GPU (:attr:`~raptorz.downstream.settings.HeadSettings.device`) a group's
+sums are computed by torch in float64 (:func:`group_sums_torch`), with numpy on the CPU.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 from scipy.optimize import OptimizeResult, minimize
 from scipy.special import expit, log_expit, logsumexp, softmax
 
@@ -34,8 +36,9 @@ from raptorz.defaults import BATCH
 from raptorz.downstream.features import Features, outputs, statistics
 from raptorz.downstream.labels import FittedTask
 from raptorz.downstream.metrics import score
-from raptorz.downstream.settings import HeadSettings
+from raptorz.downstream.settings import DEVICES, HeadSettings
 from raptorz.downstream.sums import add, tree_reduce
+from raptorz.errors import SettingsError
 
 Log = Callable[[str], None]
 
@@ -123,14 +126,42 @@ def loss(task: FittedTask, z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndar
     return float(np.sum(value)), np.where(seen, expit(z) - y, 0.0)
 
 
+def resolve_device(name: str) -> torch.device:
+    """The torch device a :class:`~raptorz.downstream.settings.HeadSettings` ``device``
+    names on this machine (``auto``: the GPU where torch sees one, else the CPU).
+
+    Raises
+    ------
+    SettingsError
+        Naming the option, where ``name`` is no device or names a GPU this machine lacks.
+    """
+    if not DEVICES.fullmatch(name):
+        raise SettingsError(f"must be auto, cpu, cuda or cuda:N, not {name!r}", option="device")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise SettingsError(f"{name} asked for, but torch sees {count} CUDA GPU(s) here",
+                                option="device")
+    return device
+
+
 def group_sums(x: np.ndarray, y: np.ndarray, task: FittedTask, v: np.ndarray,
-               offset: np.ndarray, n_out: int) -> list[np.ndarray]:
+               offset: np.ndarray, n_out: int, device: str = "cpu") -> list[np.ndarray]:
     """One group's share of a pass for models side by side: each model's summed loss,
     ``x.T @ G`` and the column sums of ``G`` (``G`` the gradient in the raw outputs).
 
     ``v`` and ``offset`` hold the models' folded weights side by side, ``n_out`` columns
-    each; ``x`` is float32, computed on in float64 :data:`BATCH` rows at a time.
+    each; ``x`` is float32, computed on in float64 :data:`BATCH` rows at a time, with
+    numpy where ``device`` (:func:`resolve_device`) is the CPU, else with torch there
+    (:func:`group_sums_torch`).
     """
+    if device != "cpu":
+        chosen = resolve_device(device)
+        if chosen.type != "cpu":
+            return group_sums_torch(x, y, task, v, offset, n_out, chosen)
     models = v.shape[1] // n_out
     losses, xt_g, g_sum = np.zeros(models), np.zeros(v.shape), np.zeros(v.shape[1])
     for start in range(0, len(x), BATCH):
@@ -146,8 +177,54 @@ def group_sums(x: np.ndarray, y: np.ndarray, task: FittedTask, v: np.ndarray,
     return [losses, xt_g, g_sum]
 
 
+def _torch_loss(task: FittedTask, z: torch.Tensor, y: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`loss` in torch: the summed loss (a 0-d tensor) and its gradient in ``z``."""
+    if task == "classification" and z.shape[1] > 1:
+        label = y[:, 0].long()
+        rows = torch.arange(len(z), device=z.device)
+        gradient = torch.softmax(z, dim=1)
+        gradient[rows, label] -= 1
+        return (torch.logsumexp(z, dim=1) - z[rows, label]).sum(), gradient
+    seen = ~torch.isnan(y)
+    y = torch.where(seen, y, 0.0)
+    if task == "regression":
+        residual = torch.where(seen, z - y, 0.0)
+        return 0.5 * (residual**2).sum(), residual
+    value = torch.where(seen, -torch.nn.functional.logsigmoid(z) + (1 - y) * z, 0.0)
+    return value.sum(), torch.where(seen, torch.sigmoid(z) - y, 0.0)
+
+
+def group_sums_torch(x: np.ndarray, y: np.ndarray, task: FittedTask, v: np.ndarray,
+                     offset: np.ndarray, n_out: int, device: torch.device) -> list[np.ndarray]:
+    """:func:`group_sums` computed by torch in float64 on ``device`` (the group moved there
+    once); the results come back as numpy float64."""
+    def put(array: np.ndarray) -> torch.Tensor:
+        return torch.tensor(np.asarray(array), device=device)  # a copy: blocks may be read-only
+
+    models = v.shape[1] // n_out
+    group, targets = put(x), put(np.asarray(y, np.float64))
+    weights, shift = put(v), put(offset)
+    losses = torch.zeros(models, dtype=torch.float64, device=device)
+    xt_g = torch.zeros(v.shape, dtype=torch.float64, device=device)
+    g_sum = torch.zeros(v.shape[1], dtype=torch.float64, device=device)
+    for start in range(0, len(x), BATCH):
+        batch = group[start:start + BATCH].double()
+        z = batch @ weights + shift
+        gradient = torch.empty_like(z)
+        for model in range(models):
+            columns = slice(model * n_out, (model + 1) * n_out)
+            value, gradient[:, columns] = _torch_loss(task, z[:, columns],
+                                                      targets[start:start + BATCH])
+            losses[model] += value
+        xt_g += batch.T @ gradient
+        g_sum += gradient.sum(dim=0)
+    return [t.cpu().numpy() for t in (losses, xt_g, g_sum)]
+
+
 class TrainPasses(Protocol):
-    """Passes over the train rows: their statistics, and the sums of :func:`group_sums`."""
+    """Passes over the train rows: their statistics, the sums of :func:`group_sums`, and
+    the rows of an MLP epoch's windows."""
 
     def statistics(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard deviation of each feature over the train rows."""
@@ -156,20 +233,30 @@ class TrainPasses(Protocol):
              n_out: int) -> list[np.ndarray]:
         """:func:`group_sums` over every train row (``y``: every sample's targets)."""
 
+    def window(self, rows: np.ndarray) -> np.ndarray | None:
+        """The float32 features of the train rows ``rows`` in that order, got at once (an
+        MLP epoch's window, :func:`~raptorz.downstream.heads.epoch_windows`); ``None``
+        where the features are in this process's memory, sliced batch by batch."""
+
 
 @dataclass(frozen=True)
 class LocalPasses:
-    """Passes on this machine, over features in memory, in a local copy or in the store."""
+    """Passes on this machine, over features in memory, in a local copy or in the store;
+    :func:`group_sums` on ``device`` (a name :func:`resolve_device` reads)."""
 
     features: Features
     rows: np.ndarray
+    device: str = "cpu"
+
+    def window(self, rows: np.ndarray) -> np.ndarray | None:
+        return self.features(rows) if self.features.streaming else None
 
     def statistics(self) -> tuple[np.ndarray, np.ndarray]:
         return statistics(self.features, self.rows)
 
     def sums(self, task: FittedTask, y: np.ndarray, v: np.ndarray, offset: np.ndarray,
              n_out: int) -> list[np.ndarray]:
-        parts = (group_sums(block, y[group], task, v, offset, n_out)
+        parts = (group_sums(block, y[group], task, v, offset, n_out, self.device)
                  for group, block in self.features.blocks(self.rows))
         total = tree_reduce(parts, add)
         width = v.shape[1]
@@ -261,7 +348,7 @@ def fit_linear(task: FittedTask, y: np.ndarray, truth: np.ndarray, n_classes: in
     """
     n_features, n_out = features.n_features, output_size(task, y.shape[1], n_classes)
     penalties, n = settings.penalties, len(train)
-    passes = passes or LocalPasses(features, train)
+    passes = passes or LocalPasses(features, train, str(resolve_device(settings.device)))
 
     def evaluate(asked: dict[int, np.ndarray]) -> dict[int, tuple[float, np.ndarray]]:
         # scikit-learn's scaling, (loss + |W|^2 / 2C) / n, so that ``tol`` means the same.

@@ -1,15 +1,24 @@
-"""The linear head's passes over the train rows on a Dask cluster (``raptorz fit --cluster``).
+"""The heads' passes over the train rows on a Dask cluster (``raptorz fit --cluster``).
 
 The first pass maps a read over the store's groups of train rows
 (:meth:`~raptorz.downstream.features.Features.groups`, about a unit each): each worker reads
 its groups from the store and keeps them in its memory, so that the features need fit
-the workers' memory together, not the client's. Every later pass maps
-:func:`~raptorz.downstream.linear.group_sums` (or the statistics' moments) over the groups
-where they lie, and adds the partial results on the workers in the order fixed by the
-number of groups (:func:`~raptorz.downstream.sums.tree_reduce`), the order of a pass
-on one machine: the client receives one sum per pass, the single-machine numbers. The
-models' weights go to every worker once per pass. Validation and test predictions, and
-the MLP, are computed on the client from the store.
+the workers' memory together, not the client's, and the store is read once for them.
+
+The linear head: every later pass maps :func:`~raptorz.downstream.linear.group_sums` (or
+the statistics' moments) over the groups where they lie, and adds the partial results on
+the workers in the order fixed by the number of groups
+(:func:`~raptorz.downstream.sums.tree_reduce`), the order of a pass on one machine: the
+client receives one sum per pass, the single-machine numbers. The models' weights go to
+every worker once per pass; each worker computes on the head's ``device`` as it resolves
+it (``auto``: its own GPU where it has one).
+
+The MLP: its mini-batches are sequential, so SGD runs on the client, but an epoch's
+windows of train rows (:func:`~raptorz.downstream.heads.epoch_windows`, whole groups) are
+gathered from the blocks the workers hold (:meth:`ClusterPasses.window`), not read from
+the store: the same rows in the same order as on one machine, the same network.
+
+Validation and test predictions are computed on the client from the store.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
-from distributed import Client, Future
+from distributed import Client, Future, as_completed
 from distributed.deploy import Cluster
 
 from raptorz.cluster import connect
@@ -53,6 +62,11 @@ def load_group(store: str, name: str, positions: np.ndarray) -> np.ndarray:
     return read_span(variable, positions)
 
 
+def _take(block: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """On a worker: rows ``at`` of a group's block."""
+    return block[at]
+
+
 def _holed(block: np.ndarray) -> np.ndarray:
     """On a worker: which rows of a group hold NaN."""
     return np.isnan(block).any(axis=1)
@@ -60,6 +74,9 @@ def _holed(block: np.ndarray) -> np.ndarray:
 
 class ClusterPasses:
     """The train rows held on the workers, group by group; each pass a map over them.
+
+    ``device`` names where the workers compute :func:`~raptorz.downstream.linear.group_sums`
+    (each resolves ``auto`` for itself).
 
     Raises
     ------
@@ -69,13 +86,19 @@ class ClusterPasses:
         Naming the store and the ids, where a train row holds NaN.
     """
 
-    def __init__(self, client: Client, features: Features, rows: np.ndarray) -> None:
+    def __init__(self, client: Client, features: Features, rows: np.ndarray,
+                 device: str = "cpu") -> None:
         store = features.variable.encoding.get("source")
         if store is None:
             raise SettingsError("a cluster reads the features from a store; these are an "
                                 "array in memory", option="cluster")
-        self.client, self.features, self.rows = client, features, rows
+        self.client, self.features, self.rows, self.device = client, features, rows, device
         self.groups = features.groups(rows)
+        # Where each train row lies: its group, and its place in the group's block.
+        self.group_of = np.full(len(features.positions), -1, np.int64)
+        self.place = np.zeros(len(features.positions), np.int64)
+        for number, group in enumerate(self.groups):
+            self.group_of[group], self.place[group] = number, np.arange(len(group))
         name = str(features.variable.name)
         self.blocks = [client.submit(load_group, str(store), name, features.positions[g],
                                      pure=False) for g in self.groups]
@@ -103,10 +126,34 @@ class ClusterPasses:
         """:func:`~raptorz.downstream.linear.group_sums` over every train row."""
         [weights] = self.client.scatter([v], broadcast=True, hash=False)
         total = self._pass((self.client.submit(group_sums, block, y[group], task, weights,
-                                               offset, n_out, pure=False)
+                                               offset, n_out, self.device, pure=False)
                             for block, group in zip(self.blocks, self.groups, strict=True)), add)
         width = v.shape[1]
         return total or [np.zeros(width // n_out), np.zeros(v.shape), np.zeros(width)]
+
+    def window(self, rows: np.ndarray) -> np.ndarray:
+        """The float32 features of the train rows ``rows`` in that order, from the blocks
+        the workers hold (an MLP epoch's window): a group wholly in ``rows`` comes back
+        whole, of another only its rows; each is placed as it arrives."""
+        rows = np.asarray(rows, np.int64)
+        which, place = self.group_of[rows], self.place[rows]
+        if (which < 0).any():
+            raise ValueError("a window holds rows that are not train rows")
+        self.features.reads.bytes += len(rows) * self.features.n_features * 4
+        out = np.empty((len(rows), self.features.n_features), np.float32)
+        masks: dict[Any, tuple[np.ndarray, bool]] = {}
+        futures = []
+        for number in np.unique(which):
+            mask = which == number
+            whole = len(np.unique(place[mask])) == len(self.groups[number])
+            future = (self.blocks[number] if whole else
+                      self.client.submit(_take, self.blocks[number], place[mask], pure=False))
+            masks[future.key] = mask, whole
+            futures.append(future)
+        for future, part in as_completed(futures, loop=self.client.loop, with_results=True):
+            mask, whole = masks[future.key]
+            out[mask] = part[place[mask]] if whole else part
+        return out
 
     def close(self) -> None:
         """Let the workers drop the train rows."""

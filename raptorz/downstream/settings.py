@@ -3,10 +3,15 @@ model records (:class:`HeadSettings`)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Final
 
 from raptorz.defaults import PENALTIES, HeadKind
 from raptorz.errors import SettingsError
+
+#: What ``device`` may name (checked against the machine, with torch, when a fit starts).
+DEVICES: Final = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,11 @@ class HeadSettings:
         without a better validation loss; AdamW's learning rate and weight decay.
     seed
         Seeds the MLP's initialisation, shuffling and dropout.
+    device
+        Where the heads' arithmetic runs: ``auto`` (the GPU where torch sees one, else the
+        CPU), ``cpu``, ``cuda`` or ``cuda:N``. The MLP trains and predicts there; the
+        linear head's float64 sums use torch there instead of numpy (the same numbers, to
+        rounding). A saved model predicts on the CPU.
     """
 
     head: HeadKind = "linear"
@@ -47,6 +57,7 @@ class HeadSettings:
     weight_decay: float = 0.01
     seed: int = 0
     depths: tuple[int, ...] = ()
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         # Values from JSON (a saved model) come back as lists: keep the fields hashable.
@@ -68,3 +79,6 @@ class HeadSettings:
                             f"(tol {self.tol}, lr {self.lr}, weight_decay {self.weight_decay})")
         if problems:
             raise SettingsError("head settings: " + "; ".join(problems))
+        if not isinstance(self.device, str) or not DEVICES.fullmatch(self.device):
+            raise SettingsError(f"must be auto, cpu, cuda or cuda:N, not {self.device!r}",
+                                option="device")

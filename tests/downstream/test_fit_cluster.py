@@ -1,21 +1,28 @@
-"""``raptorz fit --cluster`` (#29): the linear head's passes over the train rows on a real
-2-worker LocalCluster give the single-machine fit's predictions."""
+"""``raptorz fit --cluster`` (#29): the train rows held on a real 2-worker LocalCluster, the
+linear head's passes run there and the MLP's epochs gathered from there, give the
+single-machine fit's predictions."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from distributed import Client
+from dask.utils import key_split
+from distributed import Client, get_task_stream
 
 from raptorz.cli.main import main
+from raptorz.downstream import heads
+from raptorz.downstream.features import Features, open_variable
 from raptorz.downstream.fitting import FitSettings, fit
+from raptorz.downstream.remote import ClusterPasses
 from raptorz.downstream.settings import HeadSettings
 from raptorz.errors import InputError
+from raptorz.layouts import open_embeddings
 
 N = 150
 
@@ -53,6 +60,58 @@ def test_cluster_fit_equals_the_single_machine_fit(data: dict, client: Client, t
                    FitSettings(head=settings.head, bootstrap=0, memory_budget=1000))
     np.testing.assert_allclose(spread.predictions.iloc[:, 1:],
                                streamed.predictions.iloc[:, 1:], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [None, 20], ids=["one window", "windows of 20 rows"])
+def test_cluster_mlp_equals_the_single_machine_mlp(data: dict, client: Client, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   window: int | None) -> None:
+    if window is not None:  # several windows of whole groups per epoch
+        monkeypatch.setattr(heads, "SHUFFLE_BYTES", window * 4 * 24)
+    settings = FitSettings(head=HeadSettings(head="mlp", epochs=3, patience=5, dropout=0.1,
+                                             layers=3, hidden=16), bootstrap=0)
+    alone = fit(data["store"], data["classes"], tmp_path / "alone", settings)
+    with get_task_stream(client) as stream:
+        spread = fit(data["store"], data["classes"], tmp_path / "spread", settings,
+                     cluster=client)
+    np.testing.assert_allclose(spread.predictions.iloc[:, 1:], alone.predictions.iloc[:, 1:],
+                               rtol=0, atol=1e-6)
+    assert spread.model.summary["validation_loss"] == pytest.approx(
+        alone.model.summary["validation_loss"], abs=1e-6)
+    # loading, the statistics, per epoch the train rows and val, then test
+    assert spread.metrics["passes"] == alone.metrics["passes"] == 1 + 1 + 3 * 2 + 1
+    written = json.loads((tmp_path / "spread" / "metrics.json").read_text())
+    assert written["passes"] == spread.metrics["passes"]
+    # The store is read once for the train rows, by the workers: one read per unit of 8.
+    train = np.flatnonzero(data["split"] == "train")
+    reads = [t for t in stream.data if key_split(t["key"]) == "load_group"]
+    assert len(reads) == len(np.unique(train // 8))
+
+
+def test_epoch_windows_come_from_the_workers_memory(data: dict, client: Client, tmp_path: Path,
+                                                   projector_name: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the workers hold the train rows, an epoch's windows need no store: they equal
+    the rows in memory with the store's chunks gone."""
+    store = tmp_path / "e.zarr"
+    shutil.copytree(data["store"], store)
+    variable = open_variable(open_embeddings(store), store, projector_name)
+    held = Features.open(variable, np.arange(N), 2**30)
+    streamed = Features.open(variable, np.arange(N), -1)
+    train = np.flatnonzero(data["split"] == "train")
+    passes = ClusterPasses(client, streamed, train)
+    try:
+        for chunk in (store / projector_name / "c").iterdir():
+            shutil.rmtree(chunk)
+        monkeypatch.setattr(heads, "SHUFFLE_BYTES", 20 * 4 * 24)
+        windows = heads.epoch_windows(streamed, train, np.random.default_rng(3))
+        assert len(windows) > 1
+        for rows in [*windows, train[::3][::-1]]:  # and part of groups, in reverse
+            np.testing.assert_array_equal(passes.window(rows), held(rows))
+        with pytest.raises(ValueError, match="not train rows"):
+            passes.window(np.flatnonzero(data["split"] == "val"))
+    finally:
+        passes.close()
 
 
 def test_cluster_refuses_nan_features_naming_the_ids(data: dict, client: Client, tmp_path: Path,
