@@ -222,7 +222,8 @@ def run_demo(workdir: str | Path = "raptorz-demo", *, data: str | Path | None = 
                      settings=KernelSettings(keep_tokens=True, subsample=subsample),
                      cluster=cluster, progress=True)
         every = f", every {subsample}th slice" if subsample > 1 else ""
-        log(f"embeddings:  {embeddings} ({done.ok} ok, {done.failed} failed{every})")
+        log(f"embeddings:  {embeddings} ({done.ok} ok, {done.failed} failed, {done.computed} "
+            f"embedded by this run{every})")
     results = workdir / "results"
     metrics: dict = {}
     chance: dict = {}

@@ -155,6 +155,9 @@ def test_readme_main_command_and_tour_run(tmp_path: Path) -> None:
     assert "note:        random encoder weights" in result.stdout
     workdir = tmp_path / "raptorz-demo"
     assert (workdir / "results" / "metrics.json").is_file()
+    # the task is solved well above chance, even by random weights
+    value, low, chance = _score(result.stdout)
+    assert value >= 0.85 and low > 0.6 and value - chance >= 0.25, result.stdout
     tour = _commands(_blocks(README, "bash")[1])
     assert len(tour) == 11
     for command in tour:
@@ -166,3 +169,18 @@ def test_readme_main_command_and_tour_run(tmp_path: Path) -> None:
     scores = (tmp_path / "scores" / "scores.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in scores[1:]] == ["linear", "mlp", "voxels"]
     assert len((tmp_path / "sweep" / "runs.csv").read_text().splitlines()) == 1 + 2 * 2 * 2
+    # the tour added a projector to the demo's store: a rerun resumes (nothing embedded
+    # again) and fits the demo's own projector to the same score
+    again = _run(demo, tmp_path, env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _score(again.stdout) == (value, low, chance)
+    assert " 0 embedded by this run" in again.stdout, again.stdout
+
+
+def _score(stdout: str) -> tuple[float, float, float]:
+    """The demo's test AUROC, the low end of its interval and the shuffled-label AUROC."""
+    found = re.search(r"^score: +test AUROC ([\d.]+) \[([\d.]+), [\d.]+\]; on shuffled "
+                      r"labels ([\d.]+)$", stdout, flags=re.MULTILINE)
+    assert found, stdout
+    value, low, chance = map(float, found.groups())
+    return value, low, chance
