@@ -17,7 +17,8 @@ def register(subparsers: Any) -> None:
         "(one multi-label map, any format convert reads) or FOLDER/<id>/ (one binary mask "
         "per structure, named by its file: TotalSegmentator's default output). Each mask "
         "must lie on its volume's source grid; it is reoriented and resampled (nearest "
-        "neighbour) or padded as the volume was. Rerun the same command to resume.")
+        "neighbour) or padded as the volume was. Rerun the same command to resume; a mask "
+        "changed since is named in a warning and kept, unless --reconvert-changed.")
     parser.add_argument("masks", type=Path, help="the folder of masks")
     parser.add_argument("volumes", type=Path, help="the volumes.zarr store (raptorz convert)")
     parser.add_argument("-o", "--output", required=True, type=Path,
@@ -27,6 +28,11 @@ def register(subparsers: Any) -> None:
                         "class map, or {\"spleen\": 1}) or a TSV/CSV of value and name; without "
                         "it, binary masks are numbered by name and label maps' values are "
                         "their names")
+    parser.add_argument("--reconvert-changed", action="store_true",
+                        help="on a rerun, convert again the masks whose file (or folder) "
+                        "changed since (without it they are kept and named in a warning); "
+                        "region embeddings of those masks become stale: `raptorz embed` "
+                        "recomputes them")
     parser.set_defaults(func=run)
 
 
@@ -39,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {done} masks done", file=sys.stderr)
 
     summary = build_masks(args.masks, args.volumes, args.output, labels=args.labels,
-                          progress=progress)
+                          reconvert_changed=args.reconvert_changed, progress=progress)
     for name, problem in summary.failures.items():
         print(f"failed: {name}: {problem}", file=sys.stderr)
     regions = ", ".join(f"{name}={value}" for name, value in summary.labels.items())

@@ -11,7 +11,7 @@ import xarray as xr
 
 from raptorz import stores
 from raptorz.errors import InputError
-from raptorz.layouts import REGION_STATUS_NAMES, stale_volumes
+from raptorz.layouts import REGION_STATUS_NAMES, stale_masks, stale_volumes
 
 #: How many failures and notes are listed before the rest is counted.
 LISTED: Final = 20
@@ -73,7 +73,8 @@ def store_info(path: str | Path) -> str:
 
     Works for every kind of raptorz store: only ``status``, ``error`` and the optional
     ``note`` variables are interpreted, and, in an embeddings store, the volumes converted
-    again since they were embedded (stale) are listed.
+    again since they were embedded (stale) are listed, and in a region embeddings store
+    those whose mask was converted again since.
     """
     kind = _require_store(path)
     ds = stores.open_dataset(path, hint=False)  # the state is a line of the account
@@ -121,14 +122,23 @@ def _regions(ds: xr.Dataset) -> list[str]:
 
 
 def _stale(path: str | Path, ds: xr.Dataset, ids: np.ndarray) -> list[str]:
-    """Lines naming an embeddings store's volumes converted again since they were embedded."""
+    """Lines naming an embeddings store's volumes converted again since they were embedded,
+    and, in a region store, those whose mask was (the stores they record)."""
+    lines = []
     volumes = (ds.attrs.get("source") or {}).get("path")
-    if "source_checksum" not in ds or not volumes or stores.store_kind(volumes) != "volumes":
-        return []
-    stale = ids[stale_volumes(path, volumes)]
+    if "source_checksum" in ds and volumes and stores.store_kind(volumes) == "volumes":
+        lines += _stale_line(ids[stale_volumes(path, volumes)],
+                             "volume(s) converted again since they were embedded")
+    if "mask_checksum" in ds:
+        lines += _stale_line(ids[stale_masks(path)], "volume(s) whose mask was converted "
+                             "again since they were embedded (the mask changed)")
+    return lines
+
+
+def _stale_line(stale: np.ndarray, what: str) -> list[str]:
     if not len(stale):
         return []
     shown = ", ".join(map(str, stale[:LISTED])) + (
         f" and {len(stale) - LISTED} more" if len(stale) > LISTED else "")
-    return [f"stale: {len(stale)} volume(s) converted again since they were embedded: "
-            f"{shown}; `raptorz embed` on this store recomputes them"]
+    return [f"stale: {len(stale)} {what}: {shown}; `raptorz embed` on this store "
+            "recomputes them"]

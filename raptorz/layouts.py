@@ -28,6 +28,9 @@ the raw-voxel baseline):
 ``source_checksum(id)``
     The ``checksum`` of the volume each embedding was made from: one that differs from
     the volumes store's now is stale.
+``mask_checksum(id)``
+    In a region embeddings store, the ``checksum`` of the mask each embedding was made
+    from: one that differs from the masks store's now is stale too.
 
 ``masks.zarr`` (written by :mod:`raptorz.ingest.masks`, read by the region embedding):
 
@@ -36,6 +39,9 @@ the raw-voxel baseline):
     ``volumes.zarr``; its attribute ``labels`` maps each region name to its value.
 ``source(id)``
     The mask file (or folder of binary masks) each was read from.
+``source_size(id)``, ``source_mtime(id)``, ``checksum(id)``
+    The mask source's identity when converted (total size, latest modification time in
+    ns) and a 64-bit checksum of the stored labels: the region embeddings record it.
 
 A region embeddings store (``raptorz embed --masks``) gives the projections, ``tokens``
 and ``avgpool`` a ``roi`` dimension after ``id`` (:func:`projection_dims`), with
@@ -135,6 +141,9 @@ EMBEDDINGS: Final = StoreLayout("embeddings", {
 MASKS: Final = StoreLayout("masks", {
     "mask": ("id", *VOLUME_AXES),
     "source": ("id",),
+    "source_size": ("id",),
+    "source_mtime": ("id",),
+    "checksum": ("id",),
     "status": ("id",),
     "error": ("id",),
 })
@@ -197,3 +206,20 @@ def stale_volumes(path: str | Path, volumes: str | Path) -> np.ndarray:
         return np.zeros(mine.sizes["id"], bool)
     ok = stores.read_status(path) == stores.OK
     return ok & (mine["source_checksum"].values != theirs["checksum"].values)
+
+
+def stale_masks(path: str | Path, masks: str | Path | None = None) -> np.ndarray:
+    """Mask of the volumes embedded ok in the region embeddings store ``path`` whose mask
+    in ``masks`` (by default the masks store ``path`` records) was converted again since
+    (its ``checksum`` differs); none for a store without regions, where either store
+    predates mask checksums, or where the masks store is gone."""
+    mine = xr.open_zarr(path, consolidated=False, chunks=None)
+    if masks is None:  # the store's regions attribute names it
+        masks = (mine.attrs.get("regions") or {}).get("masks")
+    if "mask_checksum" not in mine or not masks or stores.store_kind(masks) != MASKS.kind:
+        return np.zeros(mine.sizes["id"], bool)
+    theirs = MASKS.read(masks)
+    if "checksum" not in theirs or theirs.sizes["id"] != mine.sizes["id"]:
+        return np.zeros(mine.sizes["id"], bool)
+    ok = stores.read_status(path) == stores.OK
+    return ok & (mine["mask_checksum"].values != theirs["checksum"].values)

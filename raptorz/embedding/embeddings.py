@@ -21,7 +21,8 @@ Layout (an xarray Dataset in a Zarr v3 group written through :mod:`raptorz.store
     Per volume: pending / ok / failed and the error text.
 
 A region store (``embed --masks``, docs/regions.md): a ``roi`` dimension (names; their
-labels in ``roi_label``) after ``id``, ``region_status(id, roi)`` and a ``regions`` attribute.
+labels in ``roi_label``) after ``id``, ``region_status(id, roi)``, a ``regions`` attribute
+and ``mask_checksum(id)``, as ``source_checksum`` (:func:`raptorz.layouts.stale_masks`).
 
 Coordinates: ``id`` (the volume ids of ``volumes.zarr``), ``plane`` (``A``, ``C``, ``S``
 of the chosen planes), ``token`` (index) with ``token_kind(token)`` = ``cls``,
@@ -65,7 +66,7 @@ INNER_BYTES: Final = 2**20
 MATRIX_PREFIX: Final = "matrix_"
 RESERVED: Final = frozenset({"tokens", "avgpool", "source_checksum", "status", "error",
                              "id", "plane", "token", "roi", "roi_label", "region_status",
-                             "token_kind", "dim"})
+                             "token_kind", "dim", "mask_checksum"})
 
 
 def unit_size(n: int) -> int:
@@ -134,9 +135,10 @@ def embeddings_template(
         variables["region_status"] = xr.DataArray(da.zeros(
             (n, *roi), chunks=(unit, *roi), dtype=np.int8), dims=layouts.with_roi(("id",)),
             attrs=layouts.REGION_STATUS_ATTRS)
-    variables["source_checksum"] = xr.DataArray(
-        da.zeros(n, chunks=unit, dtype=np.int64), dims=EMBEDDINGS.dims["source_checksum"],
-        attrs={"long_name": "checksum of the volume embedded (see volumes.zarr)"})
+    for what in ("volume", "mask")[:2 if regions is not None else 1]:  # stale ones: redone
+        variables["source_checksum" if what == "volume" else "mask_checksum"] = xr.DataArray(
+            da.zeros(n, chunks=unit, dtype=np.int64), dims=("id",),
+            attrs={"long_name": f"checksum of the {what} embedded (see {what}s.zarr)"})
     variables.update(stores.status_variables(n, unit))
     coords = {
         "id": stores.as_strings(ids),
@@ -388,7 +390,6 @@ def contiguous_runs(indices: np.ndarray) -> list[slice]:
     return [slice(int(run[0]), int(run[-1]) + 1) for run in np.split(indices, breaks)]
 
 
-
 # --- Readers for the downstream sweeps: projections of the stored tokens, no encoder ------
 
 
@@ -415,7 +416,6 @@ def project_stored_tokens(path: str | Path, matrix: np.ndarray, positions: np.nd
         ``(dim, k)`` projection matrix.
     positions
         Store positions of the volumes, in the order wanted.
-
     regions
         In a region store: the regions to project (``roi`` after ``id`` in the result).
 

@@ -24,7 +24,7 @@ from raptorz.embedding.settings import (
 )
 from raptorz.embedding.worker import TASK_SLICES, EncoderOptions
 from raptorz.errors import InputError, SettingsError
-from raptorz.layouts import EMBEDDINGS, MASKS, stale_volumes
+from raptorz.layouts import EMBEDDINGS, MASKS, stale_masks, stale_volumes
 
 #: Tasks a worker should get at least, so that every worker stays busy until the tail.
 TASKS_PER_WORKER = 4
@@ -89,12 +89,14 @@ def select_ids(n: int, start: int, many: int | None, unit: int = 1) -> np.ndarra
 def volumes_to_do(volumes: str | Path, output: str | Path | None,
                   selected: np.ndarray) -> np.ndarray:
     """Mask of selected volumes to embed: pending, failed while the source is ok, or
-    stale (converted again since they were embedded)."""
+    stale (converted again since they were embedded; in a region store, their mask too:
+    the masks store it records)."""
     if output is None:
         return selected.copy()
     mine, theirs = stores.read_status(output), stores.read_status(volumes)
     retry = (mine == stores.FAILED) & (theirs == stores.OK)
-    return selected & ((mine == stores.PENDING) | retry | stale_volumes(output, volumes))
+    stale = stale_volumes(output, volumes) | stale_masks(output)
+    return selected & ((mine == stores.PENDING) | retry | stale)
 
 
 def slices_per_volume(source: xr.Dataset, settings: KernelSettings) -> int:

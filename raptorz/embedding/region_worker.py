@@ -40,7 +40,9 @@ class RegionBlock:
 def read_masks(request: RegionRequest, volumes: str,
                read: _Read) -> tuple[np.ndarray, np.ndarray]:
     """The masks and spacings of the volumes ``read`` holds; those whose mask is not ok
-    leave ``read`` (its block, usable ids, checksums) for its errors."""
+    leave ``read`` (its block, usable ids, checksums) for its errors. The masks' checksums
+    (read before their labels: a mask converted again meanwhile then shows as stale) go to
+    ``read.mask_checksums``."""
     usable, errors = read.usable, read.errors
     store = MASKS.read(request.masks)
     status = stores.read_status(request.masks)[usable]
@@ -51,6 +53,8 @@ def read_masks(request: RegionRequest, volumes: str,
                 f": {text}" if text else "")
     keep = status == stores.OK
     good = usable[keep]
+    read.mask_checksums = (np.asarray(store["checksum"].values)[good] if "checksum" in store
+                           else np.zeros(len(good), np.int64))
     parts = [np.asarray(store["mask"][run].values) for run in contiguous_runs(good)]
     masks = np.concatenate(parts) if parts else np.empty((0, *store["mask"].shape[1:]),
                                                         store["mask"].dtype)

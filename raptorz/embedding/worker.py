@@ -200,6 +200,7 @@ class _Read:
     usable: np.ndarray  # their ids' indices
     errors: dict[int, str]  # index -> why it failed (not converted, or unusable)
     checksums: np.ndarray  # the usable volumes' checksums, read before their voxels
+    mask_checksums: np.ndarray | None = None  # their masks' (region_worker.read_masks)
 
 
 def _read(volumes: str, indices: np.ndarray) -> _Read:
@@ -407,13 +408,17 @@ def _write(task: EmbedTask, results: list[tuple[_Read, BlockEmbedding | RegionEm
             if name == "region_status":  # every region of a failed volume failed
                 values[np.asarray(list(read.errors), np.int64) - task.start] = stores.FAILED
         data[name] = xr.DataArray(values, dims=variable.dims)
-    if "source_checksum" in existing:  # stores of older raptorz versions lack it
+    for name in ("source_checksum", "mask_checksum"):  # older stores lack them
+        if name not in existing:
+            continue
         checksum = np.zeros(size, np.int64)
         if len(kept):
-            checksum[kept] = existing["source_checksum"][kept + task.start].values
+            checksum[kept] = existing[name][kept + task.start].values
         for read, _ in results:
-            checksum[read.usable - task.start] = read.checksums
-        data["source_checksum"] = xr.DataArray(checksum, dims="id")
+            found = read.checksums if name == "source_checksum" else read.mask_checksums
+            if found is not None:
+                checksum[read.usable - task.start] = found
+        data[name] = xr.DataArray(checksum, dims="id")
     for read, _ in results:
         status[read.usable - task.start] = stores.OK
         for index, problem in read.errors.items():

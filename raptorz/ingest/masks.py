@@ -17,7 +17,10 @@ store's shape as the volume was, by nearest-neighbour resampling (``--shape`` wi
 on the stored volume. Labels are kept as integers (no intensity scaling).
 
 The store is written chunk by chunk (the volumes store's chunking) through
-:mod:`raptorz.stores`, so a rerun does only the masks not yet ok.
+:mod:`raptorz.stores`, so a rerun does only the masks not yet ok. Per volume it records its
+mask source's identity (``source_size``, ``source_mtime``: a rerun reports masks changed
+since, and reconverts them only when asked) and the ``checksum`` of the stored labels, which
+region embeddings record: a mask converted again makes its region embeddings stale.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final
@@ -37,8 +41,9 @@ from scipy import ndimage
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from raptorz import stores
-from raptorz.errors import InputError, SettingsError
+from raptorz.errors import InputError, RaptorzWarning, SettingsError
 from raptorz.ingest._shape import fit_shape
+from raptorz.ingest.conversion import source_identity, volume_checksum
 from raptorz.ingest.readers import ReadOptions, Source, _open, _orientation
 from raptorz.ingest.sources import SUFFIXES
 from raptorz.layouts import MASKS, VOLUME_AXES, VOLUMES
@@ -48,6 +53,9 @@ from raptorz.layouts import MASKS, VOLUME_AXES, VOLUMES
 GRID_TOLERANCE: Final = 1e-3
 #: Stored label type: TotalSegmentator's and FreeSurfer's values fit.
 MASK_DTYPE: Final = np.uint16
+#: Per-volume int64 variables: the mask source's identity when converted (total size,
+#: latest modification time in ns) and the stored labels' checksum; older stores lack them.
+TRACKING: Final = ("source_size", "source_mtime", "checksum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +260,7 @@ def _template(ids: list[str], shape: tuple[int, ...], chunk: int,
                                                dtype=MASK_DTYPE),
                   {"long_name": "region labels on the volume's grid (0: background)"}),
          "source": ("id", stores.as_strings([""] * n)),
+         **{name: ("id", da.zeros(n, chunks=chunk, dtype=np.int64)) for name in TRACKING},
          **stores.status_variables(n, chunk)},
         coords={"id": stores.as_strings(ids), "axis": stores.as_strings(VOLUME_AXES)},
         attrs={**stores.provenance(), **attrs})
@@ -263,6 +272,7 @@ def _template(ids: list[str], shape: tuple[int, ...], chunk: int,
 
 def build_masks(masks: str | Path, volumes: str | Path, output: str | Path, *,
                 labels: str | Path | Mapping[str, int] | None = None,
+                reconvert_changed: bool = False,
                 progress: Callable[[int, int], None] | None = None) -> MasksSummary:
     """Convert the masks in the folder ``masks`` onto the grids of ``volumes``' volumes.
 
@@ -276,6 +286,10 @@ def build_masks(masks: str | Path, volumes: str | Path, output: str | Path, *,
         The ``masks.zarr`` to create, or to resume (the same masks, volumes and labels).
     labels
         Region names: a JSON / TSV table (:func:`read_label_table`) or a mapping.
+    reconvert_changed
+        On a rerun, convert again the masks whose source changed since (another file, or
+        its size or modification time); without it they are reported (a
+        :class:`~raptorz.errors.RaptorzWarning`) and kept as converted.
     progress
         Called as ``progress(done, total)`` at the start and after each chunk.
 
@@ -324,18 +338,19 @@ def build_masks(masks: str | Path, volumes: str | Path, output: str | Path, *,
                          "the same ones to resume, or choose another output")
     status = stores.read_status(output)
     chunk = int(stored["status"].encoding["chunks"][0])
-    todo = stores.chunks_to_do(status, chunk)
-    total = int((status != stores.OK).sum())
+    redo = _to_redo(output, ids, found, status, reconvert_changed)
+    total = int(redo.sum())
     if progress:
         progress(0, total)
     volume_sources = np.asarray(source["source"].values).tolist()
     failures: dict[str, str] = {}
-    converted = 0
-    for region in todo:
-        done = _chunk(output, region, ids, volume_sources, found, job, status, failures)
-        converted += done
+    converted = finished = 0
+    for region in [r for r in stores.chunk_slices(len(ids), chunk) if redo[r].any()]:
+        converted += _chunk(output, region, ids, volume_sources, found, job, redo, status,
+                            failures)
+        finished += int(redo[region].sum())
         if progress:
-            progress(int((status[region] != stores.OK).sum()), total)
+            progress(finished, total)
     if not named:  # multi-label maps without a table: every value present, by itself
         present = np.unique(np.concatenate([np.unique(MASKS.read(output)["mask"][r].values)
                                             for r in stores.chunk_slices(len(ids), chunk)]))
@@ -346,38 +361,88 @@ def build_masks(masks: str | Path, volumes: str | Path, output: str | Path, *,
     return MasksSummary(output, converted, len(failures), len(ids) - total, failures, table)
 
 
+def _to_redo(output: Path, ids: list[str], found: Mapping[str, Path], status: np.ndarray,
+             reconvert_changed: bool) -> np.ndarray:
+    """Mask of the masks to convert: those not ok, and, with ``reconvert_changed``, those
+    whose source changed since (another file, size or time); the others changed (or gone)
+    are reported, and kept."""
+    redo = status != stores.OK
+    stored = MASKS.read(output)
+    if "source_size" not in stored or redo.all():  # an older raptorz recorded no identities
+        return redo
+    sources = np.asarray(stored["source"].values, object)
+    size, mtime = stored["source_size"].values, stored["source_mtime"].values
+    gone: list[str] = []
+    changed: list[int] = []
+    for j in map(int, np.flatnonzero(~redo)):
+        path = found.get(ids[j])
+        if path is None:
+            gone.append(ids[j])
+        elif str(path) != sources[j] or _identity(path) != (size[j], mtime[j]):
+            changed.append(j)
+    if gone:
+        warnings.warn(f"{_listed(gone)}: no mask in the masks folder any more; kept as "
+                      "converted", RaptorzWarning, stacklevel=3)
+    if changed and not reconvert_changed:
+        warnings.warn(f"{_listed([ids[j] for j in changed])}: mask changed since converted; "
+                      "kept as converted (reconvert_changed=True, `raptorz masks "
+                      "--reconvert-changed`, converts them again)", RaptorzWarning, stacklevel=3)
+    redo[changed] = reconvert_changed
+    return redo
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    """A mask source's (size, modification time in ns): of a folder, its files' total and
+    latest."""
+    size, mtime, _ = source_identity(_source(path, ""))
+    return size, mtime
+
+
 def _chunk(output: Path, region: slice, ids: list[str], volume_sources: list[str],
-           found: Mapping[str, Path], job: _Job, status: np.ndarray,
+           found: Mapping[str, Path], job: _Job, redo: np.ndarray, status: np.ndarray,
            failures: dict[str, str]) -> int:
-    """Convert the masks of one chunk not yet ok and write the chunk whole; how many ok."""
+    """Convert the masks ``redo`` of one chunk and write the chunk whole (the others as
+    stored); how many are ok."""
     stored = MASKS.read(output).isel(id=region)
     n = region.stop - region.start
-    kept = np.flatnonzero(status[region] == stores.OK)
+    kept = np.flatnonzero(~redo[region])
     mask = np.zeros((n, *stored["mask"].shape[1:]), MASK_DTYPE)
     sources = np.full(n, "", object)
     errors = np.full(n, "", object)
     new_status = np.full(n, stores.FAILED, np.int8)
-    if len(kept):
+    tracking = {name: np.zeros(n, np.int64) for name in TRACKING if name in stored}
+    if len(kept):  # read back only then: a first run's chunk holds nothing yet
         mask[kept] = stored["mask"].values[kept]
         sources[kept] = np.asarray(stored["source"].values, object)[kept]
         new_status[kept] = stores.OK
+        for name, values in tracking.items():
+            values[kept] = np.asarray(stored[name].values)[kept]
     ok = 0
-    for j in sorted(set(range(n)) - set(kept.tolist())):
+    for j in np.flatnonzero(redo[region]).tolist():
         volume_id = ids[region.start + j]
         path = found.get(volume_id)
         try:
             if path is None:
                 raise InputError(volume_id, "no mask in the masks folder (expected "
                                  f"{volume_id}.nii.gz or a folder {volume_id}/)")
+            if "source_size" in tracking:  # before reading: a later change shows on a rerun
+                tracking["source_size"][j], tracking["source_mtime"][j] = _identity(path)
             mask[j] = _one_mask(path, volume_sources[region.start + j], volume_id, job)
             sources[j], new_status[j] = str(path), stores.OK
             ok += 1
         except InputError as error:
             errors[j] = str(error)
             failures[volume_id] = str(error)
+        if "checksum" in tracking:
+            tracking["checksum"][j] = volume_checksum(mask[j])
     stores.write_units(output, {
         "mask": xr.DataArray(mask, dims=MASKS.dims["mask"]),
-        "source": xr.DataArray(stores.as_strings(sources.tolist()), dims="id")},
+        "source": xr.DataArray(stores.as_strings(sources.tolist()), dims="id"),
+        **{name: xr.DataArray(values, dims="id") for name, values in tracking.items()}},
         region, new_status, [str(e) for e in errors])
     status[region] = new_status
     return ok

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from raptorz.errors import InputError, SettingsError
+from raptorz.errors import InputError, RaptorzWarning, SettingsError
+from raptorz.ingest.conversion import volume_checksum
 from raptorz.ingest.masks import build_masks, read_label_table
 from raptorz.ingest.volumes import convert
 from raptorz.layouts import MASKS, VOLUMES
@@ -118,6 +120,47 @@ def test_totalsegmentator_folders_with_a_class_map(
     assert (read_status(tmp_path / "m.zarr") == OK).all()
     with pytest.raises(InputError, match="other masks, volumes or labels"):
         build_masks(tmp_path / "seg", volumes, tmp_path / "m.zarr", labels={"liver": 1})
+
+
+def test_a_changed_mask_is_kept_and_named_until_reconverted_and_its_checksum_follows(
+        tmp_path: Path, write_nifti: Callable[..., Path]) -> None:
+    labels = labels_of((6, 7, 5))
+    for volume_id in ("a", "b"):
+        write_nifti(tmp_path / f"{volume_id}.nii.gz", labels * 1.0)
+        (tmp_path / "seg" / volume_id).mkdir(parents=True)
+        write_nifti(tmp_path / "seg" / volume_id / "liver.nii.gz", (labels == 3).astype(np.uint8))
+        write_nifti(tmp_path / "seg" / volume_id / "spleen.nii.gz", (labels == 7).astype(np.uint8))
+    volumes, store = tmp_path / "v.zarr", tmp_path / "m.zarr"
+    convert([tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"], volumes)
+    table = {"liver": 5, "spleen": 1}
+    build_masks(tmp_path / "seg", volumes, store, labels=table)
+
+    def stored() -> tuple[np.ndarray, np.ndarray]:
+        ds = MASKS.open(store)
+        masks, checksums = ds["mask"].values, ds["checksum"].values
+        assert checksums.tolist() == [volume_checksum(m) for m in masks]
+        return masks, checksums
+
+    masks, checksums = stored()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RaptorzWarning)  # nothing changed: nothing said
+        assert build_masks(tmp_path / "seg", volumes, store, labels=table).skipped == 2
+    liver = np.zeros(labels.shape, np.uint8)
+    liver[:2, :2, :2] = 1  # a's liver redrawn, inside its folder of binary masks
+    write_nifti(tmp_path / "seg" / "a" / "liver.nii.gz", liver)
+    with pytest.warns(RaptorzWarning, match=r"^a: mask changed since converted; kept"):
+        assert build_masks(tmp_path / "seg", volumes, store, labels=table).converted == 0
+    np.testing.assert_array_equal(stored()[1], checksums)
+    again = build_masks(tmp_path / "seg", volumes, store, labels=table, reconvert_changed=True)
+    assert (again.converted, again.failed, again.skipped) == (1, 0, 1)
+    now, now_checksums = stored()
+    assert now_checksums[0] != checksums[0] and now_checksums[1] == checksums[1]
+    assert (now[0] == 5).sum() == 8 and not np.array_equal(now[0], masks[0])
+    np.testing.assert_array_equal(now[1], masks[1])
+    shutil.rmtree(tmp_path / "seg" / "b")
+    with pytest.warns(RaptorzWarning, match=r"^b: no mask in the masks folder any more"):
+        build_masks(tmp_path / "seg", volumes, store, labels=table, reconvert_changed=True)
+    np.testing.assert_array_equal(stored()[1], now_checksums)
 
 
 def test_binary_folders_without_a_table_are_numbered_by_name(
