@@ -96,7 +96,8 @@ def test_parameter_count_equals_the_reference_definition(name: str) -> None:
 @pytest.mark.slow
 def test_every_named_encoder_has_its_output_shape_on_meta() -> None:
     """A meta forward pass of each full-size model gives the tokens the listing states."""
-    for info in list_encoders():
+    infos = list_encoders()  # each described once: a meta model of each (costly)
+    for info in infos:
         config = info.config
         model: Any = meta_model(config)
         images = torch.empty(2, 3, config.img_size, config.img_size, device="meta")
@@ -110,5 +111,5 @@ def test_every_named_encoder_has_its_output_shape_on_meta() -> None:
                 "clip-l14": (1024, 257), "clip-l14-336": (1024, 577), "llava-med": (1024, 577),
                 "sam-b": (256, 4096), "medsam": (256, 4096), "rad-dino": (768, 1370),
                 "biomedclip": (768, 197)}
-    listed = {i.config.name: (i.width, i.tokens) for i in list_encoders()}
+    listed = {i.config.name: (i.width, i.tokens) for i in infos}
     assert {n: listed[n] for n in expected} == expected

@@ -6,8 +6,9 @@ swapped (through ``client.run``) for one that fails the way a device does.
 
 from __future__ import annotations
 
-import subprocess
 import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,6 @@ import torch
 from distributed import Client, get_task_stream
 
 from raptorz import stores
-from raptorz.cluster import create_cluster
 from raptorz.embedding import runner, worker
 from raptorz.embedding.planning import plan_tasks
 from raptorz.embedding.projection import create_projector
@@ -75,22 +75,6 @@ def test_ranges_must_hold_whole_units() -> None:
         select_ids(1000, 99, 10, unit=99)
 
 
-def test_one_volumes_chunk_keeps_both_workers_busy(client: Client, volumes: Path,
-                                                   tmp_path: Path,
-                                                   tiny_vit_weights: tuple[str, Path]) -> None:
-    assert stores.open_store(volumes, "volumes")["volume"].encoding["chunks"][0] == 12
-    name, weights = tiny_vit_weights
-    with get_task_stream(client) as stream:
-        summary = embed(volumes, tmp_path / "e.zarr", [PROJECTOR], encoder=name,
-                        weights=weights, settings=SETTINGS, cluster=client, progress=False)
-    assert (summary.ok, summary.batch_size) == (12, 16)
-    tasks = [t for t in stream.data if t["key"].startswith("embed-train_")]
-    assert len(tasks) == 6  # a few tasks per worker, though the store has one chunk
-    assert len({t["worker"] for t in tasks}) == 2
-    first, last = tasks[0]["key"].split("-")[1:3]  # the dashboard names the ids
-    assert first.startswith("train_") and last.startswith("train_")
-
-
 def _mapped_afresh() -> bool:
     """On a worker: is a 16 MiB array a fresh memory mapping (glibc's mmap counter)?"""
     import ctypes
@@ -117,16 +101,37 @@ def _glibc() -> bool:
 
 @pytest.mark.skipif(not _glibc(), reason="glibc's malloc (2.33 or later, for mallinfo2)")
 def test_a_worker_reuses_freed_memory_after_its_first_task(
-        volumes: Path, tmp_path: Path, tiny_vit_weights: tuple[str, Path]) -> None:
+        client: Client, volumes: Path, tmp_path: Path,
+        tiny_vit_weights: tuple[str, Path]) -> None:
     """Dask's worker environment makes glibc map every allocation over 128 KiB afresh
-    (30% slower batches on CPU); a worker that embedded keeps and reuses its memory."""
+    (30% slower batches on CPU); a worker that embedded keeps and reuses its memory.
+
+    First of this module's tests on ``client``: its workers have not embedded yet.
+    """
     name, weights = tiny_vit_weights
-    with create_cluster("local", workers=1, threads_per_worker=1, dashboard_address=":0") \
-            as cluster, Client(cluster, set_as_default=False) as client:
-        assert list(client.run(_mapped_afresh).values()) == [True]  # Dask's default
-        embed(volumes, tmp_path / "e.zarr", [PROJECTOR], encoder=name, weights=weights,
-              settings=SETTINGS, cluster=client, progress=False)
-        assert list(client.run(_mapped_afresh).values()) == [False]
+    assert list(client.run(_mapped_afresh).values()) == [True, True]  # Dask's default
+    embed(volumes, tmp_path / "e.zarr", [PROJECTOR], encoder=name, weights=weights,
+          settings=SETTINGS, cluster=client, many=1, progress=False)  # one task
+    # every worker built the encoder at start-up, the one without a task too
+    assert list(client.run(_mapped_afresh).values()) == [False, False]
+
+
+
+
+def test_one_volumes_chunk_keeps_both_workers_busy(client: Client, volumes: Path,
+                                                   tmp_path: Path,
+                                                   tiny_vit_weights: tuple[str, Path]) -> None:
+    assert stores.open_store(volumes, "volumes")["volume"].encoding["chunks"][0] == 12
+    name, weights = tiny_vit_weights
+    with get_task_stream(client) as stream:
+        summary = embed(volumes, tmp_path / "e.zarr", [PROJECTOR], encoder=name,
+                        weights=weights, settings=SETTINGS, cluster=client, progress=False)
+    assert (summary.ok, summary.batch_size) == (12, 16)
+    tasks = [t for t in stream.data if t["key"].startswith("embed-train_")]
+    assert len(tasks) == 6  # a few tasks per worker, though the store has one chunk
+    assert len({t["worker"] for t in tasks}) == 2
+    first, last = tasks[0]["key"].split("-")[1:3]  # the dashboard names the ids
+    assert first.startswith("train_") and last.startswith("train_")
 
 
 def _swap_encoder(kind: str, dask_worker: object = None) -> int:
@@ -195,6 +200,7 @@ def test_running_tasks_report_progress_in_volumes(client: Client, volumes: Path,
 
 def test_the_active_client_is_used_and_no_cluster_started(
         volumes: Path, tmp_path: Path, tiny_vit_weights: tuple[str, Path],
+        thread_client: Callable[[], AbstractContextManager[Client]],
         monkeypatch: pytest.MonkeyPatch) -> None:
     name, weights = tiny_vit_weights
 
@@ -202,8 +208,7 @@ def test_the_active_client_is_used_and_no_cluster_started(
         raise AssertionError("a cluster was started although a client is active")
 
     monkeypatch.setattr(runner, "create_cluster", no_cluster)
-    with create_cluster("local", workers=1, dashboard_address=":0") as cluster, \
-            Client(cluster) as active, get_task_stream(active) as stream:
+    with thread_client() as active, get_task_stream(active) as stream:  # the default client
         summary = embed(volumes, tmp_path / "e.zarr", [PROJECTOR], encoder=name,
                         weights=weights, settings=SETTINGS, many=3, progress=False)
         assert active.status == "running"  # left open for the notebook
@@ -213,15 +218,27 @@ def test_the_active_client_is_used_and_no_cluster_started(
     assert ran and ran <= workers
 
 
-def test_inputs_are_checked_before_any_cluster_starts(volumes: Path, tmp_path: Path) -> None:
+def test_inputs_are_checked_before_any_cluster_starts(
+        volumes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from distributed.deploy.spec import SpecCluster
+
+    from raptorz.cli.main import main
+
+    def no_cluster(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cluster was started before the inputs were checked")
+
+    monkeypatch.setattr(SpecCluster, "__init__", no_cluster)  # LocalCluster and jobqueue's
     np.save(tmp_path / "p.npy", PROJECTOR.matrix)
     for args, problem in (
         ([str(tmp_path / "missing.zarr"), "--projector", str(tmp_path / "p.npy")], "missing"),
         ([str(volumes), "--projector", str(tmp_path / "nope.npy")], "nope.npy"),
         ([str(volumes), "--projector", str(tmp_path / "p.npy"), "--start", "99"], "past"),
     ):
-        run = subprocess.run([sys.executable, "-m", "raptorz.cli.main", "embed", *args,
-                              "-o", str(tmp_path / "e.zarr"), "--cluster", "local"],
-                             capture_output=True, text=True, timeout=120)
-        assert run.returncode == 2 and problem in run.stderr, run.stderr
-        assert "dashboard" not in run.stderr.lower(), run.stderr  # no cluster was started
+        try:  # in process: the command's exit code and stderr, as the console script's
+            code = main(["embed", *args, "-o", str(tmp_path / "e.zarr"), "--cluster", "local"])
+        except SystemExit as exit_:
+            code = exit_.code
+        err = capsys.readouterr().err
+        assert code == 2 and problem in err, err
+        assert "dashboard" not in err.lower(), err  # no cluster was started

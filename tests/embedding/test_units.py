@@ -7,13 +7,16 @@ The unit is one Zarr chunk, or a shard of chunks of at most 1 MiB; tasks, resume
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import xarray as xr
+from distributed import Client
 
 from raptorz import stores
+from raptorz.cluster import create_cluster
 from raptorz.embedding.embeddings import _lazy, inner_chunk, store_unit, unit_size
 from raptorz.embedding.encoders import create_encoder
 from raptorz.embedding.kernel import embed_block
@@ -39,6 +42,14 @@ def volumes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder / "volumes.zarr"
 
 
+@pytest.fixture(scope="module")
+def client() -> Iterator[Client]:
+    """The one-worker local cluster ``embed`` starts by itself, started once for the module."""
+    with create_cluster("local", workers=1, dashboard_address=":0") as cluster, \
+            Client(cluster, set_as_default=False) as client:
+        yield client
+
+
 def test_unit_sizes() -> None:
     assert [unit_size(n) for n in (1, 31, 48, 1600, 100_000)] == [1, 1, 3, 100, 100]
 
@@ -57,11 +68,12 @@ def test_a_unit_is_one_chunk_of_small_embeddings_and_a_shard_of_large_ones() -> 
 
 
 def test_a_store_of_units_equals_the_kernel_and_resumes_by_unit(
-        volumes: Path, tmp_path: Path, tiny_vit_weights: tuple[str, Path]) -> None:
+        client: Client, volumes: Path, tmp_path: Path,
+        tiny_vit_weights: tuple[str, Path]) -> None:
     name, weights = tiny_vit_weights
     output = tmp_path / "e.zarr"
     summary = embed(volumes, output, [PROJECTOR], encoder=name, weights=weights,
-                    settings=SETTINGS, progress=False)
+                    settings=SETTINGS, cluster=client, progress=False)
     assert summary.ok == 48 and store_unit(output) == 3
     files = [p for p in (output / "p4").rglob("*") if p.is_file() and p.name != "zarr.json"]
     assert len(files) == 16  # one file per unit of 3 volumes
@@ -79,19 +91,21 @@ def test_a_store_of_units_equals_the_kernel_and_resumes_by_unit(
     stores.write_units(output, data, slice(3, 6), np.array([1, 2, 1]),
                        ["", "RuntimeError: stand-in", ""])
     again = embed(volumes, output, [PROJECTOR], encoder=name, weights=weights,
-                  settings=SETTINGS, progress=False)
+                  settings=SETTINGS, cluster=client, progress=False)
     assert (again.ok, again.computed) == (48, 1)
     np.testing.assert_allclose(open_embeddings(output)["p4"].values, reference,
                                rtol=1e-5, atol=1e-6)
 
 
-def test_a_range_must_hold_whole_units(volumes: Path, tmp_path: Path,
+def test_a_range_must_hold_whole_units(client: Client, volumes: Path, tmp_path: Path,
                                        tiny_vit_weights: tuple[str, Path]) -> None:
     name, weights = tiny_vit_weights
     with pytest.raises(SettingsError, match="units of 3 volumes.*start=3, many=6"):
         embed(volumes, tmp_path / "e.zarr", [PROJECTOR], encoder=name, weights=weights,
-              settings=SETTINGS, start=4, many=4, progress=False)
+              settings=SETTINGS, start=4, many=4, cluster=client,
+              progress=False)
     part = embed(volumes, tmp_path / "e.zarr", [PROJECTOR], encoder=name, weights=weights,
-                 settings=SETTINGS, start=3, many=6, progress=False)
+                 settings=SETTINGS, start=3, many=6, cluster=client,
+                 progress=False)
     assert (part.total, part.ok) == (6, 6)
     assert xr.open_zarr(tmp_path / "e.zarr", consolidated=False)["status"].values.sum() == 6

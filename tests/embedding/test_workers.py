@@ -88,9 +88,15 @@ def gpu_client() -> Iterator[Client]:
 
 
 def _embed(client: Client, volumes: Path, output: Path,
-           weights: tuple[str, Path]) -> object:
+           weights: tuple[str, Path], **options: object) -> object:
     return embed(volumes, output, [PROJECTOR], encoder=weights[0], weights=weights[1],
-                 settings=SETTINGS, device="cpu", cluster=client, progress=False)
+                 settings=SETTINGS, device="cpu", cluster=client, progress=False,
+                 **options)  # type: ignore[arg-type]
+
+
+def _warm(client: Client, volumes: Path, output: Path, weights: tuple[str, Path]) -> None:
+    """Load the encoder on every worker (each builds it at a run's start-up): one volume."""
+    _embed(client, volumes, output, weights, many=1)
 
 
 def test_a_gpu_worker_reads_and_writes_one_task_while_it_encodes_another(
@@ -114,7 +120,7 @@ def test_a_batch_size_learned_from_out_of_memory_is_kept_for_later_blocks(
         gpu_client: Client, volumes: Path, tmp_path: Path,
         tiny_vit_weights: tuple[str, Path]) -> None:
     """16 -> 8 -> 4 once per worker, not once per block (each task has its blocks)."""
-    _embed(gpu_client, volumes, tmp_path / "warm.zarr", tiny_vit_weights)  # encoders loaded
+    _warm(gpu_client, volumes, tmp_path / "warm.zarr", tiny_vit_weights)  # encoders loaded
     gpu_client.run(_swap, "small")
     try:
         summary = _embed(gpu_client, volumes, tmp_path / "e.zarr", tiny_vit_weights)
@@ -131,7 +137,7 @@ def test_a_worker_whose_encoder_differs_is_retired_at_start_up(
         gpu_client: Client, volumes: Path, tmp_path: Path, tiny_vit_weights: tuple[str, Path],
         capsys: pytest.CaptureFixture[str]) -> None:
     """Last in this module: it retires one of the module's two workers."""
-    _embed(gpu_client, volumes, tmp_path / "warm.zarr", tiny_vit_weights)
+    _warm(gpu_client, volumes, tmp_path / "warm.zarr", tiny_vit_weights)
     second = sorted(gpu_client.scheduler_info(n_workers=-1)["workers"])[-1]
     gpu_client.run(_swap, "fp16", workers=[second])
     summary = _embed(gpu_client, volumes, tmp_path / "e.zarr", tiny_vit_weights)
@@ -148,7 +154,7 @@ def test_a_worker_whose_device_fails_retires_and_its_tasks_move(
     worker's device fails too, the run stops with the rest pending instead of waiting."""
     with create_cluster("local", workers=2, threads_per_worker=2, dashboard_address=":0") \
             as cluster, Client(cluster, set_as_default=False) as client:
-        _embed(client, volumes, tmp_path / "warm.zarr", tiny_vit_weights)
+        _warm(client, volumes, tmp_path / "warm.zarr", tiny_vit_weights)
         first, second = sorted(client.scheduler_info(n_workers=-1)["workers"])
         client.run(_swap, "lost", workers=[first])
         summary = _embed(client, volumes, tmp_path / "e.zarr", tiny_vit_weights)
