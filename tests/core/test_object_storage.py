@@ -256,6 +256,28 @@ def _assert_data_before_status(writes: list[tuple[str, int]], variables: tuple[s
     return commits
 
 
+def _wait_for_a_commit(s3: Server, start: int, output: str, running: Callable[[], bool]
+                       ) -> bool:
+    """Poll (20 ms) until a volume of ``output`` is OK (True) or ``running()`` turns False.
+
+    The server runs in this process: a poll that asked it would take its time (and the
+    GIL) from the run it watches. The status is read only after the server has answered a
+    PUT of a status object since the last look, found in the request log.
+    """
+    status = rf"^/{BUCKET}/{re.escape(output.removeprefix(URL + '/'))}/status/"
+    seen = start
+    while running():
+        end = len(s3.requests)
+        if any(verb == "PUT" and re.search(status, path)
+               for verb, path in s3.requests[seen:end]) and \
+                s3.fs.exists(f"{output.removeprefix('s3://')}/status/zarr.json") and \
+                (stores.read_status(output) == stores.OK).any():
+            return True
+        seen = end
+        time.sleep(0.02)
+    return False
+
+
 @pytest.mark.slow
 def test_embed_in_the_bucket_killed_and_resumed_equals_an_uninterrupted_run(
         s3: Server, converted: tuple[Path, str], client: object, tmp_path: Path,
@@ -274,12 +296,8 @@ def test_embed_in_the_bucket_killed_and_resumed_equals_an_uninterrupted_run(
                "--dashboard-address", ":0"]
     start = len(s3.requests)
     run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    while run.poll() is None:
-        if s3.fs.exists(f"{BUCKET}/embeddings.zarr/status/zarr.json") and \
-                (stores.read_status(output) == stores.OK).any():
-            run.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
+    if _wait_for_a_commit(s3, start, output, lambda: run.poll() is None):
+        run.send_signal(signal.SIGKILL)
     run.wait(600)
     assert run.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     interrupted = stores.read_status(output)

@@ -13,9 +13,12 @@ import pytest
 
 from raptorz import stores
 from raptorz.cluster import create_cluster
+from raptorz.embedding.encoders import create_encoder
+from raptorz.embedding.kernel import embed_block
 from raptorz.embedding.projection import create_projector
+from raptorz.embedding.settings import KernelSettings
 from raptorz.ingest.volumes import convert
-from raptorz.layouts import open_embeddings
+from raptorz.layouts import open_embeddings, open_volumes
 
 pytest.importorskip("dask_jobqueue")
 
@@ -136,7 +139,8 @@ def test_embed_on_real_slurm_equals_local(slurm: dict[str, str], tmp_path: Path,
              test_images=images[:0], test_labels=np.zeros((0, 1)))
     volumes = tmp_path / "volumes.zarr"
     convert([tmp_path / "m.npz"], volumes, chunk=2, workers=1)
-    np.save(tmp_path / "p5.npy", create_projector(0, 64, 5).matrix)
+    projector = create_projector(0, 64, 5, "p5")
+    np.save(tmp_path / "p5.npy", projector.matrix)
     name, weights = tiny_vit_weights
     common = [sys.executable, "-m", "raptorz.cli.main", "embed", str(volumes),
               "--projector", str(tmp_path / "p5.npy"), "--encoder", name,
@@ -150,13 +154,15 @@ def test_embed_on_real_slurm_equals_local(slurm: dict[str, str], tmp_path: Path,
         env=env, capture_output=True, text=True, timeout=900)
     assert on_slurm.returncode == 0, on_slurm.stderr
     assert any(logs.glob("*.err")), "no worker ran as a SLURM job"
-    local = subprocess.run(
-        [*common, "-o", str(tmp_path / "local.zarr"), "--cluster", "local", "--workers", "1"],
-        capture_output=True, text=True, timeout=900)
-    assert local.returncode == 0, local.stderr
-    a, b = open_embeddings(tmp_path / "slurm.zarr"), open_embeddings(tmp_path / "local.zarr")
+    # what the same command computes locally: the kernel on the same volumes in this
+    # process (no second command, no local cluster to start; the CLI's kernel defaults)
+    local = embed_block(open_volumes(volumes)["volume"].values,
+                        create_encoder(name, weights=weights, device="cpu"), [projector],
+                        KernelSettings(keep_tokens=True))
+    b = {"p5": local.projections["p5"], "tokens": local.tokens, "avgpool": local.avgpool}
+    a = open_embeddings(tmp_path / "slurm.zarr")
     assert (stores.read_status(tmp_path / "slurm.zarr") == stores.OK).all()
     for variable in ("p5", "tokens", "avgpool"):
-        # same kernel, same volumes; only the worker processes differ (rtol 1e-5)
-        np.testing.assert_allclose(a[variable].values, b[variable].values,
-                                   rtol=1e-5, atol=1e-6)
+        # same kernel, same volumes; only the processes and batches differ (rtol 1e-5)
+        np.testing.assert_allclose(a[variable].values, b[variable], rtol=1e-5, atol=1e-6,
+                                   err_msg=variable)
