@@ -47,7 +47,7 @@ def _in_ci() -> bool:
 
 #: The longest modules, run first: with pytest-xdist (README's ``-n 2 --dist loadfile``)
 #: each starts at once on a process of its own instead of last, behind the others.
-LONGEST_FIRST = ("test_readme.py", "test_demo.py", "test_object_storage.py")
+LONGEST_FIRST = ("test_readme.py", "test_object_storage.py", "test_embed.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
