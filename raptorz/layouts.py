@@ -50,12 +50,14 @@ and ``avgpool`` a ``roi`` dimension after ``id`` (:func:`projection_dims`), with
 All have ``status(id)`` and ``error(id)`` (:mod:`raptorz.stores`). :meth:`StoreLayout.open`
 is how people and the client read a store (lazily, Dask-backed, from the consolidated
 metadata); :meth:`StoreLayout.read` is how a task on a worker reads it (plain lazy
-indexing with no Dask graph, metadata read afresh so that variables another process just
-added are seen).
+indexing with no Dask graph; an embeddings store's metadata read afresh, so that variables
+another process just added are seen). A task that writes a store opens it once with
+:class:`raptorz.stores.OpenStore`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,10 +85,14 @@ class StoreLayout:
     dims
         Variable name -> dimensions, for the variables every store of the kind may hold
         (an embeddings store also holds one variable per projector).
+    grows
+        Whether a step adds variables to a store of this kind once it is made (an
+        embeddings store's ``raptorz reproject``).
     """
 
     kind: str
     dims: Mapping[str, tuple[str, ...]]
+    grows: bool = False
 
     def require(self, path: str | Path) -> None:
         """Refuse ``path`` unless it holds a store of this kind (naming what it holds)."""
@@ -110,7 +116,16 @@ class StoreLayout:
         return stores.open_store(path, self.kind)
 
     def read(self, path: str | Path) -> xr.Dataset:
-        """The store for a task on a worker: lazy indexing without Dask, metadata fresh."""
+        """The store for a task on a worker: lazy indexing without Dask.
+
+        A store of a kind that does not grow is read from its consolidated metadata
+        where it has some (region writes change no metadata): one request in object
+        storage, not a listing and every array's metadata. One that grows is read afresh,
+        so that the variables another process just added are seen.
+        """
+        if not self.grows:
+            with contextlib.suppress(ValueError):  # zarr's error where there is none
+                return xr.open_zarr(path, consolidated=True, chunks=None, zarr_format=3)
         return xr.open_zarr(path, consolidated=False, chunks=None)
 
 
@@ -135,7 +150,7 @@ EMBEDDINGS: Final = StoreLayout("embeddings", {
     "source_checksum": ("id",),
     "status": ("id",),
     "error": ("id",),
-})
+}, grows=True)
 
 
 MASKS: Final = StoreLayout("masks", {
@@ -200,12 +215,12 @@ def stale_volumes(path: str | Path, volumes: str | Path) -> np.ndarray:
     """Mask of the volumes embedded ok in the embeddings store ``path`` whose volume in
     ``volumes`` was converted again since (its ``checksum`` differs); none where either
     store predates checksums."""
-    mine = xr.open_zarr(path, consolidated=False, chunks=None)
-    theirs = xr.open_zarr(volumes, consolidated=False, chunks=None)
+    mine, theirs = stores.OpenStore(path, "r"), stores.OpenStore(volumes, "r")
     if "source_checksum" not in mine or "checksum" not in theirs:
-        return np.zeros(mine.sizes["id"], bool)
+        return np.zeros(mine.array("status").shape[0], bool)
     ok = stores.read_status(path) == stores.OK
-    return ok & (mine["source_checksum"].values != theirs["checksum"].values)
+    return ok & (np.asarray(mine.array("source_checksum")[...]) !=
+                 np.asarray(theirs.array("checksum")[...]))
 
 
 def stale_masks(path: str | Path, masks: str | Path | None = None) -> np.ndarray:
@@ -213,13 +228,14 @@ def stale_masks(path: str | Path, masks: str | Path | None = None) -> np.ndarray
     in ``masks`` (by default the masks store ``path`` records) was converted again since
     (its ``checksum`` differs); none for a store without regions, where either store
     predates mask checksums, or where the masks store is gone."""
-    mine = xr.open_zarr(path, consolidated=False, chunks=None)
+    mine = stores.OpenStore(path, "r")
+    n = mine.array("status").shape[0]
     if masks is None:  # the store's regions attribute names it
         masks = (mine.attrs.get("regions") or {}).get("masks")
     if "mask_checksum" not in mine or not masks or stores.store_kind(masks) != MASKS.kind:
-        return np.zeros(mine.sizes["id"], bool)
+        return np.zeros(n, bool)
     theirs = MASKS.read(masks)
-    if "checksum" not in theirs or theirs.sizes["id"] != mine.sizes["id"]:
-        return np.zeros(mine.sizes["id"], bool)
+    if "checksum" not in theirs or theirs.sizes["id"] != n:
+        return np.zeros(n, bool)
     ok = stores.read_status(path) == stores.OK
-    return ok & (mine["mask_checksum"].values != theirs["checksum"].values)
+    return ok & (np.asarray(mine.array("mask_checksum")[...]) != theirs["checksum"].values)

@@ -40,6 +40,7 @@ older raptorz) still opens, with a one-line hint to run ``raptorz info --repair`
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -50,11 +51,12 @@ import warnings
 from collections.abc import Iterable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import numpy as np
 import xarray as xr
 import zarr
+from zarr.core.group import GroupMetadata
 
 from raptorz import locations
 from raptorz.errors import InputError, RaptorzWarning, SettingsError
@@ -274,7 +276,7 @@ def read_status(path: str | Path, region: slice = slice(None)) -> np.ndarray:
         Where a chunk cannot be read at all (an I/O error, no permission): its volumes'
         state is unknown, so nothing may be redone or rewritten on a guess.
     """
-    array = zarr.open_array(locations.join(path, "status"), mode="r")
+    array = zarr.open_array(locations.join(path, "status"), mode="r", zarr_format=3)
     try:
         return np.asarray(array[region])
     except OSError as error:
@@ -321,7 +323,7 @@ def chunks_to_do(status: np.ndarray, chunk: int, within: slice | None = None) ->
 
 
 def write_units(
-    path: str | Path,
+    path: str | Path | OpenStore,
     data: Mapping[str, xr.DataArray],
     region: slice,
     status: np.ndarray,
@@ -335,7 +337,7 @@ def write_units(
     Parameters
     ----------
     path
-        The store.
+        The store (or the store opened once: :class:`OpenStore`).
     data
         The units' data variables, each with ``id`` as its first dimension; variables
         may be omitted (they keep their fill value), e.g. for units that failed whole.
@@ -344,19 +346,91 @@ def write_units(
     status, errors
         Per volume of the region: the status code and the error text ("" when ok).
     """
+    store = path if isinstance(path, OpenStore) else OpenStore(path)
     if data:
-        write_region(path, data, region)
-    write_region(path, {"error": xr.DataArray(as_strings(errors), dims="id")}, region)
-    write_region(path, {"status": xr.DataArray(np.asarray(status, np.int8), dims="id")},
+        write_region(store, data, region)
+    write_region(store, {"error": xr.DataArray(as_strings(errors), dims="id")}, region)
+    write_region(store, {"status": xr.DataArray(np.asarray(status, np.int8), dims="id")},
                  region)
 
 
-def write_region(path: str | Path, data: Mapping[str, xr.DataArray], region: slice) -> None:
-    """Write ``data`` into the existing variables of the store at ``region`` of ``id``.
+def write_region(path: str | Path | OpenStore, data: Mapping[str, xr.DataArray],
+                 region: slice) -> None:
+    """Write ``data`` into the existing variables of the store at ``region`` of ``id``,
+    each write whole before the next (the variables' dimensions are checked).
 
     Changes no metadata, so the consolidated metadata stays true.
     """
-    xr.Dataset(dict(data)).to_zarr(path, region={"id": region}, consolidated=False)
+    store = path if isinstance(path, OpenStore) else OpenStore(path)
+    for name, variable in data.items():
+        array = store.array(name)
+        rows = len(range(*region.indices(array.shape[0])))
+        if (variable.dims, variable.shape) != (store.dims(name), (rows, *array.shape[1:])):
+            raise ValueError(f"{store.path}: {name}[{region.start}:{region.stop}] is "
+                             f"{store.dims(name)} {(rows, *array.shape[1:])}, not "
+                             f"{variable.dims} {variable.shape}")
+        if {"scale_factor", "add_offset"} & set(array.attrs) or variable.dtype.kind in "mM":
+            xr.Dataset({name: variable}).to_zarr(store.path, region={"id": region},
+                                                 consolidated=False)  # CF-encoded
+        else:
+            array[region] = np.asarray(variable.values)
+
+
+class OpenStore:
+    """A store opened once for a task's reads and writes: its group's metadata is read
+    once (one request in object storage), and its arrays' from its consolidated metadata
+    (none: region writes change no array's metadata, and ``raptorz reproject``, which adds
+    arrays, consolidates before it fills or lists them); an array that lacks (an older
+    store's) is opened from its own. Open again to see what was added since. Reads and
+    writes go to Zarr directly: the variables carry no CF encoding but a NaN fill value.
+    """
+
+    def __init__(self, path: str | Path, mode: Literal["r", "r+"] = "r+") -> None:
+        self.path, self.mode = path, mode
+        self.group = zarr.open_group(path, mode=mode, zarr_format=3)
+        self._arrays: dict[str, zarr.Array] = {}
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The group's attributes, as read when it was opened."""
+        return dict(self.group.attrs)
+
+    def names(self) -> list[str]:
+        """The store's arrays (one listing where it has no consolidated metadata)."""
+        consolidated = self.group.metadata.consolidated_metadata
+        return list(self.group.array_keys()) if consolidated is None else [
+            name for name, meta in consolidated.metadata.items()
+            if not isinstance(meta, GroupMetadata)]
+
+    def __contains__(self, name: str) -> bool:
+        """Whether the store has the array ``name``: from the consolidated metadata where
+        it has some (true of every array made with the store), else from the array's own."""
+        if self.group.metadata.consolidated_metadata is not None:
+            return name in self.names()
+        with contextlib.suppress(KeyError):
+            return self.array(name) is not None
+        return False
+
+    def array(self, name: str) -> zarr.Array:
+        """The array ``name``, opened once (``KeyError`` where there is none)."""
+        if name not in self._arrays:
+            try:
+                found = self.group[name]
+            except KeyError:  # or consolidated before it was added (by an older raptorz)
+                try:
+                    found = zarr.open_array(locations.join(self.path, name), mode=self.mode,
+                                            zarr_format=3)
+                except FileNotFoundError:
+                    raise KeyError(name) from None
+            if not isinstance(found, zarr.Array):
+                raise KeyError(name)
+            self._arrays[name] = found
+        return self._arrays[name]
+
+    def dims(self, name: str) -> tuple[str, ...]:
+        """The dimensions of the array ``name``."""
+        return tuple(str(d) for d in getattr(self.array(name).metadata, "dimension_names",
+                                             None) or ())
 
 
 def status_counts(status: np.ndarray) -> dict[str, int]:

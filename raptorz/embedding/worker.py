@@ -9,8 +9,9 @@ name those functions and must stay free of torch.
 
 A task gets a store path and a few volume indices (never arrays, never the model), loads
 the encoder once per worker process (:func:`worker_encoder`), reads its volumes, embeds
-the ones converted fine, and writes its whole units of the output itself with
-:func:`raptorz.stores.write_units` (data, then status), returning only counts. Tasks are
+the ones converted fine, and writes its whole units of the output itself
+(:func:`raptorz.embedding.commit.write_task`: data, then status), returning only counts;
+it reads the output's metadata once (:class:`raptorz.stores.OpenStore`). Tasks are
 idempotent: a task rerun on another worker after a worker died rewrites the same values.
 """
 
@@ -24,17 +25,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
-import xarray as xr
 from distributed import Reschedule, get_worker
 
 from raptorz import stores
 from raptorz.cluster import keep_freed_memory, pinned_gpu, worker_device, worker_threads
 from raptorz.defaults import DEFAULT_ENCODER, Precision
-from raptorz.embedding.embeddings import contiguous_runs, stored_projectors
-from raptorz.embedding.projection import Projector, project_ok
+from raptorz.embedding.commit import store_projectors, write_task
+from raptorz.embedding.embeddings import contiguous_runs
+from raptorz.embedding.projection import Projector
 from raptorz.embedding.settings import KernelSettings, RegionRequest
 from raptorz.errors import RaptorzError
-from raptorz.layouts import EMBEDDINGS, VOLUMES
+from raptorz.layouts import VOLUMES
 
 if TYPE_CHECKING:  # torch is imported on the workers only
     from raptorz.embedding.blocks import BlockPlan
@@ -183,12 +184,11 @@ def retire(problem: str, run: str | None) -> NoReturn:
     raise Reschedule()
 
 
-def _worker_projectors(output: str) -> list[Projector]:
+def _worker_projectors(output: stores.OpenStore) -> list[Projector]:
     """All projectors of the store (those added later too), read once per process."""
-    ds = EMBEDDINGS.read(output)
-    key = (output, str(ds.attrs.get("projectors")))
+    key = (str(output.path), str(output.attrs.get("projectors")))
     if key not in _PROJECTORS:
-        _PROJECTORS[key] = stored_projectors(ds)
+        _PROJECTORS[key] = store_projectors(output)
     return _PROJECTORS[key]
 
 
@@ -248,7 +248,8 @@ def embed_task(task: EmbedTask) -> dict[str, int | bool]:
     indices = np.asarray(task.indices, dtype=np.int64)
     with _KERNEL_LOCK:
         encoder = worker_encoder(task.encoder)
-    _check_provenance(task, encoder)
+    output = stores.OpenStore(task.output)  # its metadata read once for the whole task
+    _check_provenance(task, encoder, output)
     pooled = len(task.settings.planes) * encoder.num_tokens * encoder.embed_dim * 8
     if task.regions is not None and task.regions.settings.mode == "onepass":
         pooled *= 1 + len(task.regions.values)  # each region's sums besides the block's
@@ -257,7 +258,7 @@ def embed_task(task: EmbedTask) -> dict[str, int | bool]:
     blocks = [indices[i:i + per_block] for i in range(0, len(indices), per_block)]
     report = _reporter(task)
     asked = batch_size = default_batch_size(task.settings, encoder)
-    projectors = _worker_projectors(task.output)
+    projectors = _worker_projectors(output)
     results: list[tuple[_Read, BlockEmbedding | RegionEmbedding | None]] = []
     with ThreadPoolExecutor(1, thread_name_prefix="raptorz-read") as reader:
         ahead = reader.submit(_read_and_plan, task, blocks[0], encoder) if blocks else None
@@ -290,7 +291,7 @@ def embed_task(task: EmbedTask) -> dict[str, int | bool]:
                 batch_size = min(batch_size, block.batch_size)
                 embedded = _finish(read, block, encoder, projectors, task.settings, regions)
             results.append((read, embedded))
-    _write(task, results, projectors)
+    write_task(task, output, results, projectors)
     return {"volumes": len(indices), "batch_size": batch_size, "halved": batch_size < asked}
 
 
@@ -304,9 +305,9 @@ def device_failed(error: BaseException) -> bool:
     return isinstance(error, torch.AcceleratorError) or str(error).startswith("CUDA error")
 
 
-def _check_provenance(task: EmbedTask, encoder: Encoder) -> None:
+def _check_provenance(task: EmbedTask, encoder: Encoder, output: stores.OpenStore) -> None:
     """Retire this worker where its encoder differs from the one the store records."""
-    stored = EMBEDDINGS.read(task.output).attrs.get("encoder") or {}
+    stored = output.attrs.get("encoder") or {}
     difference = provenance_difference(encoder.provenance(), stored)
     if difference:
         retire(f"its encoder differs from the store's: {difference}", task.topic)
@@ -374,73 +375,3 @@ def _reporter(task: EmbedTask) -> Callable[[float], None] | None:
             pending[:] = [0.0, time.monotonic()]
 
     return report
-
-
-def _write(task: EmbedTask, results: list[tuple[_Read, BlockEmbedding | RegionEmbedding | None]],
-           projectors: list[Projector]) -> None:
-    """Write the task's whole units in one region write, data first, then status (under
-    the units' lock, with any projection a reproject added since the task began).
-
-    Volumes it embedded get their rows; those that failed get NaN rows and their error;
-    the others of its units (already done) are written back as they are.
-    """
-    region = slice(task.start, task.stop)
-    names = [p.name for p in projectors] + \
-        (["tokens"] if task.settings.keep_tokens else []) + ["avgpool"] + \
-        (["region_status"] if task.regions is not None else [])
-    existing = EMBEDDINGS.read(task.output)
-    size = task.stop - task.start
-    status, errors = np.full(size, stores.PENDING, np.int8), np.full(size, "", dtype=object)
-    kept = np.setdiff1d(np.arange(task.start, task.stop), task.indices) - task.start
-    if len(kept):  # only then is anything of the units read back (it may be torn else)
-        status[kept] = np.asarray(existing["status"][region].values)[kept]
-        errors[kept] = np.asarray(existing["error"][region].values, dtype=object)[kept]
-    data = {}
-    for name in names:
-        variable = existing[name]
-        values = np.full((size, *variable.shape[1:]),  # region_status: pending (0)
-                         np.nan if variable.dtype.kind == "f" else 0, variable.dtype)
-        if len(kept):
-            values[kept] = variable[kept + task.start].values
-        for read, embedded in results:
-            if embedded is not None:
-                values[read.usable - task.start] = _variable(embedded, name)
-            if name == "region_status":  # every region of a failed volume failed
-                values[np.asarray(list(read.errors), np.int64) - task.start] = stores.FAILED
-        data[name] = xr.DataArray(values, dims=variable.dims)
-    for name in ("source_checksum", "mask_checksum"):  # older stores lack them
-        if name not in existing:
-            continue
-        checksum = np.zeros(size, np.int64)
-        if len(kept):
-            checksum[kept] = existing[name][kept + task.start].values
-        for read, _ in results:
-            found = read.checksums if name == "source_checksum" else read.mask_checksums
-            if found is not None:
-                checksum[read.usable - task.start] = found
-        data[name] = xr.DataArray(checksum, dims="id")
-    for read, _ in results:
-        status[read.usable - task.start] = stores.OK
-        for index, problem in read.errors.items():
-            status[index - task.start], errors[index - task.start] = stores.FAILED, problem
-        errors[read.usable - task.start] = ""
-    stores.write_region(task.output, data, region)
-    # a reproject under way adds its variables, then fills each unit under the unit's lock:
-    # committing under it, a task either precedes that fill or sees the variables and fills them
-    with stores.unit_lock(task.output, region):
-        now = EMBEDDINGS.read(task.output)
-        added = [p for p in stored_projectors(now, unlisted=True)
-                 if p.name not in names and p.name in now]  # both of its variables exist
-        late = {name: xr.DataArray(value, dims=now[name].dims) for name, value in project_ok(
-            data["tokens"].values, status == stores.OK, added).items()} if added else {}
-        stores.write_units(task.output, late, region, status, [str(e) for e in errors])
-
-
-def _variable(embedded: BlockEmbedding | RegionEmbedding, name: str) -> np.ndarray:
-    """One store variable of a :class:`~raptorz.embedding.kernel.BlockEmbedding` (or of a
-    :class:`~raptorz.embedding.regions.RegionEmbedding`: ``region_status`` too)."""
-    if name in ("avgpool", "tokens", "region_status"):
-        value = getattr(embedded, name)
-        assert value is not None
-        return np.asarray(value)
-    return embedded.projections[name]

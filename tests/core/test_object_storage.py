@@ -329,6 +329,26 @@ def test_embed_reads_each_volume_chunk_once_and_lists_no_bucket(
         [p for p in listings if not re.search(r"prefix=(volumes|once)\.zarr", p)]
 
 
+#: Most requests of the stores' metadata (a ``zarr.json``, GET or HEAD) per volume of the
+#: ``embedded`` run, and most requests in all: each task reads the output's metadata once,
+#: and once more as it commits. Measured: 18 and 56 (the store's creation is most of the
+#: metadata); 231 and 331 when each task reopened the stores, every array's metadata
+#: after a listing, for each read and write.
+METADATA_PER_VOLUME, REQUESTS_PER_VOLUME = 25, 100
+
+
+@pytest.mark.slow
+def test_embed_reads_the_stores_metadata_a_few_times_per_volume(
+        embedded: tuple[str, Server]) -> None:
+    s3 = embedded[1]
+    metadata = [path for verb, path in s3.requests if verb in ("GET", "HEAD") and
+                re.search(rf"^/{BUCKET}/(once|volumes)\.zarr/([^?]+/)?zarr\.json", path)]
+    counts = Counter(path.split("/")[2] for path in metadata)
+    assert len(metadata) <= METADATA_PER_VOLUME * COUNT, \
+        f"{len(metadata)} metadata requests ({dict(counts)}) of {len(s3.requests)}"
+    assert len(s3.requests) <= REQUESTS_PER_VOLUME * COUNT, Counter(v for v, _ in s3.requests)
+
+
 @pytest.mark.slow
 def test_fit_reads_embeddings_and_labels_from_the_bucket(
         s3: Server, embedded: tuple[str, Server], reference: Path, tmp_path: Path) -> None:

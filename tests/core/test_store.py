@@ -8,6 +8,7 @@ import dask.array as da
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 
 from raptorz import stores
 from raptorz.errors import InputError
@@ -53,3 +54,30 @@ def test_existing_paths_are_refused(tmp_path: Path) -> None:
     not_a_store.write_text("hello")
     with pytest.raises(InputError, match="notes.txt"):
         stores.store_kind(not_a_store)
+
+
+def test_a_store_opened_once_writes_units_and_finds_arrays_its_metadata_lacks(
+        tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    stores.create_store(path, _template(5, 2), "test")
+    # an array added after the metadata was consolidated (as an older raptorz left it)
+    zarr.open_group(path, mode="r+", use_consolidated=False).create_array(
+        "extra", shape=(5,), chunks=(2,), dtype="i8", dimension_names=["id"])
+    opened = stores.OpenStore(path)
+    assert opened.attrs[stores.KIND_ATTR] == "test"
+    assert "extra" not in opened.names() and "data" in opened and "nothing" not in opened
+    assert opened.dims("extra") == ("id",)  # opened from its own metadata
+    block = xr.DataArray(np.arange(6, dtype="f4").reshape(2, 3), dims=("id", "x"))
+    stores.write_units(opened, {"data": block, "extra": xr.DataArray([7, 8], dims="id")},
+                       slice(0, 2), np.array([1, 2]), ["", "bad"])
+    ds = stores.open_dataset(path)
+    np.testing.assert_array_equal(ds.data.values[:2], block.values)
+    assert np.isnan(ds.data.values[2:]).all()  # the other units keep their fill value
+    assert zarr.open_array(path / "extra")[:].tolist() == [7, 8, 0, 0, 0]
+    assert list(ds.error.values) == ["", "bad", "", "", ""]
+    assert stores.read_status(path).tolist() == [1, 2, 0, 0, 0]
+    with pytest.raises(ValueError, match=r"data\[2:4\] is \('id', 'x'\) \(2, 3\), not "
+                       r"\('id', 'y'\)"):
+        stores.write_region(opened, {"data": block.rename(x="y")}, slice(2, 4))
+    with pytest.raises(KeyError, match="nothing"):
+        stores.write_region(path, {"nothing": xr.DataArray([1, 2], dims="id")}, slice(2, 4))
