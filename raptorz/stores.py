@@ -413,6 +413,8 @@ class OpenStore:
 
     def array(self, name: str) -> zarr.Array:
         """The array ``name``, opened once (``KeyError`` where there is none)."""
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise KeyError(name)  # an array of this store, never a path out of it
         if name not in self._arrays:
             try:
                 found = self.group[name]

@@ -81,3 +81,10 @@ def test_a_store_opened_once_writes_units_and_finds_arrays_its_metadata_lacks(
         stores.write_region(opened, {"data": block.rename(x="y")}, slice(2, 4))
     with pytest.raises(KeyError, match="nothing"):
         stores.write_region(path, {"nothing": xr.DataArray([1, 2], dims="id")}, slice(2, 4))
+    # a name from a (hostile) store's attributes never leads out of the store
+    zarr.create_array(tmp_path / "outside", shape=(5,), dtype="i8", fill_value=0,
+                      dimension_names=("id",))
+    for name in ("../outside", "a/../../outside", ".."):
+        with pytest.raises(KeyError):
+            stores.write_region(path, {name: xr.DataArray([1, 2], dims="id")}, slice(2, 4))
+    assert zarr.open_array(tmp_path / "outside")[:].tolist() == [0] * 5
