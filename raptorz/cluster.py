@@ -143,9 +143,13 @@ def worker_threads() -> int:
     """
     if _THREADS:
         return _THREADS[-1]
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+    return max(1, _cpus() // max(1, int(os.environ.get(WORKERS_PER_HOST, "1"))))
+
+
+def _cpus() -> int:
+    """The CPUs this process may run on (its affinity: a batch job's allocation)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
         (os.cpu_count() or 1)
-    return max(1, cpus // max(1, int(os.environ.get(WORKERS_PER_HOST, "1"))))
 
 
 def share_cpus(client: Client) -> None:
@@ -158,10 +162,11 @@ def share_cpus(client: Client) -> None:
 
 
 def _take_share(per_host: dict[str, int], dask_worker: Any = None) -> None:
+    # kept in this module, not in os.environ: an in-process worker (a threads cluster)
+    # shares its environment with the client, whose later clusters would inherit it
     host = str(dask_worker.address).split("://")[-1].rsplit(":", 1)[0] if dask_worker else ""
-    os.environ[WORKERS_PER_HOST] = str(per_host.get(host, 1))
     _THREADS.clear()
-    _THREADS.append(worker_threads())
+    _THREADS.append(max(1, _cpus() // max(1, per_host.get(host, 1))))
 
 
 def _worker_resources() -> dict[str, float]:
@@ -180,14 +185,23 @@ def _starting_workers(imports: Sequence[str], workers: int) -> Iterator[None]:
     forked from :func:`start_worker_server` where it can run.
 
     The count goes through Dask's ``distributed.nanny.environ``, read by each nanny as it
-    is made: dask-cuda replaces the ``env`` of its workers' specs with its own.
+    is made: dask-cuda replaces the ``env`` of its workers' specs with its own. A nanny
+    prefers this process's environment to that setting, so a count this process
+    inherited (a batch job's) is replaced while the workers start.
     """
     environ = {**dask.config.get(_NANNY_ENVIRON, default={}), WORKERS_PER_HOST: str(workers)}
     settings: dict[str, Any] = {_NANNY_ENVIRON: environ}
     if imports and start_worker_server(imports):
         settings[_START_METHOD] = "forkserver"
+    inherited = os.environ.get(WORKERS_PER_HOST)
     with dask.config.set(settings):
-        yield
+        if inherited is not None:
+            os.environ[WORKERS_PER_HOST] = str(workers)
+        try:
+            yield
+        finally:
+            if inherited is not None:
+                os.environ[WORKERS_PER_HOST] = inherited
 
 
 def create_cluster(

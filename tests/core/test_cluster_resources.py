@@ -10,13 +10,14 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from distributed import Client
+from distributed import Client, LocalCluster
 from distributed.system import MEMORY_LIMIT
 
 from raptorz.cluster import (
     WORKERS_PER_HOST,
     create_cluster,
     pinned_gpu,
+    share_cpus,
     visible_gpus,
 )
 
@@ -106,6 +107,9 @@ def test_dask_cuda_workers_keep_their_share_of_the_cpus(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # in sys.modules for this test only: the other tests take the path without dask-cuda
     monkeypatch.setitem(sys.modules, "dask_cuda", _stand_in_dask_cuda(tmp_path))
+    # a count inherited from a batch job's environment, which a nanny prefers to Dask's
+    # configuration: the cluster's own count wins, and the job's is back afterwards
+    monkeypatch.setenv(WORKERS_PER_HOST, "1")
     with create_cluster("cuda", gpus=["0", "1"], dashboard_address=None) as cluster, \
             Client(cluster) as client:
         assert type(cluster).__module__ == "dask_cuda"
@@ -113,3 +117,19 @@ def test_dask_cuda_workers_keep_their_share_of_the_cpus(
         assert sorted(client.run(os.getenv, "CUDA_VISIBLE_DEVICES").values()) == ["0,1", "1,0"]
         assert set(client.run(os.getenv, WORKERS_PER_HOST).values()) == {"2"}
         assert {w["host"] for w in client.scheduler_info()["workers"].values()} == {"127.0.0.1"}
+    assert os.environ[WORKERS_PER_HOST] == "1"
+
+
+def test_sharing_the_cpus_of_in_process_workers_leaves_this_process_environment_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A threads cluster's workers run in the client's process: their share must not leak
+    into the clusters this process starts later."""
+    monkeypatch.delenv(WORKERS_PER_HOST, raising=False)
+    with LocalCluster(n_workers=2, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        share_cpus(client)
+    assert WORKERS_PER_HOST not in os.environ
+    with create_cluster("local", workers=2, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        client.wait_for_workers(2)
+        assert set(client.run(os.getenv, WORKERS_PER_HOST).values()) == {"2"}
