@@ -99,7 +99,7 @@ def unit_lock(path: str | Path, region: slice, *,
     InputError
         Naming the store and the unit, where a unit's lock is not free within ``timeout``.
     """
-    unit = zarr.open_array(locations.join(path, "status"), mode="r").chunks[0]
+    unit = zarr.open_array(locations.join(path, "status"), mode="r", zarr_format=3).chunks[0]
     folder = locations.join(path, "status", ".raptorz-units")  # beside LOCK_FILE, by first id
     if isinstance(folder, Path):
         folder.mkdir(exist_ok=True)

@@ -225,7 +225,7 @@ def open_dataset(path: str | Path, *, hint: bool = True) -> xr.Dataset:
 
 def has_consolidated_metadata(path: str | Path) -> bool:
     """Whether the group at ``path`` carries consolidated metadata (true or stale)."""
-    group = zarr.open_group(path, mode="r")
+    group = zarr.open_group(path, mode="r", zarr_format=3)
     return group.metadata.consolidated_metadata is not None
 
 
@@ -234,12 +234,13 @@ def consolidated_metadata_true(path: str | Path) -> bool:
 
     Reads each array's ``zarr.json``: for ``raptorz info`` and tests, not for hot paths.
     """
-    consolidated = zarr.open_group(path, mode="r").metadata.consolidated_metadata
+    consolidated = zarr.open_group(path, mode="r", zarr_format=3).metadata.consolidated_metadata
     if consolidated is None:
         return False
     recorded = {name: meta.to_dict() for name, meta in consolidated.metadata.items()}
     actual = {name: array.metadata.to_dict()
-              for name, array in zarr.open_group(path, mode="r", use_consolidated=False).members()}
+              for name, array in zarr.open_group(path, mode="r", zarr_format=3,
+                                               use_consolidated=False).members()}
     return recorded == actual
 
 
@@ -258,7 +259,7 @@ def update_attrs(path: str | Path, attrs: Mapping[str, Any]) -> None:
     """Set attributes of the group at ``path`` and keep its consolidated metadata true,
     under the store's lock (:func:`store_lock`)."""
     with store_lock(path, "update_attrs"):
-        group = zarr.open_group(path, mode="r+", use_consolidated=False)
+        group = zarr.open_group(path, mode="r+", zarr_format=3, use_consolidated=False)
         group.attrs.update(json_attr(dict(attrs)))
         consolidate(path)
 
