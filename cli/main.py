@@ -74,6 +74,11 @@ def _run(args: argparse.Namespace) -> int:
     except RaptorzError as error:
         print(f"raptorz {args.verb}: error: {error}", file=sys.stderr)
         return EXIT_REFUSED
+    except (IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError) as error:
+        # a path given where the other kind of thing is (an output that is a file...)
+        where = error.filename if error.filename is not None else "a path"
+        print(f"raptorz {args.verb}: error: {where}: {error.strerror}", file=sys.stderr)
+        return EXIT_REFUSED
     except KeyboardInterrupt:
         print(f"raptorz {args.verb}: interrupted; rerun the same command to resume.",
               file=sys.stderr)

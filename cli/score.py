@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from raptorz.errors import SettingsError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``score`` verb."""
@@ -53,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
     """Score, write the tables and print the markdown one."""
     from raptorz import score_predictions, write_scores
 
+    names = [name for name, _ in args.predictions]
+    if repeated := sorted({name for name in names if names.count(name) > 1}):
+        raise SettingsError(f"NAME=PREDICTIONS.CSV: each model needs a name of its own; "
+                            f"given more than once: {', '.join(repeated)}")
     result = score_predictions(
         args.labels, dict(args.predictions), groups=args.groups, metadata=args.metadata,
         resamples=args.resamples or args.output / "resamples.npz", bootstrap=args.bootstrap,

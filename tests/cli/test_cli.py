@@ -97,3 +97,39 @@ def test_the_command_prints_each_warning_once_on_one_line(tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == [
         "raptorz convert: warning: train_1: constant volume (every voxel is 7); converted"]
+
+
+def _scorable(folder: Path) -> tuple[Path, Path]:
+    """A labels CSV and one model's predictions of its test split."""
+    rng = np.random.default_rng(0)
+    ids = [f"v{i}" for i in range(30)]
+    truth = rng.integers(0, 2, 30)
+    rows = [f"{i},{'train' if n < 10 else 'test'},{t}" for n, (i, t) in
+            enumerate(zip(ids, truth, strict=True))]
+    (folder / "labels.csv").write_text("id,split,sex\n" + "\n".join(rows) + "\n")
+    p1 = rng.random(20)
+    (folder / "p.csv").write_text("id,sex_0,sex_1\n" + "\n".join(
+        f"{i},{1 - p},{p}" for i, p in zip(ids[10:], p1, strict=True)) + "\n")
+    return folder / "labels.csv", folder / "p.csv"
+
+
+def test_score_refuses_two_models_of_one_name(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    labels, predictions = _scorable(tmp_path)
+    code = main(["score", f"a={predictions}", f"a={predictions}", "--labels", str(labels),
+                 "--bootstrap", "5", "-o", str(tmp_path / "scores")])
+    assert code == 2
+    assert "given more than once: a" in capsys.readouterr().err
+    assert not (tmp_path / "scores").exists()
+
+
+def test_an_output_that_is_a_file_is_refused_naming_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Not a traceback and exit 1 ("some volumes failed"), but the path and exit 2."""
+    labels, predictions = _scorable(tmp_path)
+    code = main(["score", f"a={predictions}", "--labels", str(labels), "--bootstrap", "5",
+                 "-o", str(labels)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raptorz score: error: ") and str(labels) in err
+    assert "Traceback" not in err
