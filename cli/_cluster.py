@@ -25,7 +25,7 @@ def add_cluster_options(parser: argparse.ArgumentParser, *, default: str,
     dask.add_argument("--cluster", default=None, metavar="KIND|ADDRESS",
                       help="local | cuda | slurm | pbs | sge | lsf | tcp://HOST:PORT "
                       f"(default {default})")
-    dask.add_argument("--workers", type=int, help="local/cuda: worker processes")
+    dask.add_argument("--workers", type=_at_least_one, help="local/cuda: worker processes")
     dask.add_argument("--dashboard-address", default=":8787", metavar="[HOST]:PORT",
                       help="where the dashboard listens: ':8787' (default) is 127.0.0.1:8787, "
                       "this machine only (':0': any free port); 0.0.0.0:8787 opens it to "
@@ -78,3 +78,14 @@ def cluster_from(args: argparse.Namespace, kind: str, *, gpus_per_job: int = 0,
     from raptorz import create_cluster
 
     return functools.partial(create_cluster, cast(ClusterKind, kind), **options)
+
+
+def _at_least_one(text: str) -> int:
+    """A count of workers: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value

@@ -133,3 +133,11 @@ def test_an_output_that_is_a_file_is_refused_naming_it(
     err = capsys.readouterr().err
     assert err.startswith("raptorz score: error: ") and str(labels) in err
     assert "Traceback" not in err
+
+
+def test_no_workers_is_refused_before_anything_starts(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["embed", "v.zarr", "-o", "e.zarr", "--workers", "0"])
+    assert exit_.value.code == 2
+    assert "--workers: must be at least 1, not 0" in capsys.readouterr().err
