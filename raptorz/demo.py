@@ -31,7 +31,7 @@ import pandas as pd
 from raptorz.cluster import create_cluster, visible_gpus
 from raptorz.defaults import RANDOM_WEIGHTS
 from raptorz.embedding.encoders import EncoderInfo, weights_available
-from raptorz.embedding.projection import make_projector
+from raptorz.embedding.projection import create_projector, save_projector
 from raptorz.errors import InputError
 
 #: The demo's encoder on a CPU and on GPUs (``dinov2-l`` is raptorz's default encoder).
@@ -215,7 +215,8 @@ def run_demo(workdir: str | Path = "raptorz-demo", *, data: str | Path | None = 
         log(f"dashboard:   {cluster.dashboard_link}")
         summary = convert([str(data)], volumes, cluster=cluster)
         log(f"volumes:     {volumes} ({summary.converted} converted, {summary.failed} failed)")
-        np.save(projector, make_projector(0, info.width, 100))
+        # with its seed in a sidecar, so that the store records it
+        save_projector(create_projector(0, info.width, 100, name=PROJECTOR), projector)
         log(f"projector:   {projector} (seed 0, K = 100)")
         # pooled tokens kept: new projections need no encoder run (raptorz reproject)
         done = embed(volumes, embeddings, [projector], encoder=encoder, weights=weights,

@@ -7,6 +7,7 @@ CLI's own parser; the README's main command (``raptorz demo``) and its tour run 
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import shlex
@@ -155,6 +156,10 @@ def test_readme_main_command_and_tour_run(tmp_path: Path) -> None:
     assert "note:        random encoder weights" in result.stdout
     workdir = tmp_path / "raptorz-demo"
     assert (workdir / "results" / "metrics.json").is_file()
+    # the store records the projector's seed, as the README says of every projected store
+    projectors = json.loads((workdir / "embeddings.zarr" / "zarr.json").read_text())[
+        "attributes"]["projectors"]
+    assert [p["seed"] for p in projectors.values()] == [0], projectors
     # the task is solved well above chance, even by random weights
     value, low, chance = _score(result.stdout)
     assert value >= 0.85 and low > 0.6 and value - chance >= 0.25, result.stdout
