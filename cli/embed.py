@@ -72,7 +72,8 @@ def register(subparsers: Any) -> None:
                        help="also store the pooled tokens (new projections need no encoder)")
     model.add_argument("--batch-size", type=int,
                        help="slices per forward pass (default 64 on a GPU, 16 on a CPU)")
-    model.add_argument("--start", type=int, default=0, help="first volume id to embed")
+    model.add_argument("--start", type=int, default=0,
+                       help="index (from 0) of the first volume to embed, in the store's order")
     model.add_argument("--many", type=int, help="how many volumes to embed (default all)")
     regions = parser.add_argument_group("regions (docs/regions.md)")
     regions.add_argument("--masks", type=Path,

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from raptorz.cli.fit import MEMORY_HELP
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``predict`` verb."""
@@ -22,7 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output", type=Path, required=True, help="the CSV to write")
     parser.add_argument("--ids", type=Path,
                         help="a text file of volume ids, one a line (default: all ok volumes)")
-    parser.add_argument("--memory-budget", metavar="SIZE", help=MEMORY_HELP)
+    parser.add_argument("--memory-budget", metavar="SIZE",
+                        help="memory the features may take, e.g. 8GB or 512MiB: they are read "
+                        "a unit at a time where they do not fit in it. Default: half of the "
+                        "memory available when predict starts.")
     parser.set_defaults(func=run)
 
 
