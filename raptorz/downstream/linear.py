@@ -395,6 +395,13 @@ def fit_linear(task: FittedTask, y: np.ndarray, truth: np.ndarray, n_classes: in
                 best[j], penalty[j] = criteria[j], c
                 weight[:, cols], bias[cols] = head.weight[:, cols], head.bias[cols]
     log(f"linear: {len(penalties)} penalties side by side in {rounds} passes over train")
+    unconverged = sorted({float(c) for c in penalty} & {float(c) for c, r in
+                                                        zip(penalties, results, strict=True)
+                                                        if not r.success})
+    log(f"linear: chosen C={', '.join(f'{c:g}' for c in penalty)} (best validation "
+        f"{'auroc' if task != 'regression' else 'R2'}, then loss)"
+        + (f"; C={', '.join(f'{c:g}' for c in unconverged)} did not converge: raise --max-iter"
+           if unconverged else ""))
     return LinearHead(weight, bias, penalty), {"penalty": penalty.tolist(), "path": path,
                                                "rounds": rounds}
 

@@ -95,6 +95,17 @@ def test_permuted_labels_score_near_half(data: dict, tmp_path: Path,
     assert auroc["low"] < 0.5 < auroc["high"]
 
 
+def test_the_log_names_the_chosen_penalty_and_whether_it_converged(
+        data: dict, tmp_path: Path, labels: Callable[..., Path]) -> None:
+    lines: list[str] = []
+    result = fit(data["store"], labels(data, "log", label=data["separable"]), tmp_path,
+                 quick(max_iter=1), log=lines.append)
+    chosen = result.model.head.penalty  # type: ignore[union-attr]
+    line = next(line for line in lines if line.startswith("linear: chosen C="))
+    assert line.startswith(f"linear: chosen C={chosen[0]:g} "), line
+    assert line.endswith("did not converge: raise --max-iter"), line
+
+
 def test_three_classes(data: dict, tmp_path: Path, labels: Callable[..., Path]) -> None:
     result = fit(data["store"], labels(data, "three", grade=data["three"]), tmp_path, quick())
     assert result.model.classes == ("0", "1", "2")
