@@ -65,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, compare=tuple(args.compare) if args.compare else None,
         metric=args.metric, interval=args.interval)
     written = write_scores(result, args.output)
+    print("AUROC of each binary target" if args.metric == "auroc" else
+          "squared Pearson r of each target (a classifier's predictions: --metric auroc)",
+          f"on the test split, {args.interval} interval:")
     print((args.output / "scores.md").read_text(), end="")
     if result.differences is not None:
         print((args.output / "differences.md").read_text(), end="")

@@ -141,3 +141,11 @@ def test_no_workers_is_refused_before_anything_starts(
         build_parser().parse_args(["embed", "v.zarr", "-o", "e.zarr", "--workers", "0"])
     assert exit_.value.code == 2
     assert "--workers: must be at least 1, not 0" in capsys.readouterr().err
+
+
+def test_score_names_its_metric(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    labels, predictions = _scorable(tmp_path)
+    for metric, named in (("r2", "squared Pearson r"), ("auroc", "AUROC")):
+        assert main(["score", f"a={predictions}", "--labels", str(labels), "--bootstrap",
+                     "5", "--metric", metric, "-o", str(tmp_path / metric)]) == 0
+        assert capsys.readouterr().out.startswith(named)
