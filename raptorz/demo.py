@@ -214,7 +214,8 @@ def run_demo(workdir: str | Path = "raptorz-demo", *, data: str | Path | None = 
                         dashboard_address=":0") as cluster:
         log(f"dashboard:   {cluster.dashboard_link}")
         summary = convert([str(data)], volumes, cluster=cluster)
-        log(f"volumes:     {volumes} ({summary.converted} converted, {summary.failed} failed)")
+        log(f"volumes:     {volumes} ({summary.converted} converted, {summary.failed} failed, "
+            f"{summary.skipped} already done)")
         # with its seed in a sidecar, so that the store records it
         save_projector(create_projector(0, info.width, 100, name=PROJECTOR), projector)
         log(f"projector:   {projector} (seed 0, K = 100)")

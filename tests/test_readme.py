@@ -180,6 +180,7 @@ def test_readme_main_command_and_tour_run(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr[-3000:]
     assert _score(again.stdout) == (value, low, chance)
     assert " 0 embedded by this run" in again.stdout, again.stdout
+    assert "(0 converted, 0 failed, 80 already done)" in again.stdout, again.stdout
 
 
 def _score(stdout: str) -> tuple[float, float, float]:
