@@ -138,6 +138,9 @@ def test_bad_weights_files_are_refused_with_their_path(tmp_path: Path, tiny_vit_
     with pytest.raises(InputError, match="cannot read weights") as error:
         create_encoder(tiny_vit_name, weights=pickled, device="cpu")
     assert str(pickled) in str(error.value)
+    # in one line, without torch's advice to load it with weights_only=False
+    assert "never unpickles" in str(error.value) and "\n" not in str(error.value)
+    assert "weights_only" not in str(error.value)
     with pytest.raises(InputError, match="not found"):
         create_encoder(tiny_vit_name, weights=tmp_path / "missing.safetensors", device="cpu")
     garbage = tmp_path / "garbage.safetensors"

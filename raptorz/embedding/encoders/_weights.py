@@ -57,7 +57,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unreadable file: corrupt, pickled code, wrong format
-        raise InputError(path, f"cannot read weights ({type(error).__name__}: {error}); "
+        raise InputError(path, f"cannot read weights ({_reason(error)}); "
                          "expected safetensors or a torch state dict") from error
     for key in _WRAPPERS:
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
@@ -66,6 +66,16 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                                                for v in loaded.values()):
         raise InputError(path, "is not a state dict of tensors")
     return {str(k).removeprefix("module."): v for k, v in loaded.items()}
+
+
+def _reason(error: Exception) -> str:
+    """Why a weights file could not be read, in one line: torch's own text for a pickle it
+    refuses suggests ``weights_only=False``, which would run the file's code."""
+    if "WeightsUnpickler error" in str(error):
+        return ("it holds Python objects besides tensors, which raptorz never unpickles: "
+                "save the state dict alone")
+    first = next(iter(str(error).strip().splitlines()), "")[:200]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def weights_checksum(state_dict: Mapping[str, torch.Tensor]) -> str:
