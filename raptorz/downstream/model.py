@@ -145,8 +145,10 @@ def _read_info(folder: Path) -> dict[str, Any]:
             text = file.read(_MAX_JSON + 1)
         info = json.loads(text)
     except (OSError, ValueError) as error:  # ValueError: bad JSON or bad UTF-8
+        hint = f"; the model is in {folder / 'model'}" if (folder / "model" / MODEL_JSON
+                                                            ).is_file() else ""
         raise InputError(folder, f"not a raptorz model folder: {MODEL_JSON} cannot be read "
-                         f"({type(error).__name__}: {error})") from None
+                         f"({type(error).__name__}: {error}){hint}") from None
     if len(text) > _MAX_JSON:
         raise InputError(folder, f"{MODEL_JSON} is over {_MAX_JSON} bytes; not a raptorz model")
     if not isinstance(info, dict):

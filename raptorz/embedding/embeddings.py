@@ -342,7 +342,7 @@ def add_projections(path: str | Path, projectors: Sequence[Projector],
 
 def _add_projections(path: str | Path, projectors: Sequence[Projector],
                      block: int) -> list[str]:
-    ds = stores.open_dataset(path)  # under the lock: the attributes as they are now
+    ds = stores.open_store(path, EMBEDDINGS.kind)  # under the lock: the attributes as now
     if "tokens" not in ds:
         raise InputError(path, "holds no pooled tokens (embed with --keep-tokens to allow "
                          "new projections without the encoder)")

@@ -167,5 +167,9 @@ def test_predict_refuses_other_features(
     with pytest.raises(InputError, match=r"embeddings.zarr: 2 id\(s\) have no ok embedding: "
                                          "v4, ghost"):
         predict(store["path"], tmp_path / "out" / "model", ids=["v1", "v4", "ghost"])
-    with pytest.raises(InputError, match="not a raptorz model folder"):
+    with pytest.raises(InputError, match="not a raptorz model folder") as error:
         load_model(tmp_path)
+    assert "the model is in" not in str(error.value)
+    # the results folder given for its model/: the message points to it
+    with pytest.raises(InputError, match=r"the model is in .*out/model$"):
+        load_model(tmp_path / "out")

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 
 from raptorz import stores
 from raptorz.cli.main import main
@@ -165,6 +166,10 @@ def test_reproject_needs_tokens(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="keep-tokens"):
         add_projections(path, [create_projector(1, DIM, 2, "q")])
     assert main(["reproject", str(path), "--projector", str(tmp_path / "missing.npy")]) == 2
+    volumes = tmp_path / "v.zarr"
+    zarr.open_group(volumes, mode="w", zarr_format=3).attrs[stores.KIND_ATTR] = "volumes"
+    with pytest.raises(InputError, match="v.zarr: holds a raptorz volumes store, not"):
+        add_projections(volumes, [create_projector(1, DIM, 2, "q")])
 
 
 def test_export_refuses_ids_that_are_paths(tmp_path: Path) -> None:
