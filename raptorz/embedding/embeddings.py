@@ -77,8 +77,8 @@ def unit_size(n: int) -> int:
 def store_unit(path: str | Path) -> int:
     """Volumes per written unit of the store at ``path`` (its status chunk; 1 in stores
     written before units existed)."""
-    return int(zarr.open_array(locations.join(path, "status"), mode="r",
-                                   zarr_format=3).chunks[0])
+    status = zarr.open_array(locations.join(path, "status"), mode="r", zarr_format=3)
+    return int(status.chunks[0])
 
 
 def token_kind_coordinate(num_tokens: int, num_prefix_tokens: int, *,
